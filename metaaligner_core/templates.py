@@ -1,0 +1,91 @@
+"""The aligner's prompt templates, byte-exact with the released MetaAligner checkpoints.
+
+One function, :func:`build_prompt`, builds every aligner prompt: the dataset builder uses it for
+training rows and the inference code for corrections, so the two can never drift apart. No chat
+template is applied; the tokenizer adds BOS.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .errors import MetaAlignerError
+from .objectives import Objective
+
+TEMPLATES: dict[str, str] = {
+    "ultrafeedback": (
+        "You are an assistant to human. You will be provided with a query and an answer. "
+        "Consider the query, then edit the answer to improve it considering these aspects: "
+        "{aspects} | Query: {question} | Answer: {answer} | Edit: "
+    ),
+    "hh-rlhf": (
+        "You are an assistant to human. You will be provided with a context and an answer. "
+        "Consider the context, then edit the answer to improve it considering these aspects: "
+        "{aspects} | Context: {question} | Answer: {answer} | Edit: "
+    ),
+    "imhi": (
+        'Edit the following Question-Answer pair to make it better considering these aspects '
+        '"{aspects}" | Question: {question} | Answer: {answer} | Edit: '
+    ),
+}
+
+# The *equal* variants teach the aligner when a response needs no change (paper §3.1).
+EQUAL_TEMPLATES: dict[str, str] = {
+    "ultrafeedback": TEMPLATES["ultrafeedback"].replace("improve it", "make it equal"),
+    "hh-rlhf": TEMPLATES["hh-rlhf"].replace("improve it", "make it equal"),
+    "imhi": TEMPLATES["imhi"].replace("make it better", "make it equal"),
+}
+
+TEMPLATE_NAMES = tuple(TEMPLATES)
+OBJECTIVE_SEPARATOR = "; "
+
+
+def check_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise MetaAlignerError(f'unknown template "{name}" (valid: {", ".join(TEMPLATE_NAMES)})')
+    return name
+
+
+def format_aspects(objectives: Sequence[Objective | str]) -> str:
+    return OBJECTIVE_SEPARATOR.join(o.text if isinstance(o, Objective) else str(o) for o in objectives)
+
+
+def prompt_parts(template: str, question: str, objectives: Sequence[Objective | str],
+                 variant: str = "better") -> tuple[str, str]:
+    """The prompt split around the answer: ``(before, after)``.
+
+    Inference uses this to shorten the draft alone when a prompt is too long for the aligner.
+    Plain concatenation, never ``str.format``: braces in user text stay as they are.
+    """
+    tpl = _select(template, variant)
+    head, rest = tpl.split("{aspects}")
+    mid, rest = rest.split("{question}")
+    mid2, tail = rest.split("{answer}")
+    return head + format_aspects(objectives) + mid + question + mid2, tail
+
+
+def build_prompt(template: str, question: str, answer: str,
+                 objectives: Sequence[Objective | str], variant: str = "better") -> str:
+    """``T(q, answer, objectives, variant)``: the exact prompt the aligner reads."""
+    before, after = prompt_parts(template, question, objectives, variant)
+    return before + answer + after
+
+
+def _select(template: str, variant: str) -> str:
+    check_template(template)
+    if variant == "better":
+        return TEMPLATES[template]
+    if variant == "equal":
+        return EQUAL_TEMPLATES[template]
+    raise MetaAlignerError(f'unknown template variant "{variant}" (valid: better, equal)')
+
+
+def template_for_model(model_name: str | None, default: str = "ultrafeedback") -> str:
+    """Pick the template a released checkpoint was trained with, from its name."""
+    name = (model_name or "").lower().replace("_", "-")
+    if "hh-rlhf" in name or "hhrlhf" in name:
+        return "hh-rlhf"
+    if "ultrafeedback" in name:
+        return "ultrafeedback"
+    if "imhi" in name:
+        return "imhi"
+    return default
