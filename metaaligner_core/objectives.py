@@ -11,7 +11,8 @@ file with one objective per line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import MetaAlignerError
@@ -27,10 +28,10 @@ class Objective:
     name: str
     description: str
     family: str = "custom"
+    text: str = field(init=False, repr=False, compare=False)  # "name: description", as prompts show it
 
-    @property
-    def text(self) -> str:
-        return f"{self.name}: {self.description}"
+    def __post_init__(self):
+        object.__setattr__(self, "text", f"{self.name}: {self.description}")
 
     @classmethod
     def parse(cls, text: str, family: str = "custom") -> "Objective":
@@ -44,6 +45,7 @@ class Objective:
         return cls(key=normalize_key(name), name=name, description=desc, family=family)
 
 
+@lru_cache(maxsize=4096)
 def normalize_key(key: str) -> str:
     """``Instruction_following`` -> ``instruction following``."""
     return re.sub(r"[\s_\-]+", " ", key.strip().lower())

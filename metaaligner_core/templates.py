@@ -6,6 +6,7 @@ template is applied; the tokenizer adds BOS.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 from .errors import MetaAlignerError
@@ -46,7 +47,7 @@ def check_template(name: str) -> str:
 
 
 def format_aspects(objectives: Sequence[Objective | str]) -> str:
-    return OBJECTIVE_SEPARATOR.join(o.text if isinstance(o, Objective) else str(o) for o in objectives)
+    return OBJECTIVE_SEPARATOR.join([o.text if isinstance(o, Objective) else str(o) for o in objectives])
 
 
 def prompt_parts(template: str, question: str, objectives: Sequence[Objective | str],
@@ -56,10 +57,7 @@ def prompt_parts(template: str, question: str, objectives: Sequence[Objective | 
     Inference uses this to shorten the draft alone when a prompt is too long for the aligner.
     Plain concatenation, never ``str.format``: braces in user text stay as they are.
     """
-    tpl = _select(template, variant)
-    head, rest = tpl.split("{aspects}")
-    mid, rest = rest.split("{question}")
-    mid2, tail = rest.split("{answer}")
+    head, mid, mid2, tail = _pieces(template, variant)
     return head + format_aspects(objectives) + mid + question + mid2, tail
 
 
@@ -68,6 +66,15 @@ def build_prompt(template: str, question: str, answer: str,
     """``T(q, answer, objectives, variant)``: the exact prompt the aligner reads."""
     before, after = prompt_parts(template, question, objectives, variant)
     return before + answer + after
+
+
+@lru_cache(maxsize=None)
+def _pieces(template: str, variant: str) -> tuple[str, str, str, str]:
+    """The fixed text around the {aspects}, {question} and {answer} slots."""
+    head, rest = _select(template, variant).split("{aspects}")
+    mid, rest = rest.split("{question}")
+    mid2, tail = rest.split("{answer}")
+    return head, mid, mid2, tail
 
 
 def _select(template: str, variant: str) -> str:
