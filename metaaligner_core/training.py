@@ -1,0 +1,639 @@
+"""Three-stage supervised fine-tuning of the aligner (paper §3.3): warm-up → equal → preference.
+
+Each stage trains on one file of a ``build-dataset`` directory (``warmup.jsonl``, ``equal.jsonl``,
+``preference.jsonl``) and starts from the weights the previous stage wrote. TRL's ``SFTTrainer``
+runs the loop; this module only tokenizes the rows the way inference reads them, chooses the
+device-dependent settings, chains the stages and makes a rerun resume where it stopped.
+
+Output directory::
+
+    OUT/config.json        the TrainConfig and the settings resolved from it
+    OUT/metrics.jsonl      one object per logged step: {"stage", "step", "loss", ...}
+    OUT/<stage>/           the model after that stage (plain Hugging Face directory + tokenizer)
+    OUT/<stage>/stage.json written last: the stage is finished (a rerun skips it)
+    OUT/<stage>/checkpoints/checkpoint-N   while the stage runs (a rerun resumes from the last)
+    OUT/final/             the model after the last stage: what ``align --aligner`` loads
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import InputError, MetaAlignerError
+from .io import atomic_write, dumps, iter_records
+
+log = logging.getLogger(__name__)
+
+STAGES = ("warmup", "equal", "preference")
+STAGE_MARKER = "stage.json"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+# Settings that change how a run is logged or saved, not what it learns: a rerun may change them.
+RESUME_NEUTRAL = frozenset({"out", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints",
+                            "dataloader_num_workers", "dataset_num_proc", "disable_tqdm"})
+# Tokens kept from the end of an over-long prompt: the end of the answer and the "| Edit: " cue.
+PROMPT_TAIL_TOKENS = 32
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one three-stage training run (``metaaligner train``; recipes in ``training/``).
+
+    > Data and model
+
+    data (`str`):
+        A ``build-dataset`` output directory holding ``warmup.jsonl``, ``equal.jsonl`` and
+        ``preference.jsonl`` (rows ``{"prompt", "completion", ...}``).
+    base (`str`, defaults to ``"default"``):
+        The model the first stage starts from: a Hugging Face id, a local directory, a ``.gguf``
+        file or ``default`` (the embedded SmolLM2-135M-Instruct).
+    out (`str`, defaults to ``"aligner"``):
+        Output directory (layout in the module docstring). Rerunning into it resumes.
+    stages (`tuple[str, ...]`, defaults to all three):
+        The stages to run, always in the order warm-up, equal, preference.
+
+    > Optimisation (per stage; the paper's recipe is lr 1e-5, warm-up ratio 0.05, 2 epochs,
+    > effective batch 512, Adam(W), cosine schedule)
+
+    epochs (`float`, defaults to ``2.0``): epochs over each stage's file.
+    lr (`float`, defaults to ``1e-5``): peak learning rate.
+    warmup_ratio (`float`, defaults to ``0.05``): share of each stage's steps spent warming up linearly.
+    lr_scheduler (`str`, defaults to ``"cosine"``): a ``transformers`` scheduler name.
+    weight_decay (`float`, defaults to ``0.0``).
+    optim (`str`, defaults to ``"adamw_torch"``): a ``transformers`` optimizer name.
+    max_grad_norm (`float`, defaults to ``1.0``): gradient clipping.
+    batch_size (`int`, defaults to ``4``): sequences per device per forward pass.
+    grad_accum (`int`, defaults to ``1``): micro-batches per optimizer step (ignored when
+        ``effective_batch_size`` is set).
+    effective_batch_size (`int` or `None`, defaults to `None`): sequences per optimizer step over
+        all devices; ``grad_accum`` is derived from it, ``batch_size`` and the number of processes.
+    max_length (`int`, defaults to ``2048``): tokens per sequence (prompt + completion + EOS).
+        Longer rows are shortened: the completion keeps its head (at least half the budget, or
+        all of it), the prompt keeps its start and its last 32 tokens and loses its middle.
+    max_steps (`int` or `None`, defaults to `None`): cap on optimizer steps per stage.
+    seed (`int`, defaults to ``42``).
+
+    > LoRA (PEFT); the adapter is merged after each stage, so every stage directory is a plain model
+
+    lora (`bool`, defaults to `False`): train LoRA adapters instead of all weights.
+    lora_r (`int`, defaults to ``16``), lora_alpha (`int`, defaults to ``32``),
+    lora_dropout (`float`, defaults to ``0.05``), lora_target_modules (`str`, defaults to ``"all-linear"``).
+
+    > Hardware (``"auto"``/`None` picks by device: on CUDA bf16, Flash-Attention 2 when installed
+    > else SDPA, gradient checkpointing, padding-free batches with Flash-Attention only; on CPU
+    > fp32, SDPA, length-grouped batches)
+
+    device (`str`, defaults to ``"auto"``): ``cuda``, ``cpu``, ``mps`` or ``auto``.
+    precision (`str`, defaults to ``"auto"``): ``bf16``, ``fp16``, ``fp32`` or ``auto``.
+    attn (`str`, defaults to ``"auto"``): ``flash_attention_2``, ``sdpa``, ``eager`` or ``auto``.
+    gradient_checkpointing (`bool` or `None`): recompute activations in the backward pass.
+    padding_free (`bool` or `None`): flatten each batch into one unpadded sequence (needs
+        Flash-Attention 2, which keeps the sequences apart).
+    group_by_length (`bool` or `None`): batch rows of similar length together (less padding);
+        on by default whenever batches are padded.
+
+    > Logging and saving
+
+    logging_steps (`int`, defaults to ``10``): log a metrics line every N optimizer steps.
+    save_steps (`int`, defaults to ``500``): checkpoint every N optimizer steps (resume points).
+    save_total_limit (`int`, defaults to ``2``): checkpoints kept per stage.
+    keep_checkpoints (`bool`, defaults to `False`): keep ``OUT/<stage>/checkpoints`` after the stage ends.
+    dataloader_num_workers (`int`, defaults to ``0``), dataset_num_proc (`int` or `None`).
+    disable_tqdm (`bool`, defaults to `False`): no progress bars.
+    """
+
+    data: str
+    base: str = "default"
+    out: str = "aligner"
+    stages: tuple[str, ...] = STAGES
+
+    epochs: float = 2.0
+    lr: float = 1e-5
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    effective_batch_size: int | None = None
+    max_length: int = 2048
+    max_steps: int | None = None
+    seed: int = 42
+
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+
+    device: str = "auto"
+    precision: str = "auto"
+    attn: str = "auto"
+    gradient_checkpointing: bool | None = None
+    padding_free: bool | None = None
+    group_by_length: bool | None = None
+
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    keep_checkpoints: bool = False
+    dataloader_num_workers: int = 0
+    dataset_num_proc: int | None = None
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stages, str):
+            self.stages = tuple(s.strip() for s in self.stages.split(",") if s.strip())
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise MetaAlignerError(f'stages: "{",".join(self.stages)}" is not a comma list of {", ".join(STAGES)}')
+        self.stages = tuple(s for s in STAGES if s in self.stages)
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if int(getattr(self, name)) < 1:
+                raise MetaAlignerError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_length < 16:
+            raise MetaAlignerError(f"max_length must be at least 16 tokens (got {self.max_length})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise MetaAlignerError(f"max_steps must be at least 1 (got {self.max_steps})")
+        if self.effective_batch_size is not None and self.effective_batch_size < 1:
+            raise MetaAlignerError(f"effective_batch_size must be at least 1 (got {self.effective_batch_size})")
+        if not (self.lr > 0 and self.epochs > 0 and 0 <= self.warmup_ratio < 1):
+            raise MetaAlignerError("lr and epochs must be positive and warmup_ratio in [0, 1)")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise MetaAlignerError(f'precision: "{self.precision}" (valid: auto, bf16, fp16, fp32)')
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
+        """A recipe (YAML or JSON mapping of field names) with ``overrides`` applied on top."""
+        path = Path(path)
+        if not path.is_file():
+            raise MetaAlignerError(f"{path}: no such recipe file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".json":
+                values = json.loads(text)
+            else:
+                import yaml
+
+                values = yaml.safe_load(text)
+        except Exception as e:  # yaml and json raise different types; both mean "not parseable"
+            raise MetaAlignerError(f"{path}: not a valid recipe ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise MetaAlignerError(f"{path}: expected a mapping of TrainConfig fields")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise InputError(path, None, key, f"unknown setting (valid: {', '.join(sorted(names))})")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data" not in values:
+            raise MetaAlignerError(f"{path}: no data directory (give --data)")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization: the one place that turns (prompt, completion) into what the aligner is trained on.
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of an aligner prompt as the aligner reads it, in training and at inference.
+
+    The raw template string (no chat template) preceded by exactly one BOS when the tokenizer
+    has a BOS token — whether or not the tokenizer adds one itself.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None else ids
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int | None = None) -> dict:
+    """``{"input_ids", "labels"}`` for one row: prompt ids, then completion ids and EOS.
+
+    Labels are -100 on the prompt, so the loss covers the completion and its EOS only. The
+    completion is tokenized on its own, so the prompt's ids are exactly those of inference.
+    Over ``max_length``: the completion keeps its first ``max(max_length - len(prompt),
+    max_length // 2)`` tokens (it is never dropped; a cut completion loses its EOS), then the
+    prompt loses tokens from its middle, keeping BOS and the instructions at its start and its
+    last ``PROMPT_TAIL_TOKENS`` tokens (end of the answer and ``| Edit: ``).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MetaAlignerError("the tokenizer has no EOS token; the aligner could not learn to stop")
+    p = prompt_ids(tokenizer, prompt)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+    if max_length is not None and len(p) + len(c) > max_length:
+        c = c[:min(len(c), max(max_length - len(p), max_length // 2))]
+        room = max_length - len(c)
+        if len(p) > room:
+            tail = min(PROMPT_TAIL_TOKENS, room // 2)
+            p = p[:room - tail] + (p[len(p) - tail:] if tail else [])
+    return {"input_ids": p + c, "labels": [-100] * len(p) + c}
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+def stage_file(data_dir: Path, stage: str) -> Path:
+    return data_dir / f"{stage}.jsonl"
+
+
+def read_stage_rows(path: Path) -> list[dict]:
+    """``[{"prompt", "completion"}]`` from one stage file; a bad row raises :class:`InputError`."""
+    rows = []
+    for line, rec in iter_records(path):
+        for key in ("prompt", "completion"):
+            if not isinstance(rec.get(key), str):
+                raise InputError(path, line, key, "missing or not a string")
+        if not rec["prompt"].strip():
+            raise InputError(path, line, "prompt", "empty")
+        rows.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+    return rows
+
+
+def check_data_dir(data: str | os.PathLike, stages: Sequence[str]) -> dict[str, Path]:
+    """The stage files to train on; a missing directory/file or all-empty stages is an error."""
+    data_dir = Path(data)
+    if not data_dir.is_dir():
+        raise MetaAlignerError(f"{data_dir}: no such data directory (make one with `metaaligner build-dataset`)")
+    files = {}
+    for stage in stages:
+        path = stage_file(data_dir, stage)
+        if not path.is_file():
+            raise MetaAlignerError(f"{path}: missing; {data_dir} is not a complete build-dataset output")
+        files[stage] = path
+    if all(_is_blank(p) for p in files.values()):
+        names = ", ".join(p.name for p in files.values())
+        raise MetaAlignerError(f"{data_dir}: nothing to train on ({names} all empty)")
+    return files
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return not any(line.strip() for line in fh)
+
+
+def build_stage_dataset(rows: list[dict], tokenizer, max_length: int, num_proc: int | None = None):
+    """A ``datasets.Dataset`` of ``input_ids`` and ``labels``, ready for the trainer."""
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    return ds.map(lambda r: tokenize_example(tokenizer, r["prompt"], r["completion"], max_length),
+                  remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing")
+
+
+# --------------------------------------------------------------------------------------------
+# Device-dependent settings
+
+@dataclass
+class Runtime:
+    """What ``"auto"`` resolved to on this machine, recorded in ``OUT/config.json``."""
+
+    device: str
+    precision: str
+    attn: str
+    gradient_checkpointing: bool
+    padding_free: bool
+    group_by_length: bool
+    world_size: int
+    grad_accum: int
+
+
+def resolve_runtime(config: TrainConfig) -> Runtime:
+    from .models import auto_attention, auto_device
+
+    device = auto_device(config.device)
+    on_cuda = device.startswith("cuda")
+    precision = config.precision
+    if precision == "auto":
+        import torch
+
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
+    attn = auto_attention(device, config.attn)
+    flash = attn.startswith("flash_attention")
+    if config.padding_free and not flash:
+        raise MetaAlignerError("padding_free needs attn=flash_attention_2 (pip install flash-attn): with "
+                               f"{attn}, sequences flattened into one batch row would attend to each other")
+    padding_free = flash if config.padding_free is None else config.padding_free
+    checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    grouped = (not padding_free) if config.group_by_length is None else config.group_by_length
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = config.grad_accum
+    if config.effective_batch_size:
+        per_step = config.batch_size * world
+        accum = max(1, round(config.effective_batch_size / per_step))
+        if accum * per_step != config.effective_batch_size:
+            log.warning("effective batch %d is not a multiple of batch_size %d × %d processes; using %d",
+                        config.effective_batch_size, config.batch_size, world, accum * per_step)
+    return Runtime(device, precision, attn, checkpointing, padding_free, grouped, world, accum)
+
+
+def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int):
+    from trl import SFTConfig
+
+    max_steps = -1
+    if config.max_steps:
+        per_epoch = math.ceil(math.ceil(n_rows / (config.batch_size * rt.world_size)) / rt.grad_accum)
+        if config.max_steps < math.ceil(per_epoch * config.epochs):
+            max_steps = config.max_steps
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=max_steps,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the stage's steps
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=rt.grad_accum,
+        seed=config.seed,
+        use_cpu=rt.device == "cpu",
+        bf16=rt.precision == "bf16",
+        fp16=rt.precision == "fp16",
+        **_checkpointing_args(SFTConfig, rt.gradient_checkpointing),
+        # Rows arrive tokenized and truncated by tokenize_example; TRL must not cut them again.
+        max_length=None,
+        packing=False,
+        padding_free=rt.padding_free,
+        completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if rt.group_by_length else "random",
+        include_num_input_tokens_seen="all" if rt.padding_free else "non_padding",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        disable_tqdm=config.disable_tqdm,
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=rt.device.startswith("cuda"),
+        dataset_num_proc=config.dataset_num_proc,
+    )
+
+
+def _checkpointing_args(config_cls, on: bool) -> dict:
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (old name warns).
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": on,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+
+def _metrics_callback(metrics_path: Path, stage: str):
+    from transformers import TrainerCallback
+
+    class StageMetrics(TrainerCallback):
+        """Append one ``{"stage", "step", "loss", ...}`` line per logged training step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            record = {"stage": stage, "step": state.global_step, "loss": logs["loss"]}
+            record.update({k: v for k, v in logs.items() if k not in record})
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(dumps(record) + "\n")
+
+    return StageMetrics()
+
+
+def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
+    """The causal LM to train, on CPU (the trainer places it): fp32 master weights for full
+    fine-tuning; LoRA keeps the frozen base in the training precision."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import resolve_pretrained
+
+    name, extra = resolve_pretrained(str(spec))
+    dtype = torch.float32
+    if config.lora and rt.precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=rt.attn, **extra)
+    except (OSError, ValueError) as e:
+        raise MetaAlignerError(f'cannot load model "{spec}": {str(e).splitlines()[0]}') from None
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, output_dir: Path,
+                 callbacks: Iterable = ()):
+    """The ``SFTTrainer`` for one stage."""
+    from trl import SFTTrainer
+
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    args = _sft_config(config, rt, output_dir, len(dataset))
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=list(callbacks))
+
+
+# --------------------------------------------------------------------------------------------
+# The three stages
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def stage_done(out: Path, stage: str) -> bool:
+    return (out / stage / STAGE_MARKER).is_file()
+
+
+def _check_resumable(out: Path, config: TrainConfig) -> None:
+    """Refuse to resume into OUT with settings that would train something else."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise MetaAlignerError(f"{path}: unreadable; use a new --out") from None
+    new = config.to_dict()
+    for key, value in new.items():
+        if key not in RESUME_NEUTRAL and key in old and old[key] != value:
+            raise MetaAlignerError(f"{out} holds a run with {key}={old[key]!r}, not {value!r}: "
+                                   "rerun with the same settings to resume, or use a new --out")
+
+
+def _drop_metrics_after(metrics_path: Path, stage: str, step: int) -> None:
+    """Forget the lines an interrupted stage logged after its last checkpoint (they are redone)."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if ln.strip() and not _logged_after(ln, stage, step)]
+    if len(kept) != len(lines):
+        with atomic_write(metrics_path) as fh:
+            fh.write("".join(ln + "\n" for ln in kept))
+
+
+def _logged_after(line: str, stage: str, step: int) -> bool:
+    rec = json.loads(line)
+    return rec.get("stage") == stage and rec.get("step", 0) > step
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish_final(out: Path, stage: str) -> Path:
+    """OUT/final := OUT/<stage> (hard links where possible), replaced atomically."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / stage, tmp, copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns(CHECKPOINTS, ADAPTER, STAGE_MARKER))
+    old = out / ".final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer, config: TrainConfig) -> None:
+    """Fold the stage's adapter into the previous weights, so the stage directory is a plain model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .models import resolve_pretrained
+
+    name, extra = resolve_pretrained(prev)
+    base = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **extra)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(stage_dir)
+    tokenizer.save_pretrained(stage_dir)
+
+
+def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfig, rt: Runtime, tokenizer,
+               out: Path, callbacks: Sequence) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stage_dir = out / stage
+    ckpt_dir = stage_dir / CHECKPOINTS
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume = get_last_checkpoint(str(ckpt_dir))
+    if _is_main():
+        done_steps = int(Path(resume).name.split("-")[-1]) if resume else 0
+        _drop_metrics_after(out / "metrics.jsonl", stage, done_steps)
+    if resume:
+        log.info("%s: resuming from %s", stage, resume)
+    _barrier()
+
+    dataset = build_stage_dataset(rows, tokenizer, config.max_length, config.dataset_num_proc)
+    n_cut = sum(1 for ids in dataset["input_ids"] if len(ids) >= config.max_length)
+    if n_cut:
+        log.info("%s: %d of %d rows at the %d-token limit (long rows are shortened)",
+                 stage, n_cut, len(rows), config.max_length)
+    model = load_model(start_from, config, rt)
+    trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
+                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks])
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    if config.lora:
+        trainer.save_model(str(stage_dir / ADAPTER))
+        _barrier()
+        if _is_main():
+            _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer, config)
+    else:
+        trainer.save_model(str(stage_dir))
+    summary = {"stage": stage, "rows": len(rows), "steps": trainer.state.global_step,
+               "train_loss": result.training_loss, "started_from": str(start_from),
+               "resumed_from": Path(resume).name if resume else None,
+               **{k: v for k, v in result.metrics.items() if k != "train_loss"}}
+    _barrier()
+    if _is_main():
+        with atomic_write(stage_dir / STAGE_MARKER) as fh:
+            json.dump(summary, fh, indent=2)
+        if not config.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(stage_dir / ADAPTER, ignore_errors=True)
+    _barrier()
+    return summary
+
+
+def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
+    """Run the stages of ``config`` in order and return ``OUT/final``.
+
+    Finished stages (``OUT/<stage>/stage.json``) are skipped; an unfinished stage resumes from its
+    last checkpoint. An empty stage file is skipped with a warning. ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects given to every stage's trainer.
+    """
+    from .models import load_tokenizer
+
+    files = check_data_dir(config.data, config.stages)
+    config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    out = Path(config.out)
+    _check_resumable(out, config)
+    tokenizer = load_tokenizer(config.base)  # also proves early that the base model exists
+    rt = resolve_runtime(config)
+    log.info("training on %s (%s, %s%s%s), %d process(es), grad_accum %d", rt.device, rt.precision, rt.attn,
+             ", padding-free" if rt.padding_free else "", ", length-grouped" if rt.group_by_length else "",
+             rt.world_size, rt.grad_accum)
+
+    stage_rows = {}
+    for stage, path in files.items():
+        rows = read_stage_rows(path)
+        if rows:
+            stage_rows[stage] = rows
+        else:
+            log.warning("%s: empty; skipping the %s stage", path, stage)
+
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        import torch
+        import transformers
+        import trl
+
+        with atomic_write(out / "config.json") as fh:
+            json.dump({"config": config.to_dict(), "runtime": dataclasses.asdict(rt),
+                       "rows": {s: len(r) for s, r in stage_rows.items()},
+                       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                    "trl": trl.__version__}}, fh, indent=2)
+    _barrier()
+
+    start_from, last = config.base, None
+    for stage, rows in stage_rows.items():
+        if stage_done(out, stage):
+            log.info("%s: already trained (%s); skipping", stage, out / stage / STAGE_MARKER)
+        else:
+            log.info("%s: %d rows, starting from %s", stage, len(rows), start_from)
+            summary = _run_stage(stage, rows, start_from, config, rt, tokenizer, out, callbacks)
+            log.info("%s: done, %d steps, train loss %.4f", stage, summary["steps"], summary["train_loss"])
+        start_from, last = str(out / stage), stage
+
+    final = out / "final"
+    if _is_main():
+        _publish_final(out, last)
+    _barrier()
+    log.info("aligner written to %s", final)
+    return final
+
