@@ -1,0 +1,190 @@
+"""Algorithm 2 and the 0–10 score summary as pure functions: no I/O, no model, no network.
+
+Vocabulary. For one row and one objective the judge compares a *response* (the policy's
+``draft`` — "original" in the paper — or the ``aligned`` correction) with the ``golden``
+reference answer. The golden answer sits at position 1 or 2 (drawn per comparison). The
+outcome for the response is:
+
+- ``win``  — the judge picked the response,
+- ``loss`` — the judge picked the golden answer,
+- ``tie``  — the judge answered 0 (a tie is not a win),
+- ``invalid`` — the reply was not 1, 2 or 0 (after one retry),
+- ``failed``  — the judge could not be reached (after the client's retries).
+
+``win_rate = wins / n`` where ``n`` counts the rows whose draft *and* aligned judgments are both
+valid, so the two rates are over the same rows and ``advantage = win_rate_aligned −
+win_rate_original`` compares like with like. Invalid and failed judgments are counted, never
+turned into a win, loss or tie.
+"""
+from __future__ import annotations
+
+import random
+import re
+import statistics
+from dataclasses import dataclass
+
+WIN, TIE, LOSS, INVALID, FAILED = "win", "tie", "loss", "invalid", "failed"
+VALID = (WIN, TIE, LOSS)
+SIDES = ("original", "aligned")  # the draft and the aligned response, in the paper's words
+
+_SINGLE_CHOICE = re.compile(r"^\W*([012])\W*$")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_OUT_OF_TEN = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
+
+
+def parse_choice(reply: str | None) -> int | None:
+    """A pairwise reply as 1, 2 or 0; None when it does not name exactly one of them.
+
+    ``"2"``, ``"2."``, ``"**1**"`` and ``"Response 2"`` parse; ``"Response 1 is better than
+    Response 2"`` (two numbers) and ``"10"`` do not. The authors' scripts count any reply that
+    *contains* the digit, which makes such replies wins.
+    """
+    if reply is None:
+        return None
+    text = reply.strip()
+    m = _SINGLE_CHOICE.match(text)
+    if m:
+        return int(m.group(1))
+    numbers = set(_NUMBER.findall(text))
+    if len(numbers) == 1 and (only := numbers.pop()) in ("0", "1", "2"):
+        return int(only)
+    return None
+
+
+def parse_score(reply: str | None) -> float | None:
+    """A 0–10 score reply as a number; None unless it holds exactly one number in [0, 10].
+
+    ``"7"``, ``"7.5"``, ``"Score: 8"`` and ``"8/10"`` parse; ``"between 6 and 7"`` and ``"11"``
+    do not.
+    """
+    if reply is None:
+        return None
+    numbers = _NUMBER.findall(_OUT_OF_TEN.sub("", reply.strip()))
+    if len(numbers) != 1:
+        return None
+    value = float(numbers[0])
+    return value if 0 <= value <= 10 else None
+
+
+def golden_position(seed: int, row: int, objective: str, side: str) -> int:
+    """Where the golden answer goes (1 or 2) for one comparison.
+
+    Drawn from the seed and the comparison's identity alone, so neither the order in which
+    comparisons run nor the concurrency can change it.
+    """
+    return 1 + random.Random(f"{seed}:{row}:{objective}:{side}").randrange(2)
+
+
+def pairwise_outcome(choice: int | None, golden_at: int) -> str:
+    """The response's outcome given the judge's choice and the golden answer's position."""
+    if golden_at not in (1, 2):
+        raise ValueError(f"golden position must be 1 or 2, got {golden_at!r}")
+    if choice is None:
+        return INVALID
+    if choice == 0:
+        return TIE
+    if choice not in (1, 2):
+        raise ValueError(f"choice must be 0, 1, 2 or None, got {choice!r}")
+    return LOSS if choice == golden_at else WIN
+
+
+def swap_outcome(first: str, second: str) -> str:
+    """Combine the two orders of one comparison (FastChat's swap rule).
+
+    A win or a loss counts only when both orders agree; any other valid pair is a tie. A
+    failed order makes the comparison failed (a rerun retries it), else an invalid one makes it
+    invalid.
+    """
+    if FAILED in (first, second):
+        return FAILED
+    if INVALID in (first, second):
+        return INVALID
+    return first if first == second else TIE
+
+
+@dataclass
+class Tally:
+    """Outcome counts of one side (original or aligned) for one objective."""
+
+    wins: int = 0
+    ties: int = 0
+    losses: int = 0
+    invalid: int = 0
+    failed: int = 0
+
+
+def count(outcomes) -> Tally:
+    t = Tally()
+    for o in outcomes:
+        if o == WIN:
+            t.wins += 1
+        elif o == TIE:
+            t.ties += 1
+        elif o == LOSS:
+            t.losses += 1
+        elif o == INVALID:
+            t.invalid += 1
+        elif o == FAILED:
+            t.failed += 1
+        else:
+            raise ValueError(f"unknown outcome {o!r}")
+    return t
+
+
+def _rate(k: int, n: int) -> float | None:
+    return k / n if n else None
+
+
+def win_rates(original: list[str], aligned: list[str]) -> dict:
+    """Algorithm 2 for one objective.
+
+    ``original[i]`` and ``aligned[i]`` are the outcomes of row i's draft and aligned response.
+    Rates are None when no row was judged validly on both sides.
+    """
+    if len(original) != len(aligned):
+        raise ValueError("original and aligned outcomes must cover the same rows")
+    paired = [(o, a) for o, a in zip(original, aligned) if o in VALID and a in VALID]
+    n = len(paired)
+    kept_o, kept_a = count(o for o, _ in paired), count(a for _, a in paired)
+    all_o, all_a = count(original), count(aligned)
+    wr_o, wr_a = _rate(kept_o.wins, n), _rate(kept_a.wins, n)
+    return {
+        "win_rate_original": wr_o,
+        "win_rate_aligned": wr_a,
+        "advantage": None if n == 0 else wr_a - wr_o,
+        "n": n,
+        "rows": len(original),
+        "original": {"wins": kept_o.wins, "ties": kept_o.ties, "losses": kept_o.losses,
+                     "invalid": all_o.invalid, "failed": all_o.failed},
+        "aligned": {"wins": kept_a.wins, "ties": kept_a.ties, "losses": kept_a.losses,
+                    "invalid": all_a.invalid, "failed": all_a.failed},
+    }
+
+
+def score_summary(original: list, aligned: list) -> dict:
+    """Mean and median 0–10 score of the draft and aligned responses for one objective.
+
+    Items are numbers, ``"invalid"`` or ``"failed"``. As for win rates, statistics are over the
+    rows scored validly on both sides.
+    """
+    if len(original) != len(aligned):
+        raise ValueError("original and aligned scores must cover the same rows")
+
+    def ok(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    paired = [(o, a) for o, a in zip(original, aligned) if ok(o) and ok(a)]
+    so, sa = [o for o, _ in paired], [a for _, a in paired]
+    mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
+    median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {
+        "mean_original": mean(so), "median_original": median(so),
+        "mean_aligned": mean(sa), "median_aligned": median(sa),
+        "advantage": None if not paired else mean(sa) - mean(so),
+        "n": len(paired),
+        "rows": len(original),
+        "original": {"invalid": sum(x == INVALID for x in original), "failed": sum(x == FAILED for x in original)},
+        "aligned": {"invalid": sum(x == INVALID for x in aligned), "failed": sum(x == FAILED for x in aligned)},
+        "scores_original": so,
+        "scores_aligned": sa,
+    }
