@@ -1,0 +1,101 @@
+"""Exports: ratings as JSONL/CSV, and preference pairs in the generic format of build-dataset.
+
+Pure functions over plain records (the store does the querying). Pairs follow DESIGN.md: for
+every item, every pair of its responses in import order (``response_1`` is the earlier) and
+every objective both responses were rated on, the mean submitted score decides ``>``, ``<``
+or ``=``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import combinations
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from metaaligner_core.errors import MetaAlignerError
+from metaaligner_core.io import atomic_write, dumps
+
+RATING_FIELDS = ("item_id", "query", "response", "source", "annotator", "objective", "score", "note", "seconds")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value) -> str:
+    """Text for one CSV cell; a leading formula character gets an apostrophe in front."""
+    if value is None:
+        return ""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def write_ratings(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write rating records to ``.jsonl`` or ``.csv`` (by suffix), atomically; returns the count."""
+    path = Path(path)
+    suffix = path.name.lower()
+    n = 0
+    if suffix.endswith(".jsonl"):
+        with atomic_write(path) as fh:
+            for rec in records:
+                fh.write(dumps(rec) + "\n")
+                n += 1
+    elif suffix.endswith(".csv"):
+        with atomic_write(path) as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(RATING_FIELDS)
+            for rec in records:
+                writer.writerow([neutralise_cell(rec.get(f)) for f in RATING_FIELDS])
+                n += 1
+    else:
+        raise MetaAlignerError(f"{path}: ratings export must end in .jsonl or .csv")
+    return n
+
+
+@dataclass
+class ScoredResponse:
+    text: str
+    scores: dict[str, list[int]] = field(default_factory=dict)  # objective -> submitted scores
+
+
+@dataclass
+class ScoredItem:
+    item_id: str
+    query: str
+    responses: list[ScoredResponse]  # in import order
+
+
+def compare_means(a: Sequence[int], b: Sequence[int]) -> str:
+    """``>`` if mean(a) > mean(b), ``<`` if lower, ``=`` if equal (exact arithmetic)."""
+    ma, mb = Fraction(sum(a), len(a)), Fraction(sum(b), len(b))
+    return ">" if ma > mb else "<" if ma < mb else "="
+
+
+def derive_pairs(items: Iterable[ScoredItem], objectives: Sequence[str] = ()) -> Iterator[dict]:
+    """Generic preference records; label keys follow ``objectives`` order, then first appearance.
+
+    A pair with no objective rated on both responses yields nothing.
+    """
+    order = {k: i for i, k in enumerate(objectives)}
+    for item in items:
+        for r1, r2 in combinations(item.responses, 2):
+            common = [k for k in r1.scores if r1.scores[k] and r2.scores.get(k)]
+            common.sort(key=lambda k: order.get(k, len(order)))
+            if not common:
+                continue
+            labels = {k: compare_means(r1.scores[k], r2.scores[k]) for k in common}
+            yield {"query": item.query, "response_1": r1.text, "response_2": r2.text,
+                   "labels": labels, "item_id": item.item_id}
+
+
+def write_pairs(path: str | os.PathLike, pairs: Iterable[dict]) -> int:
+    path = Path(path)
+    if not path.name.lower().endswith(".jsonl"):
+        raise MetaAlignerError(f"{path}: pairs are written as JSON Lines (use a .jsonl file name)")
+    n = 0
+    with atomic_write(path) as fh:
+        for rec in pairs:
+            fh.write(dumps(rec) + "\n")
+            n += 1
+    return n

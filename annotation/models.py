@@ -1,0 +1,137 @@
+"""The annotation database: typed SQLAlchemy 2 models.
+
+The rules the domain depends on live in the schema, so no code path can break them: one rating
+per (response, annotator, objective), scores 0–3, a status that is either ``draft`` or
+``submitted``, unique annotator names, one response text per item.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+DRAFT, SUBMITTED = "draft", "submitted"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Annotator(Base):
+    """An expert account. ``password_hash`` is NULL for annotators created by ``import-ratings``:
+    their ratings are stored, but they cannot sign in until an admin sets a password."""
+
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(400))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SignIn(Base):
+    """A signed-in session: the UI holds the random token, the database only its SHA-256."""
+
+    __tablename__ = "sign_ins"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ProtocolRow(Base):
+    """A protocol as stored: ``spec`` is the full definition (objectives, rubric, guidelines)."""
+
+    __tablename__ = "protocols"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    title: Mapped[str] = mapped_column(Text)
+    guidelines: Mapped[str] = mapped_column(Text)
+    spec: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    objectives: Mapped[list["ProtocolObjective"]] = relationship(
+        back_populates="protocol", order_by="ProtocolObjective.position", cascade="all, delete-orphan")
+
+
+class ProtocolObjective(Base):
+    """One objective of a protocol, with its four level definitions (scores 0–3)."""
+
+    __tablename__ = "protocol_objectives"
+    __table_args__ = (UniqueConstraint("protocol_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text)
+    position: Mapped[int] = mapped_column(Integer)
+    levels: Mapped[list] = mapped_column(JSON)
+
+    protocol: Mapped[ProtocolRow] = relationship(back_populates="objectives")
+
+
+class Item(Base):
+    """A query to be rated; ``uid`` is the user's ``item_id`` or derived from protocol + query."""
+
+    __tablename__ = "items"
+    __table_args__ = (Index("ix_items_protocol_query", "protocol_id", "query_hash"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(200), unique=True)
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    query: Mapped[str] = mapped_column(Text)
+    query_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    responses: Mapped[list["Response"]] = relationship(
+        back_populates="item", order_by="Response.position", cascade="all, delete-orphan")
+    protocol: Mapped[ProtocolRow] = relationship()
+
+
+class Response(Base):
+    """One response to an item's query; ``position`` keeps the order of first appearance."""
+
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("item_id", "text_hash"), UniqueConstraint("item_id", "position"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(400))
+    position: Mapped[int] = mapped_column(Integer)
+
+    item: Mapped[Item] = relationship(back_populates="responses")
+
+
+class Rating(Base):
+    """One annotator's 0–3 score of one response on one objective."""
+
+    __tablename__ = "ratings"
+    __table_args__ = (
+        UniqueConstraint("response_id", "annotator_id", "objective", name="uq_rating_response_annotator_objective"),
+        CheckConstraint("score BETWEEN 0 AND 3", name="ck_rating_score_0_3"),
+        CheckConstraint(f"status IN ('{DRAFT}', '{SUBMITTED}')", name="ck_rating_status"),
+        Index("ix_ratings_annotator_status", "annotator_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"))
+    objective: Mapped[str] = mapped_column(String(200))
+    score: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default=DRAFT)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
