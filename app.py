@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from dataclasses import dataclass
 
 from metaaligner_core.errors import MetaAlignerError
@@ -218,13 +219,18 @@ def build_demo(config: AppConfig | None = None, service=None):
             objectives = collect_objectives([*(uf or []), *(hh or []), *(imhi or []), *(unseen or [])], new_text, tpl)
             settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           repetition_penalty=repetition_penalty)
-            upd = None
+            upd, start, aligning_at = None, time.monotonic(), None
             for upd in service.stream(query, objectives, draft, policy=policy, aligner=aligner, template=tpl,
                                       settings=settings):
+                if upd.phase == "aligning" and aligning_at is None:
+                    aligning_at = time.monotonic()
                 yield upd.draft, upd.aligned, upd.status(), upd.prompt or gr.skip(), gr.skip()
+            end = time.monotonic()
             result = {"query": query.strip(), "draft": upd.draft, "draft_source": upd.draft_source,
                       "aligned": upd.aligned, "aligner": aligner}
-            yield (upd.draft, upd.aligned, service.registry.status_markdown() + "  \nDone.", upd.prompt, result)
+            done = (f"Done in {end - start:.1f} s (draft {aligning_at - start:.1f} s, "
+                    f"correction {end - aligning_at:.1f} s).")
+            yield upd.draft, upd.aligned, done, upd.prompt, result
         except Exception as e:
             raise _user_error(e) from None
 
@@ -325,9 +331,10 @@ def build_demo(config: AppConfig | None = None, service=None):
             run_align,
             [policy, aligner, template, *fam_inputs, new_objectives, query, draft_in, max_new, temperature, top_p, rep],
             [draft_out, aligned_out, run_md, prompt_box, last_result],
-            api_visibility="private", concurrency_id="generation", concurrency_limit=config.concurrency,
-            show_progress="minimal")
+            api_name="align_stream", api_visibility="undocumented", concurrency_id="generation",
+            concurrency_limit=config.concurrency, show_progress="minimal")
         align_event.then(aligner_note, [aligner, template], aligner_md, **fast)
+        align_event.then(status, None, [status_md, timer], **fast)
         stop_btn.click(None, None, None, cancels=[align_event], **fast)
         send_btn.click(send, last_result, None, api_visibility="private")
         gr.api(align_api, api_name="align", concurrency_id="generation", concurrency_limit=config.concurrency)
