@@ -1,0 +1,173 @@
+"""LLM-judge evaluation (paper Algorithm 2 and Appendix E): win rates and 0–10 scores.
+
+:func:`evaluate` is the library function behind ``metaaligner evaluate``. It reads rows
+``{"query", "golden", "draft", "aligned"}``, asks a judge (any ChatBackend: ``openai:MODEL``,
+``anthropic:MODEL``, an OpenAI-compatible server, or a local model) per row, objective and
+response, and writes ``report.json``, ``report.md``, the plots and ``judgments.jsonl`` (the
+cache) into the output directory.
+
+- ``pairwise`` (Algorithm 2, Appendix C.1): the draft and the aligned response are each compared
+  with the golden answer, whose position (1 or 2) is drawn from the seed per comparison.
+  ``swap=True`` judges both positions and keeps a win or loss only when both agree.
+- ``score`` (Appendix E.1): each response gets a 0–10 score per objective.
+
+The maths lives in :mod:`.metrics`, the prompts in :mod:`.prompts`, the calls and the cache in
+:mod:`.judging`, the files in :mod:`.report`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import InputError, MetaAlignerError
+from ..io import iter_records
+from ..models import is_api_model
+from ..objectives import Objective, parse_objectives
+from . import metrics
+from .judging import Judge, JudgmentCache, Verdict
+from .metrics import FAILED, INVALID, SIDES
+from .prompts import pairwise_prompt, score_prompt
+from .report import write_report
+
+__all__ = ["evaluate", "load_rows", "MODES", "JUDGMENTS_FILE"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("pairwise", "score")
+JUDGMENTS_FILE = "judgments.jsonl"
+FIELDS = ("query", "golden", "draft", "aligned")
+_RESPONSE = {"original": "draft", "aligned": "aligned"}  # side -> input field
+_MAX_FAILURES_LISTED = 50
+
+
+def load_rows(path, max_rows: int | None = None) -> list[tuple[int, dict]]:
+    """Read and check every row before any judge call: ``[(line, row)]``."""
+    rows = []
+    for line, rec in iter_records(path):
+        for name in FIELDS:
+            value = rec.get(name)
+            if value is None:
+                raise InputError(path, line, name, "missing (evaluate rows need query, golden, draft and aligned)")
+            if not isinstance(value, str):
+                raise InputError(path, line, name, f"expected a string, got {type(value).__name__}")
+        rows.append((line, {name: rec[name] for name in FIELDS}))
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    if not rows:
+        raise MetaAlignerError(f"{path}: no rows to evaluate")
+    return rows
+
+
+def _load_judge(judge, base_url, timeout, max_retries):
+    if not isinstance(judge, str):
+        return judge  # already a ChatBackend
+    from ..backends import load_backend
+
+    if not is_api_model(judge):
+        log.warning("judge %s is a local model: small local models are poor judges (often answering "
+                    "neither 1, 2 nor 0, or always the same); use an API judge such as openai:gpt-4o "
+                    "for figures you report", judge)
+    return load_backend(judge, base_url=base_url, timeout=timeout, max_retries=max_retries)
+
+
+def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url: str | None = None,
+             seed: int = 0, concurrency: int = 8, swap: bool = False, max_rows: int | None = None,
+             max_tokens: int = 32, timeout: float = 60.0, max_retries: int = 5,
+             progress: bool = False) -> dict:
+    """Judge ``input`` and write the report into ``out``; return the report (``report.json``).
+
+    ``objectives`` is a SPEC or a list of :class:`~metaaligner_core.objectives.Objective`;
+    ``judge`` a PROVIDER:MODEL string (see :func:`metaaligner_core.backends.load_backend`) or a
+    ChatBackend. Judgments that fail are counted in ``report["failed"]`` (and listed in
+    ``report["failures"]``), never filled in; a rerun retries only them.
+    """
+    if mode not in MODES:
+        raise MetaAlignerError(f'unknown mode "{mode}" (valid: {", ".join(MODES)})')
+    if concurrency < 1:
+        raise MetaAlignerError(f"--concurrency must be at least 1, got {concurrency}")
+    objs: list[Objective] = (list(objectives) if isinstance(objectives, (list, tuple))
+                             and all(isinstance(o, Objective) for o in objectives)
+                             else parse_objectives(objectives))
+    rows = load_rows(input, max_rows)
+    backend = _load_judge(judge, base_url, timeout, max_retries)
+    out = Path(out)
+
+    # (row, objective, side) -> [(prompt, golden position or None)]; one entry, or two with swap.
+    plan: dict[tuple[int, str, str], list[tuple[str, int | None]]] = {}
+    context: dict[str, dict] = {}
+    for i, (line, row) in enumerate(rows):
+        for obj in objs:
+            for side in SIDES:
+                response = row[_RESPONSE[side]]
+                if mode == "score":
+                    entries = [(score_prompt(row["query"], response, obj), None)]
+                else:
+                    positions = (1, 2) if swap else (metrics.golden_position(seed, i, obj.key, side),)
+                    entries = [(pairwise_prompt(row["query"], *((row["golden"], response) if g == 1
+                                                                else (response, row["golden"])), obj), g)
+                               for g in positions]
+                plan[(i, obj.key, side)] = entries
+                for prompt, g in entries:
+                    context.setdefault(prompt, {"row": i, "line": line, "objective": obj.key, "side": side,
+                                                **({"golden_position": g} if g else {})})
+
+    parse = metrics.parse_score if mode == "score" else metrics.parse_choice
+    log.info("evaluate: %d rows x %d objectives x 2 responses = %d judgments (%d distinct prompts), judge %s",
+             len(rows), len(objs), len(plan), len(context), backend.name)
+    with JudgmentCache(out / JUDGMENTS_FILE, backend.name) as cache:
+        judge_ = Judge(backend, cache, parse, max_tokens=max_tokens, concurrency=concurrency, progress=progress)
+        verdicts = judge_.judge_all(context)
+
+    def outcome(v: Verdict, g: int | None):
+        if v.status == "failed":
+            return FAILED
+        if v.status == "invalid":
+            return INVALID
+        return v.value if mode == "score" else metrics.pairwise_outcome(v.value, g)
+
+    results: dict[str, dict] = {}
+    scores: dict[str, tuple[list, list]] = {}
+    failures: list[dict] = []
+    n_invalid = n_failed = 0
+    for obj in objs:
+        per_side = {}
+        for side in SIDES:
+            col = []
+            for i, (line, _) in enumerate(rows):
+                entries = plan[(i, obj.key, side)]
+                outs = [outcome(verdicts[p], g) for p, g in entries]
+                o = metrics.swap_outcome(*outs) if len(outs) == 2 else outs[0]
+                n_invalid += o == INVALID
+                if o == FAILED:
+                    n_failed += 1
+                    error = next(verdicts[p].error for p, _ in entries if verdicts[p].status == "failed")
+                    failures.append({"row": i, "line": line, "objective": obj.key, "side": side, "error": error})
+                col.append(o)
+            per_side[side] = col
+        if mode == "score":
+            summary = metrics.score_summary(per_side["original"], per_side["aligned"])
+            scores[obj.key] = (summary.pop("scores_original"), summary.pop("scores_aligned"))
+        else:
+            summary = metrics.win_rates(per_side["original"], per_side["aligned"])
+        results[obj.key] = {"name": obj.name, "text": obj.text, **summary}
+
+    report = {
+        "mode": mode,
+        "judge": backend.name,
+        **({"base_url": base_url} if base_url else {}),
+        "seed": seed,
+        "swap": bool(swap) if mode == "pairwise" else False,
+        "input": str(input),
+        "rows": len(rows),
+        "objectives": results,
+        "judgments": len(plan),
+        "invalid": n_invalid,
+        "failed": n_failed,
+        "calls": judge_.usage.as_dict(),
+        "failures": failures[:_MAX_FAILURES_LISTED],
+        "prompt": "paper Appendix E.1 (0-10 score)" if mode == "score" else "paper Appendix C.1 (pairwise vs golden)",
+    }
+    report = write_report(out, report, scores if mode == "score" else None)
+    log.info("evaluate: %d judge calls made, %d answered from the cache, %d invalid, %d failed; report in %s",
+             judge_.usage.calls, judge_.usage.cached, n_invalid, n_failed, out)
+    return report

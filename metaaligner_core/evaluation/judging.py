@@ -1,0 +1,223 @@
+"""Asking the judge: the on-disk cache, parallel calls, reply parsing and the retry on invalid replies.
+
+Every answered call is appended to ``judgments.jsonl`` and flushed at once, keyed by the judge's
+name, the attempt number and the exact prompt: a rerun (or a run resumed after a kill) makes no
+call that is already answered. A reply that does not parse is asked once more (attempt 1, its
+own cache entry); if that one does not parse either, the judgment is *invalid*. A call that still
+fails after the client's own retries (429/5xx/timeouts, exponential back-off) is *failed*: it is
+logged in the file for the record but never cached, so the next run asks again, and no earlier
+answer ever stands in for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from ..backends.base import APIBackend
+from ..io import dumps
+from ..models import is_api_model
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 2  # the first ask and one retry when the reply does not parse
+
+
+@dataclass
+class Verdict:
+    """What the judge said about one prompt, after the retry."""
+
+    status: str                     # "ok" | "invalid" | "failed"
+    value: int | float | None = None
+    reply: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Usage:
+    calls: int = 0                  # calls made by this run
+    cached: int = 0                 # answers taken from judgments.jsonl
+    retries: int = 0                # second asks after a reply that did not parse
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reported: bool = False          # whether any call reported token counts
+
+    def add(self, usage: dict | None) -> None:
+        if usage:
+            self.reported = True
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+    def as_dict(self) -> dict:
+        out = {"calls": self.calls, "cached": self.cached, "retries_after_invalid": self.retries}
+        if self.reported:
+            out.update(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+        return out
+
+
+class JudgmentCache:
+    """``judgments.jsonl``: one line per judge call, read back as a cache.
+
+    A line is ``{"key", "judge", "attempt", "reply", "usage", ...context}`` for an answer, or
+    the same with ``"error"`` instead of ``"reply"`` for a failed call (not reused).
+    """
+
+    def __init__(self, path: str | Path, judge: str):
+        self.path, self.judge = Path(path), judge
+        self._answers: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        if self.path.exists():
+            self._load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a run killed mid-write
+            if isinstance(rec, dict) and "reply" in rec and isinstance(rec.get("key"), str):
+                self._answers[rec["key"]] = rec
+        if raw and not raw.endswith(b"\n"):
+            with open(self.path, "ab") as fh:  # keep the next record on a line of its own
+                fh.write(b"\n")
+
+    def key(self, prompt: str, attempt: int) -> str:
+        return hashlib.sha256(json.dumps([self.judge, attempt, prompt], ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, prompt: str, attempt: int) -> dict | None:
+        return self._answers.get(self.key(prompt, attempt))
+
+    def put(self, prompt: str, attempt: int, record: dict) -> None:
+        rec = {"key": self.key(prompt, attempt), "judge": self.judge, "attempt": attempt, **record}
+        with self._lock:
+            self._fh.write(dumps(rec) + "\n")
+            self._fh.flush()  # a killed run keeps every answer it paid for
+            if "reply" in rec:
+                self._answers[rec["key"]] = rec
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JudgmentCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Judge:
+    """A ChatBackend used as a judge: temperature 0, short replies, one parser.
+
+    API judges are called from ``concurrency`` threads (the official clients are thread-safe and
+    the work is waiting on the network); a local model gets real batches instead.
+    """
+
+    backend: object
+    cache: JudgmentCache
+    parse: Callable[[str], int | float | None]
+    max_tokens: int = 32
+    concurrency: int = 8
+    progress: bool = False
+    usage: Usage = field(default_factory=Usage)
+
+    def judge_all(self, prompts: dict[str, dict]) -> dict[str, Verdict]:
+        """Judge each prompt (deduplicated; the value is context recorded with the answer)."""
+        verdicts: dict[str, Verdict] = {}
+        todo = list(prompts)
+        for attempt in range(ATTEMPTS):
+            failed = self._ask(todo, attempt, prompts)
+            retry = []
+            for prompt in todo:
+                if prompt in failed:
+                    verdicts[prompt] = Verdict("failed", error=failed[prompt])
+                    continue
+                rec = self.cache.get(prompt, attempt)
+                value = self.parse(rec["reply"])
+                if value is not None:
+                    verdicts[prompt] = Verdict("ok", value, rec["reply"])
+                elif attempt + 1 < ATTEMPTS:
+                    retry.append(prompt)
+                else:
+                    verdicts[prompt] = Verdict("invalid", reply=rec["reply"])
+            todo = retry
+        return verdicts
+
+    def _ask(self, prompts: list[str], attempt: int, context: dict[str, dict]) -> dict[str, str]:
+        """Make the calls not answered yet; return {prompt: error} for the ones that failed."""
+        missing = [p for p in prompts if self.cache.get(p, attempt) is None]
+        self.usage.cached += len(prompts) - len(missing)
+        if not missing:
+            return {}
+        if attempt > 0:
+            self.usage.retries += len(missing)
+        failed: dict[str, str] = {}
+        desc = "judging" if attempt == 0 else "re-asking invalid replies"
+        with tqdm(total=len(missing), desc=desc, unit="call", disable=not self.progress) as bar:
+            if isinstance(self.backend, APIBackend) or is_api_model(getattr(self.backend, "name", "")):
+                self._ask_threads(missing, attempt, context, failed, bar)
+            else:
+                self._ask_batches(missing, attempt, context, failed, bar)
+        return failed
+
+    def _record(self, prompt, attempt, context, completion=None, error=None, seconds=0.0):
+        self.usage.calls += 1
+        if error is not None:
+            self.cache.put(prompt, attempt, {**context[prompt], "error": error})
+            return
+        self.usage.add(completion.usage)
+        self.cache.put(prompt, attempt, {**context[prompt], "reply": completion.text,
+                                         "usage": completion.usage or {}, "seconds": round(seconds, 3)})
+
+    def _ask_threads(self, missing, attempt, context, failed, bar) -> None:
+        def call(prompt):
+            start = time.perf_counter()
+            return self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0), start
+
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="judge") as pool:
+            futures = {pool.submit(call, p): p for p in missing}
+            for fut in as_completed(futures):
+                prompt = futures[fut]
+                try:
+                    completion, start = fut.result()
+                except Exception as e:  # noqa: BLE001 — one failed comparison must not stop the others
+                    failed[prompt] = _describe(e)
+                    self._record(prompt, attempt, context, error=failed[prompt])
+                else:
+                    self._record(prompt, attempt, context, completion, seconds=time.perf_counter() - start)
+                bar.update(1)
+
+    def _ask_batches(self, missing, attempt, context, failed, bar) -> None:
+        size = max(1, self.concurrency)
+        for i in range(0, len(missing), size):
+            chunk = missing[i:i + size]
+            start = time.perf_counter()
+            try:
+                completions = self.backend.complete_batch(chunk, max_tokens=self.max_tokens, temperature=0.0,
+                                                          batch_size=size)
+            except Exception as e:  # noqa: BLE001
+                for prompt in chunk:
+                    failed[prompt] = _describe(e)
+                    self._record(prompt, attempt, context, error=failed[prompt])
+            else:
+                per_call = (time.perf_counter() - start) / len(chunk)
+                for prompt, completion in zip(chunk, completions):
+                    self._record(prompt, attempt, context, completion, seconds=per_call)
+            bar.update(len(chunk))
+
+
+def _describe(e: Exception) -> str:
+    # Backend errors never carry the API key; keep the line short for the summary.
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
