@@ -196,10 +196,10 @@ def rubric_markdown(protocol: Protocol) -> str:
     """The protocol's guidelines and rubric as Markdown (for the Annotate tab and docs)."""
     out = [f"### {protocol.title}", "", protocol.guidelines, ""]
     for o in protocol.objectives:
-        out += [f"#### {o.name} — {o.description}", "", "| score | level | definition |", "|---|---|---|"]
-        out += [f"| {lv.score} | {lv.label} | {lv.description} |" for lv in o.levels]
+        out += [f"#### {o.name}", f"*{o.description}*", ""]
+        out += [f"- **{lv.score} · {lv.label}** — {lv.description}" for lv in o.levels]
         if o.reference:
-            out += ["", f"*{o.reference.title}:* " + "; ".join(
-                f"{i}. {item}" for i, item in enumerate(o.reference.items, 1))]
+            out += ["", f"*{o.reference.title}:*", ""]
+            out += [f"{i}. {item}" for i, item in enumerate(o.reference.items, 1)]
         out.append("")
     return "\n".join(out)

@@ -263,7 +263,7 @@ class Store:
                     row.password_hash = hashed
                     s.execute(SignIn.__table__.delete().where(SignIn.annotator_id == row.id))
                 row.is_admin = admin
-        log.info("annotator %s %s%s", name, "updated" if update else "added", " (admin)" if admin else "")
+        log.debug("annotator %s %s%s", name, "updated" if update else "added", " (admin)" if admin else "")
 
     def sign_in(self, name: str, password: str) -> str:
         """A session token for the annotator; raises AccessDenied on a wrong name or password."""
@@ -367,7 +367,7 @@ class Store:
             for text, source in it.responses:
                 _, created = self._get_or_create_response(s, item, text, source)
                 r_added += created
-        log.info("items: %d added, %d already present, %d new responses", added, existing, r_added)
+        log.debug("items: %d added, %d already present, %d new responses", added, existing, r_added)
         return ImportResult(items_added=added, items_existing=existing, responses_added=r_added)
 
     def _get_or_create_item(self, s: Session, prow: ProtocolRow, proto: Protocol, item_id, query, path, line):
@@ -441,7 +441,7 @@ class Store:
                 resp, created = self._get_or_create_response(s, items[key], r.response, r.source)
                 r_added += created
                 self._upsert(s, resp.id, people[r.annotator].id, r.objective, r.score, r.note, None, SUBMITTED)
-        log.info("ratings: %d stored (%d new items, %d new responses, %d new annotators)",
+        log.debug("ratings: %d stored (%d new items, %d new responses, %d new annotators)",
                  len(rows), added, r_added, len(new_people))
         return ImportResult(items_added=added, items_existing=existing, responses_added=r_added,
                             ratings=len(rows), annotators_added=tuple(new_people))
