@@ -1,0 +1,358 @@
+"""Local Hugging Face causal LMs: batched and streamed generation, and the local chat backend.
+
+:class:`LocalGenerator` turns token-id prompts into token-id continuations. It is shared by the
+aligner (raw template prompts, :mod:`metaaligner_core.inference`) and by local chat policies
+(:class:`HFChatBackend`, the model's own chat template).
+
+Generation is a short decoding loop over ``model(...)`` rather than ``model.generate``, for
+three reasons measured on CPU (see ``bench/bench_inference.py``):
+
+* the KV cache is written into a buffer allocated once per batch (:class:`_BufferedLayer`);
+  transformers' ``DynamicCache`` concatenates every layer's keys and values on every step,
+  which was 70 % of a batch-16 decoding step on two cores;
+* rows that reach EOS leave the batch, so a batch costs what its *live* rows cost;
+* one loop serves ``generate`` and ``stream``: streamed text is the same tokens, by construction.
+
+Batches are formed from prompts sorted by length (little padding), padded on the left, with
+position ids counted from each row's first real token, so a row's tokens do not depend on its
+batch under greedy decoding (checked by ``tests/test_inference.py``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from ..errors import MetaAlignerError
+from .base import Completion
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Sampling:
+    """Decoding settings.
+
+    max_new_tokens: most tokens generated per row.
+    temperature: 0 means greedy (the default); above 0, sampling from the softmax at that temperature.
+    top_p: nucleus sampling mass (sampling only).
+    repetition_penalty: > 1 discourages tokens already in the prompt or the output (1 = off).
+    seed: makes sampling reproducible.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, **gen) -> "Sampling":
+        unknown = set(gen) - {"max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"}
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        s = cls(**{k: v for k, v in gen.items() if v is not None})
+        if s.max_new_tokens < 1:
+            raise MetaAlignerError(f"max_new_tokens must be at least 1 (got {s.max_new_tokens})")
+        if s.temperature < 0:
+            raise MetaAlignerError(f"temperature must be >= 0 (got {s.temperature})")
+        if not 0 < s.top_p <= 1:
+            raise MetaAlignerError(f"top_p must be in (0, 1] (got {s.top_p})")
+        if s.repetition_penalty <= 0:
+            raise MetaAlignerError(f"repetition_penalty must be > 0 (got {s.repetition_penalty})")
+        return s
+
+
+def _buffered_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class _BufferedLayer(DynamicLayer):
+        """A ``DynamicLayer`` that appends into a pre-allocated buffer instead of ``torch.cat``.
+
+        ``keys``/``values`` stay views of the buffer, so everything else in transformers (mask
+        sizes, ``batch_select_indices``) works unchanged; a selection copies once, then the
+        next update moves the rows into a fresh buffer.
+        """
+
+        def __init__(self, reserve: int):
+            super().__init__()
+            self.reserve = reserve
+            self._kbuf = self._vbuf = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.get_seq_length()
+            m = n + key_states.shape[-2]
+            kb = self._kbuf
+            if (kb is None or m > kb.shape[-2] or kb.shape[0] != key_states.shape[0]
+                    or (n and self.keys.data_ptr() != kb.data_ptr())):
+                b, h, _, dk = key_states.shape
+                cap = m + self.reserve
+                kb = key_states.new_empty((b, h, cap, dk))
+                vb = value_states.new_empty((b, value_states.shape[1], cap, value_states.shape[-1]))
+                if n:
+                    kb[:, :, :n] = self.keys
+                    vb[:, :, :n] = self.values
+                self._kbuf, self._vbuf = kb, vb
+            self._kbuf[:, :, n:m] = key_states
+            self._vbuf[:, :, n:m] = value_states
+            self.keys = self._kbuf[:, :, :m]
+            self.values = self._vbuf[:, :, :m]
+            return self.keys, self.values
+
+    return _BufferedLayer
+
+
+_LAYER_CLASS = None
+
+
+def _new_cache(config, reserve: int):
+    """A ``DynamicCache`` whose full-attention layers append into pre-allocated buffers."""
+    global _LAYER_CLASS
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _buffered_layer_class()
+    cache = DynamicCache(config=config)
+    cache.layers = [_LAYER_CLASS(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class LocalGenerator:
+    """A loaded causal LM and its tokenizer, generating from token ids.
+
+    ``max_length`` is the context (prompt + new tokens): the model's ``max_position_embeddings``
+    unless a smaller one is given.
+    """
+
+    def __init__(self, model, tokenizer, name: str, max_length: int | None = None):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        ctx = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.max_length = min(ctx, max_length) if max_length else ctx
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
+
+    @classmethod
+    def load(cls, spec: str = "default", *, device=None, dtype=None, attn=None,
+             max_length: int | None = None) -> "LocalGenerator":
+        from ..models import display_name, load_causal_lm
+
+        model, tok = load_causal_lm(spec, device=device, dtype=dtype, attn=attn, padding_side="left")
+        return cls(model, tok, display_name(spec), max_length=max_length)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    # -- text ------------------------------------------------------------------------------
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: Sampling, *, batch_size: int = 16,
+                 progress: bool = False, desc: str = "generating") -> list[list[int]]:
+        """Continuations of ``prompts`` (lists of token ids), in input order.
+
+        Prompts are sorted by length (longest first, so an out-of-memory error shows at once),
+        generated ``batch_size`` at a time and put back in order.
+        """
+        from tqdm.auto import tqdm
+
+        if batch_size < 1:
+            raise MetaAlignerError(f"batch size must be at least 1 (got {batch_size})")
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[list[int] | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress, leave=False)
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                rows = [[] for _ in idx]
+                for alive, tokens in self._decode_steps([prompts[i] for i in idx], sampling):
+                    for r, t in zip(alive, tokens):
+                        rows[r].append(t)
+                for i, r in zip(idx, rows):
+                    out[i] = [t for t in r if t not in self.eos_ids]
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        return out  # type: ignore[return-value]
+
+    def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[str]:
+        """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``."""
+        ids: list[int] = []
+        sent = ""
+        for _, tokens in self._decode_steps([prompt], sampling):
+            if tokens[0] in self.eos_ids:
+                continue
+            ids.append(tokens[0])
+            text = self.decode(ids)
+            # Hold back an incomplete multi-byte character and anything the decoder rewrote.
+            if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        text = self.decode(ids)
+        if text.startswith(sent):
+            if len(text) > len(sent):
+                yield text[len(sent):]
+        else:  # the decoder rewrote already-sent text (rare): send the difference's tail
+            log.debug("streamed text diverged from the final decoding")
+            yield text[len(sent):]
+
+    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling) -> Iterator[tuple[list[int], list[int]]]:
+        """The decoding loop: yields ``(row positions still alive, their new tokens)`` per step.
+
+        A row leaves the batch after emitting an EOS token (which is yielded) or
+        ``max_new_tokens`` tokens.
+        """
+        import torch
+
+        if not prompts:
+            return
+        if any(len(p) == 0 for p in prompts):
+            raise MetaAlignerError("cannot generate from an empty prompt")
+        model, dev = self.model, self.device
+        n, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            # Pads replaced by each row's first token, so padding never counts as "seen".
+            first = input_ids.gather(1, width - mask.sum(-1, keepdim=True))
+            seen = torch.where(mask.bool(), input_ids, first)
+        generator = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(sampling.seed)
+        cache = _new_cache(model.config, reserve=sampling.max_new_tokens)
+        alive = list(range(n))
+        eos = torch.tensor(sorted(self.eos_ids), device=dev)
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for step in range(sampling.max_new_tokens):
+                logits = out.logits[:, -1, :].float()
+                if seen is not None:
+                    logits = _repetition_penalty(logits, seen, sampling.repetition_penalty)
+                nxt = _pick(logits, sampling, generator)
+                tokens = nxt.tolist()
+                yield list(alive), tokens
+                if step == sampling.max_new_tokens - 1:
+                    return
+                done = torch.isin(nxt, eos)
+                if bool(done.all()):
+                    return
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    alive = [alive[i] for i in keep.tolist()]
+                    nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
+                    if seen is not None:
+                        seen = seen[keep]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                positions = positions[:, -1:] + 1
+                if seen is not None:
+                    seen = torch.cat([seen, nxt[:, None]], dim=-1)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True)
+
+
+def _repetition_penalty(logits, seen, penalty: float):
+    """CTRL's repetition penalty, as transformers applies it (divide positive logits, multiply negative)."""
+    import torch
+
+    score = torch.gather(logits, 1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def _pick(logits, sampling: Sampling, generator):
+    import torch
+
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class HFChatBackend:
+    """A local chat model (hub id, directory, ``.gguf`` or ``default``) answering through its chat template."""
+
+    def __init__(self, generator: LocalGenerator, name: str | None = None):
+        self.generator = generator
+        self.name = name or generator.name
+        self._warned_long = False
+
+    @classmethod
+    def load(cls, spec: str = "default", **kwargs) -> "HFChatBackend":
+        return cls(LocalGenerator.load(spec, **kwargs), name="default" if spec in (None, "", "default") else spec)
+
+    def encode(self, prompt: str, system: str | None = None, max_tokens: int = 512) -> list[int]:
+        tok = self.generator.tokenizer
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False).input_ids
+        else:  # a base model without a template: plain text, as its tokenizer encodes it
+            ids = tok((system + "\n\n" if system else "") + prompt).input_ids
+        budget = self.generator.max_length - max_tokens
+        if budget < 1:
+            raise MetaAlignerError(f"{self.name}: max_tokens {max_tokens} leaves no room for the prompt "
+                                   f"in a context of {self.generator.max_length} tokens")
+        if len(ids) > budget:
+            if not self._warned_long:
+                log.warning("%s: prompts longer than %d tokens are cut from the left", self.name, budget)
+                self._warned_long = True
+            ids = ids[-budget:]
+        return ids
+
+    def complete(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0,
+                 system: str | None = None, **gen) -> Completion:
+        return self.complete_batch([prompt], max_tokens=max_tokens, temperature=temperature, system=system,
+                                   batch_size=1, **gen)[0]
+
+    def complete_batch(self, prompts: list[str], *, max_tokens: int = 512, temperature: float = 0.0,
+                       system: str | None = None, batch_size: int = 16, progress: bool = False,
+                       **gen) -> list[Completion]:
+        sampling = Sampling.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
+        encoded = [self.encode(p, system, max_tokens) for p in prompts]
+        outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress, desc="drafts")
+        return [Completion(self.generator.decode(o).strip(), {"prompt_tokens": len(e), "completion_tokens": len(o)})
+                for e, o in zip(encoded, outs)]
+
+    def stream(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0,
+               system: str | None = None, **gen) -> Iterator[str]:
+        sampling = Sampling.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
+        yield from strip_stream(self.generator.stream(self.encode(prompt, system, max_tokens), sampling))
+
+
+def strip_stream(deltas: Iterable[str]) -> Iterator[str]:
+    """Deltas of ``"".join(deltas).strip()``: leading whitespace dropped, trailing held back."""
+    started = False
+    pending = ""
+    for d in deltas:
+        if not started:
+            d = d.lstrip()
+            if not d:
+                continue
+            started = True
+        d = pending + d
+        body = d.rstrip()
+        pending = d[len(body):]
+        if body:
+            yield body
