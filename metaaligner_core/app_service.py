@@ -81,8 +81,12 @@ class GenerationSettings:
         return {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature),
                 "top_p": float(self.top_p), "repetition_penalty": float(self.repetition_penalty)}
 
-    def policy_kwargs(self) -> dict:
-        return {"max_tokens": self.max_new_tokens, "temperature": float(self.temperature)}
+    def policy_kwargs(self, local: bool = False) -> dict:
+        """``ChatBackend.stream`` settings; API providers take no top_p / repetition penalty here."""
+        kwargs = {"max_tokens": self.max_new_tokens, "temperature": float(self.temperature)}
+        if local:
+            kwargs.update(top_p=float(self.top_p), repetition_penalty=float(self.repetition_penalty))
+        return kwargs
 
 
 def missing_api_key(spec: str) -> str | None:
@@ -181,15 +185,27 @@ class ModelRegistry:
         self._status: dict[tuple[str, str], LoadStatus] = {}
         self._load_lock = threading.Lock()  # one load at a time: loads are memory-heavy
 
-    # Loaders are methods so that the heavy imports happen on first use, not at import.
+    # Loaders are methods so that the heavy imports happen on first use, not at import. A local
+    # policy and an aligner with the same MODEL string share one set of weights (the embedded
+    # default is both out of the box): half the memory, and the second "load" is instant.
     def _load_policy(self, name: str):
         from .backends import load_backend
 
-        return load_backend(name, **({"device": self.device} if self.device and not is_api_model(name) else {}))
+        if is_api_model(name):
+            return load_backend(name)
+        aligner = self._models["aligner"].get(name)
+        if aligner is not None:
+            from .backends.hf import HFChatBackend
+
+            return HFChatBackend(aligner.generator, name=name)
+        return load_backend(name, device=self.device)
 
     def _load_aligner(self, name: str):
         from .inference import Aligner
 
+        policy = self._models["policy"].get(name)
+        if policy is not None and hasattr(policy, "generator"):
+            return Aligner.from_generator(policy.generator, name)
         return Aligner.load(name, device=self.device)
 
     def get(self, kind: str, name: str):
@@ -359,7 +375,8 @@ class AlignService:
                 upd.phase = "drafting"
                 yield upd
                 pieces: list[str] = []
-                for delta in _closing(backend.stream(query, **settings.policy_kwargs())):
+                kwargs = settings.policy_kwargs(local=hasattr(backend, "generator"))
+                for delta in _closing(backend.stream(query, **kwargs)):
                     pieces.append(delta)
                     upd.draft = "".join(pieces)
                     yield upd

@@ -89,6 +89,8 @@ def test_generation_settings_validate():
     s = GenerationSettings(max_new_tokens=24.0, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
     assert s.aligner_kwargs() == {"max_new_tokens": 24, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
     assert s.policy_kwargs() == {"max_tokens": 24, "temperature": 0.7}
+    assert s.policy_kwargs(local=True) == {"max_tokens": 24, "temperature": 0.7, "top_p": 0.9,
+                                           "repetition_penalty": 1.1}
     for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"repetition_penalty": 0}):
         with pytest.raises(MetaAlignerError):
             GenerationSettings(**bad)
