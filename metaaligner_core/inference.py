@@ -131,11 +131,13 @@ class Aligner:
         return self.align_batch([query], [draft], objectives, batch_size=1, **gen)[0]
 
     def align_batch(self, queries: list[str], drafts: list[str], objectives, *, batch_size: int = 16,
-                    progress: bool = False, **gen) -> list[str]:
+                    progress=False, **gen) -> list[str]:
         """Corrections for many rows, batched (sorted by length, order restored).
 
-        ``objectives``: one SPEC / list for every row, or a list with one SPEC / list per row.
-        Under greedy decoding (the default) each result equals ``align`` on that row alone.
+        ``objectives``: one SPEC / list of objectives for every row, or a list holding one list
+        per row (e.g. ``[["honesty"], ["helpfulness", "length"]]``). ``progress``: True for a
+        progress bar, or a tqdm bar to advance. Under greedy decoding (the default) each result
+        equals ``align`` on that row alone.
         """
         if len(queries) != len(drafts):
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")

@@ -156,11 +156,12 @@ class LocalGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, batch_size: int = 16,
-                 progress: bool = False, desc: str = "generating") -> list[list[int]]:
+                 progress=False, desc: str = "generating") -> list[list[int]]:
         """Continuations of ``prompts`` (lists of token ids), in input order.
 
         Prompts are sorted by length (longest first, so an out-of-memory error shows at once),
-        generated ``batch_size`` at a time and put back in order.
+        generated ``batch_size`` at a time and put back in order. ``progress``: True for a
+        progress bar, or an existing tqdm bar to advance by one per row.
         """
         from tqdm.auto import tqdm
 
@@ -168,7 +169,10 @@ class LocalGenerator:
             raise MetaAlignerError(f"batch size must be at least 1 (got {batch_size})")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int] | None] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress, leave=False)
+        if hasattr(progress, "update"):
+            bar, own = progress, False
+        else:
+            bar, own = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress, leave=False), True
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
@@ -180,7 +184,8 @@ class LocalGenerator:
                     out[i] = [t for t in r if t not in self.eos_ids]
                 bar.update(len(idx))
         finally:
-            bar.close()
+            if own:
+                bar.close()
         return out  # type: ignore[return-value]
 
     def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[str]:
