@@ -124,6 +124,9 @@ def normalize_db_url(url: str | os.PathLike | None) -> str:
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+# SQLite has one writer at a time. Threads of this process queue on a lock (woken at once)
+# rather than on SQLite's busy handler, which polls with sleeps of up to 100 ms.
+_WRITE_LOCKS: dict[str, threading.Lock | None] = {}
 
 
 def engine_for(url: str) -> Engine:
@@ -155,6 +158,7 @@ def engine_for(url: str) -> Engine:
         except OperationalError as e:
             raise MetaAlignerError(f'--db "{url}": cannot open the database ({e.orig})') from None
         _ENGINES[url] = engine
+        _WRITE_LOCKS[url] = threading.Lock() if sqlite else None
         return engine
 
 
@@ -231,16 +235,23 @@ class Store:
         self.engine = engine_for(self.url)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(self.engine.execution_options(ma_write=True), expire_on_commit=False)
+        self._write_lock = _WRITE_LOCKS.get(self.url)
 
     @contextmanager
     def _session(self, write: bool = False) -> Iterator[Session]:
+        lock = self._write_lock if write else None
         try:
+            if lock is not None:
+                lock.acquire()
             with (self._writer if write else self._reader)() as session, session.begin():
                 yield session
         except OperationalError as e:
             if "locked" in str(e.orig).lower() or "busy" in str(e.orig).lower():
                 raise MetaAlignerError(f"{self.url}: the database stayed locked by another writer; try again") from None
             raise
+        finally:
+            if lock is not None:
+                lock.release()
 
     # --------------------------------------------------------------- accounts
 
@@ -448,10 +459,13 @@ class Store:
 
     @staticmethod
     def _upsert(s: Session, response_id: int, annotator_id: int, objective: str, score: int,
-                note: str | None, seconds: float | None, status: str) -> None:
+                note: str | None, seconds: float | None, status: str, row: Rating | None | bool = True) -> None:
+        """Insert or update one rating; ``row`` is the existing rating (or None) when the caller
+        already loaded it, True to look it up."""
         now = utcnow()
-        row = s.scalar(select(Rating).where(Rating.response_id == response_id, Rating.annotator_id == annotator_id,
-                                            Rating.objective == objective))
+        if row is True:
+            row = s.scalar(select(Rating).where(Rating.response_id == response_id, Rating.annotator_id == annotator_id,
+                                                Rating.objective == objective))
         if row is None:
             s.add(Rating(response_id=response_id, annotator_id=annotator_id, objective=objective, score=score,
                          note=note or None, seconds=seconds, status=status, created_at=now, updated_at=now,
@@ -464,7 +478,6 @@ class Store:
             if status == SUBMITTED:
                 row.status, row.submitted_at = SUBMITTED, now
             row.updated_at = now
-        s.flush()
 
     # --------------------------------------------------------------- annotating
 
@@ -527,7 +540,16 @@ class Store:
         already stored). A draft cannot overwrite submitted ratings: submit again to change them.
         ``seconds`` (time spent since the last save) is spread over the ratings saved.
         """
-        notes = notes or {}
+        for attempt in (1, 2):
+            try:
+                return self._save(token, uid, scores, notes or {}, submit, seconds)
+            except IntegrityError:
+                # Another session inserted the same rating first (possible on servers without
+                # SQLite's up-front write lock): the second attempt updates it instead.
+                if attempt == 2:
+                    raise
+
+    def _save(self, token, uid, scores, notes, submit, seconds) -> ItemView:
         with self._session(write=True) as s:
             me = self._annotator(s, token)
             item = s.scalar(select(Item).where(Item.uid == uid))
@@ -559,7 +581,7 @@ class Store:
             status = SUBMITTED if submit else DRAFT
             per = (seconds / len(clean)) if seconds and clean else None
             for (rid, key), score in clean.items():
-                self._upsert(s, rid, me.id, key, score, notes.get(rid), per, status)
+                self._upsert(s, rid, me.id, key, score, notes.get(rid), per, status, row=own.get((rid, key)))
             if submit:  # ratings stored earlier as drafts and not resent become final too
                 for k, r in own.items():
                     if k not in clean and r.status != SUBMITTED:
