@@ -261,3 +261,35 @@ def test_bad_rows_and_objectives_name_file_line_field(tmp_path):
     bad_type = write_jsonl(tmp_path / "t.jsonl", [dict(ROWS[0], draft=3)])
     with pytest.raises(MetaAlignerError, match=r't.jsonl:1: field "draft": expected a string'):
         evaluate(bad_type, "honesty", "openai:j", out)
+
+
+def test_a_judge_that_never_answers_1_2_or_0_gives_no_rate_and_no_plot(tmp_path):
+    out = tmp_path / "out"
+    with FakeProvider(reply=lambda body: "It depends.") as server:
+        proc = run_cli("evaluate", "--input", _data(tmp_path, ROWS[:2]), "--objectives", "honesty", "--judge",
+                       "openai:j", "--base-url", server.base_url + "/v1", "--out", out, env=ENV)
+        assert len(server.calls) == 8  # 4 prompts, each asked twice
+    assert proc.returncode == 0  # invalid replies are the judge's answers, not failures
+    assert "4 of 4 judgments were invalid" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    r = report["objectives"]["honesty"]
+    assert r["n"] == 0 and r["win_rate_original"] is None and r["advantage"] is None
+    assert report["invalid"] == 4 and report["plots"] == [] and not (out / "win_rates.png").exists()
+    assert "| Original win rate | – |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_local_embedded_model_as_judge(tmp_path, embedded_dir, caplog):
+    """The offline path: a local model judges in batches; its answers are cached like an API's."""
+    out = tmp_path / "out"
+    data = _data(tmp_path, ROWS[:2])
+    with caplog.at_level("WARNING"):
+        report = evaluate(data, "honesty", "default", out, max_tokens=3, concurrency=4)
+    assert "poor judge" in caplog.text
+    assert report["judge"] == "default" and report["judgments"] == 4
+    assert report["calls"]["calls"] >= 4 and report["failed"] == 0
+    assert report["invalid"] + report["objectives"]["honesty"]["n"] * 2 <= 4
+    lines = read_jsonl(out / "judgments.jsonl")
+    assert len(lines) == report["calls"]["calls"] and all("reply" in j for j in lines)
+    again = evaluate(data, "honesty", "default", out, max_tokens=3)
+    assert again["calls"]["calls"] == 0 and again["objectives"] == report["objectives"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import InputError, MetaAlignerError
 from ..io import iter_records
@@ -56,6 +57,13 @@ def load_rows(path, max_rows: int | None = None) -> list[tuple[int, dict]]:
     if not rows:
         raise MetaAlignerError(f"{path}: no rows to evaluate")
     return rows
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urlunsplit(parts)
 
 
 def _load_judge(judge, base_url, timeout, max_retries):
@@ -154,7 +162,7 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     report = {
         "mode": mode,
         "judge": backend.name,
-        **({"base_url": base_url} if base_url else {}),
+        **({"base_url": _without_credentials(base_url)} if base_url else {}),
         "seed": seed,
         "swap": bool(swap) if mode == "pairwise" else False,
         "input": str(input),

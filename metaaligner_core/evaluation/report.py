@@ -68,7 +68,7 @@ def markdown(report: dict) -> str:
     names = [v["name"] for v in objs.values()]
     vals = list(objs.values())
     swap = " (both orders, FastChat swap rule)" if report.get("swap") else ""
-    parts = [f"# Evaluation report ({report['mode']})\n",
+    parts = [f"# Evaluation report ({report['mode']})\n\n",
              f"Judge `{report['judge']}`, seed {report['seed']}, {report['rows']} rows of `{report['input']}`{swap}.\n"]
     if report["mode"] == "pairwise":
         parts.append("\nWin rate against the golden answer (ties are not wins); advantage = aligned − original.\n\n")
@@ -174,7 +174,7 @@ def plot_score_density(name: str, original: list[float], aligned: list[float], p
     ax.set_xlabel("score")
     ax.set_ylabel("density")
     ax.set_title(name)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="best")
     fig.tight_layout()
     _save(fig, path)
 
