@@ -31,8 +31,9 @@ class AnthropicBackend(APIBackend):
         self.client = anthropic.Anthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
     def _request(self, prompt: str, max_tokens: int, temperature: float, system: str | None) -> dict:
-        req = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature,
-               "messages": [{"role": "user", "content": prompt}]}
+        # This client release has no `temperature` argument; the Messages API still takes the field.
+        req = {"model": self.model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}],
+               "extra_body": {"temperature": temperature}}
         if system:
             req["system"] = system
         return req

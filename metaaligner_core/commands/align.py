@@ -178,13 +178,16 @@ def _load_models(args, template: str, need_policy: bool):
     from ..inference import Aligner
     from ..models import is_api_model, is_default
 
+    policy = None
+    if need_policy and is_api_model(args.policy):  # first: a missing API key fails before any model loads
+        policy = load_backend(args.policy, base_url=args.policy_base_url, timeout=args.timeout,
+                              max_retries=args.max_retries, concurrency=args.concurrency)
     aligner = Aligner.load(args.aligner, template=template, device=args.device, dtype=args.dtype,
                            max_length=args.max_length)
     if not need_policy:
         return aligner, None
-    if is_api_model(args.policy):
-        policy = load_backend(args.policy, base_url=args.policy_base_url, timeout=args.timeout,
-                              max_retries=args.max_retries, concurrency=args.concurrency)
+    if policy is not None:
+        pass
     elif (is_default(args.policy) and is_default(args.aligner)) or args.policy == args.aligner:
         # One model in memory serves both roles; the policy gets its own context length.
         g = aligner.generator
