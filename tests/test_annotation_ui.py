@@ -1,0 +1,184 @@
+"""The Annotate and Export tabs in a real browser (headless Chromium) against a real server."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from annotation.store import OPERATOR, Store
+from annotation.ui import export_files, export_view
+from conftest import ROOT, write_jsonl
+
+PASSWORD = "ui-password-123"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _seed(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'ann.db'}"
+    store = Store(url)
+    store.import_items(write_jsonl(tmp_path / "items.jsonl", [
+        {"query": "Consider this post: first post. Question: Does the poster suffer from depression?",
+         "responses": [{"text": "Yes, the poster shows hopelessness.", "source": "model-a"},
+                       {"text": "No.", "source": "model-b"}]},
+        {"query": "second post", "responses": [{"text": "second answer", "source": "model-a"}]},
+    ]))
+    store.add_annotator("alice", PASSWORD, admin=True)
+    store.add_annotator("bob", PASSWORD)
+    return url
+
+
+@pytest.fixture
+def server(tmp_path):
+    url = _seed(tmp_path)
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "annotation.ui", "--db", url, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(base, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.close()
+                pytest.fail("annotation UI did not start:\n" + (tmp_path / "server.log").read_text())
+            time.sleep(0.5)
+    yield base, url, tmp_path / "ann.db"
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    assert PASSWORD not in (tmp_path / "server.log").read_text()
+
+
+@pytest.fixture
+def page():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium is not installed (scripts/setup.sh --dev installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser.new_page()
+        browser.close()
+
+
+def _sign_in(page, name, password):
+    page.locator("#ma-name input, #ma-name textarea").first.fill(name)
+    page.locator("#ma-password input").fill(password)
+    page.locator("#ma-signin").click()
+
+
+def _status(page, text, timeout=20000):
+    page.wait_for_function(f"document.querySelector('#ma-status').innerText.includes({text!r})", timeout=timeout)
+
+
+@pytest.mark.browser
+def test_sign_in_rate_with_the_keyboard_and_submit(server, page):
+    base, url, db = server
+    page.goto(base)
+    _sign_in(page, "bob", "wrong password")
+    _status(page, "wrong name or password")
+    assert page.locator(".ma-score").count() == 0
+    _sign_in(page, "bob", PASSWORD)
+    page.wait_for_selector(".ma-score", timeout=20000)
+    assert "Signed in as bob" in page.locator("#ma-who").inner_text()
+    assert page.locator(".ma-score").count() == 2 * 3
+    assert "model-a" not in page.content()  # blind: model names are not shown
+    assert "3 · Fully correct" in page.locator("#ma-rubric").inner_text()
+    assert "Suicidal ideation" in page.locator("#ma-rubric").inner_text()
+
+    page.locator("#ma-note-0 textarea, #ma-note-0 input").first.fill("clear case")
+    page.locator("body").click(position={"x": 3, "y": 3})
+    for key in "312":  # response 1: correctness 3, informative 1, professional 2
+        page.keyboard.press(key)
+    page.keyboard.press("Control+s")
+    _status(page, "Draft saved")
+    con = sqlite3.connect(db)
+    drafts = con.execute("SELECT objective, score, status, note FROM ratings ORDER BY id").fetchall()
+    assert drafts == [("correctness", 3, "draft", "clear case"), ("informative", 1, "draft", "clear case"),
+                      ("professional", 2, "draft", "clear case")]
+    page.keyboard.press("Control+Enter")  # incomplete: refused, nothing changes
+    _status(page, "rate every response on every objective")
+    for key in "001":  # response 2
+        page.keyboard.press(key)
+    page.keyboard.press("Control+Enter")
+    _status(page, "Submitted")
+    rows = con.execute("SELECT r.position, g.objective, g.score, g.status FROM ratings g "
+                       "JOIN responses r ON r.id = g.response_id ORDER BY r.position, g.id").fetchall()
+    con.close()
+    assert rows == [(0, "correctness", 3, "submitted"), (0, "informative", 1, "submitted"),
+                    (0, "professional", 2, "submitted"), (1, "correctness", 0, "submitted"),
+                    (1, "informative", 0, "submitted"), (1, "professional", 1, "submitted")]
+    page.wait_for_function("document.querySelectorAll('.ma-score').length === 3", timeout=20000)  # next item
+    assert "1 / 2 items submitted" in page.locator("#ma-progress").inner_text()
+
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#ma-export-refresh").click()
+    page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('admins only')",
+                           timeout=20000)
+    page.get_by_role("tab", name="Annotate").click()
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_selector("#ma-password input", timeout=20000)
+    assert page.locator("#ma-password input").input_value() == ""  # the password was cleared after use
+    assert page.locator(".ma-score").count() == 0
+
+
+@pytest.mark.browser
+def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page):
+    base, url, _ = server
+    store = Store(url)
+    for name in ("alice", "bob"):
+        token = store.sign_in(name, PASSWORD)
+        while (view := store.next_item(token)) is not None:
+            store.save(token, view.uid, {(r.id, o.key): 2 for r in view.responses for o in view.protocol.objectives},
+                       submit=True)
+    page.goto(base)
+    _sign_in(page, "alice", PASSWORD)
+    _status(page, "No items are waiting")
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#ma-export-refresh").click()
+    page.wait_for_function("document.querySelector('#ma-agreement').innerText.includes('correctness')", timeout=20000)
+    page.locator("#ma-export-prepare").click()
+    page.wait_for_selector("#ma-download-2", state="visible", timeout=20000)
+    with page.expect_download() as dl:
+        page.locator("#ma-download-2").click()
+    text = open(dl.value.path(), encoding="utf-8").read()
+    assert '"response_1": "Yes, the poster shows hopelessness."' in text and '"labels"' in text
+
+
+def test_export_handlers_need_an_admin(tmp_path):
+    url = _seed(tmp_path)
+    store = Store(url)
+    bob, alice = store.sign_in("bob", PASSWORD), store.sign_in("alice", PASSWORD)
+    from annotation.store import AccessDenied
+
+    with pytest.raises(AccessDenied):
+        export_view(store, bob)
+    with pytest.raises(AccessDenied):
+        export_files(store, bob, tmp_path / "out")
+    assert not (tmp_path / "out" / "ratings.jsonl").exists()
+    status, agreement_rows, people_rows = export_view(store, alice)
+    assert [r[0] for r in agreement_rows] == ["correctness", "informative", "professional"]
+    assert {r[0] for r in people_rows} == {"alice", "bob"}
+    paths = export_files(store, alice, tmp_path / "out")
+    assert sorted(p.name for p in paths.values()) == ["pairs.jsonl", "ratings.csv", "ratings.jsonl"]
+    assert store.export(OPERATOR, "ratings", tmp_path / "op.jsonl") == 0
