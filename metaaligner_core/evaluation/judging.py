@@ -23,6 +23,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..backends.base import APIBackend
+from ..errors import MetaAlignerError
 from ..io import dumps
 from ..models import is_api_model
 
@@ -185,7 +186,8 @@ class Judge:
             start = time.perf_counter()
             return self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0), start
 
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="judge") as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="judge")
+        try:
             futures = {pool.submit(call, p): p for p in missing}
             for fut in as_completed(futures):
                 prompt = futures[fut]
@@ -197,6 +199,9 @@ class Judge:
                 else:
                     self._record(prompt, attempt, context, completion, seconds=time.perf_counter() - start)
                 bar.update(1)
+        finally:
+            # On Ctrl-C, drop the queued calls instead of waiting for all of them (the default).
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _ask_batches(self, missing, attempt, context, failed, bar) -> None:
         size = max(1, self.concurrency)
@@ -218,6 +223,8 @@ class Judge:
 
 
 def _describe(e: Exception) -> str:
-    # Backend errors never carry the API key; keep the line short for the summary.
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+    # Backend errors never carry the API key and already name the judge; keep the line short.
+    text = " ".join(str(e).split())[:300]
+    if isinstance(e, MetaAlignerError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
