@@ -371,7 +371,7 @@ class Store:
     def _add_items(self, s: Session, proto: Protocol, items: list["_ItemIn"], path) -> ImportResult:
         prow = self._protocol_row(s, proto)
         added = existing = r_added = 0
-        for it in items:
+        for it in _progress_bar(items, "items"):
             item, new = self._get_or_create_item(s, prow, proto, it.item_id, it.query, path, it.line)
             added += new
             existing += not new
@@ -423,7 +423,7 @@ class Store:
             new_people: list[str] = []
             items: dict[tuple, Item] = {}
             added = existing = r_added = 0
-            for r in rows:
+            for r in _progress_bar(rows, "ratings"):
                 if r.annotator not in people:
                     a = s.scalar(select(Annotator).where(Annotator.name == r.annotator))
                     if a is None:
@@ -711,6 +711,15 @@ class _RatingIn:
     objective: str
     score: int
     note: str | None
+
+
+def _progress_bar(seq, what: str):
+    """A progress bar on a terminal for long imports; silent elsewhere (tests, logs)."""
+    if len(seq) < 500:
+        return seq
+    from tqdm import tqdm
+
+    return tqdm(seq, desc=f"storing {what}", unit=what[:-1], disable=None, leave=False)
 
 
 def _item_uid(proto: Protocol, item_id: str | None, query: str) -> str:
