@@ -42,15 +42,32 @@ def _seed(tmp_path) -> str:
     return url
 
 
-@pytest.fixture
-def server(tmp_path):
+# The tabs as an app embeds them without sharing the sign-in: the Export tab signs in itself.
+SEPARATE_TABS = """
+import sys, gradio as gr
+from annotation.ui import build_annotate_tab, build_export_tab
+url, port = sys.argv[1], int(sys.argv[2])
+with gr.Blocks(analytics_enabled=False) as demo:
+    with gr.Tab("Annotate"):
+        build_annotate_tab(url)
+    with gr.Tab("Export"):
+        build_export_tab(url)
+demo.launch(server_name="127.0.0.1", server_port=port)
+"""
+
+
+@pytest.fixture(params=["shared sign-in"])
+def server(request, tmp_path):
     url = _seed(tmp_path)
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "annotation.ui", "--db", url, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    if request.param == "shared sign-in":
+        cmd = [sys.executable, "-m", "annotation.ui", "--db", url, "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-c", SEPARATE_TABS, url, str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -143,7 +160,8 @@ def test_sign_in_rate_with_the_keyboard_and_submit(server, page):
 
 
 @pytest.mark.browser
-def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page):
+@pytest.mark.parametrize("server", ["shared sign-in", "separate sign-in"], indirect=True)
+def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page, request):
     base, url, _ = server
     store = Store(url)
     for name in ("alice", "bob"):
@@ -152,10 +170,21 @@ def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page):
             store.save(token, view.uid, {(r.id, o.key): 2 for r in view.responses for o in view.protocol.objectives},
                        submit=True)
     page.goto(base)
-    _sign_in(page, "alice", PASSWORD)
-    _status(page, "No items are waiting")
-    page.get_by_role("tab", name="Export").click()
-    page.locator("#ma-export-refresh").click()
+    if "separate" in request.node.callspec.id:
+        page.get_by_role("tab", name="Export").click()
+        page.locator("#ma-export-name input, #ma-export-name textarea").first.fill("bob")
+        page.locator("#ma-export-password input").fill(PASSWORD)
+        page.locator("#ma-export-signin").click()
+        page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('admins only')",
+                               timeout=20000)
+        page.locator("#ma-export-name input, #ma-export-name textarea").first.fill("alice")
+        page.locator("#ma-export-password input").fill(PASSWORD)
+        page.locator("#ma-export-signin").click()
+    else:
+        _sign_in(page, "alice", PASSWORD)
+        _status(page, "No items are waiting")
+        page.get_by_role("tab", name="Export").click()
+        page.locator("#ma-export-refresh").click()
     page.wait_for_function("document.querySelector('#ma-agreement').innerText.includes('correctness')", timeout=20000)
     page.locator("#ma-export-prepare").click()
     page.wait_for_selector("#ma-download-2", state="visible", timeout=20000)
