@@ -30,7 +30,7 @@ from .metrics import FAILED, INVALID, SIDES
 from .prompts import pairwise_prompt, score_prompt
 from .report import write_report
 
-__all__ = ["evaluate", "load_rows", "MODES", "JUDGMENTS_FILE"]
+__all__ = ["evaluate", "load_rows", "plan_judgments", "MODES", "JUDGMENTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,38 @@ def _load_judge(judge, base_url, timeout, max_retries):
     return load_backend(judge, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
+def plan_judgments(rows, objectives: list[Objective], mode: str, seed: int, swap: bool) -> dict:
+    """Every judge prompt to ask: ``{(row, objective key, side): [(prompt, golden position)]}``.
+
+    One entry per comparison, two with ``swap`` (golden at 1 and at 2); the position is None in
+    score mode.
+    """
+    plan = {}
+    for i, (_, row) in enumerate(rows):
+        for obj in objectives:
+            for side in SIDES:
+                response = row[_RESPONSE[side]]
+                if mode == "score":
+                    plan[(i, obj.key, side)] = [(score_prompt(row["query"], response, obj), None)]
+                    continue
+                positions = (1, 2) if swap else (metrics.golden_position(seed, i, obj.key, side),)
+                pairs = {1: (row["golden"], response), 2: (response, row["golden"])}
+                plan[(i, obj.key, side)] = [(pairwise_prompt(row["query"], *pairs[g], obj), g) for g in positions]
+    return plan
+
+
+def _outcome(verdicts: dict[str, Verdict], entries, mode: str):
+    """One comparison's outcome (score mode: the score) from its verdicts."""
+    outs = []
+    for prompt, g in entries:
+        v = verdicts[prompt]
+        if v.status != "ok":
+            outs.append(FAILED if v.status == "failed" else INVALID)
+        else:
+            outs.append(v.value if mode == "score" else metrics.pairwise_outcome(v.value, g))
+    return metrics.swap_outcome(*outs) if len(outs) == 2 else outs[0]
+
+
 def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url: str | None = None,
              seed: int = 0, concurrency: int = 8, swap: bool = False, max_rows: int | None = None,
              max_tokens: int = 32, timeout: float = 60.0, max_retries: int = 5,
@@ -91,8 +123,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     """
     if mode not in MODES:
         raise MetaAlignerError(f'unknown mode "{mode}" (valid: {", ".join(MODES)})')
-    if concurrency < 1:
-        raise MetaAlignerError(f"--concurrency must be at least 1, got {concurrency}")
+    if concurrency < 1 or max_tokens < 1:
+        raise MetaAlignerError("--concurrency and --max-tokens must be at least 1")
     objs: list[Objective] = (list(objectives) if isinstance(objectives, (list, tuple))
                              and all(isinstance(o, Objective) for o in objectives)
                              else parse_objectives(objectives))
@@ -100,58 +132,30 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     backend = _load_judge(judge, base_url, timeout, max_retries)
     out = Path(out)
 
-    # (row, objective, side) -> [(prompt, golden position or None)]; one entry, or two with swap.
-    plan: dict[tuple[int, str, str], list[tuple[str, int | None]]] = {}
-    context: dict[str, dict] = {}
-    for i, (line, row) in enumerate(rows):
-        for obj in objs:
-            for side in SIDES:
-                response = row[_RESPONSE[side]]
-                if mode == "score":
-                    entries = [(score_prompt(row["query"], response, obj), None)]
-                else:
-                    positions = (1, 2) if swap else (metrics.golden_position(seed, i, obj.key, side),)
-                    entries = [(pairwise_prompt(row["query"], *((row["golden"], response) if g == 1
-                                                                else (response, row["golden"])), obj), g)
-                               for g in positions]
-                plan[(i, obj.key, side)] = entries
-                for prompt, g in entries:
-                    context.setdefault(prompt, {"row": i, "line": line, "objective": obj.key, "side": side,
-                                                **({"golden_position": g} if g else {})})
-
-    parse = metrics.parse_score if mode == "score" else metrics.parse_choice
+    plan = plan_judgments(rows, objs, mode, seed, swap)
+    context: dict[str, dict] = {}  # prompt -> what it judges, recorded beside the answer (no texts)
+    for (i, key, side), entries in plan.items():
+        for prompt, g in entries:
+            context.setdefault(prompt, {"row": i, "line": rows[i][0], "objective": key, "side": side,
+                                        **({"golden_position": g} if g else {})})
     log.info("evaluate: %d rows x %d objectives x 2 responses = %d judgments (%d distinct prompts), judge %s",
              len(rows), len(objs), len(plan), len(context), backend.name)
+    parse = metrics.parse_score if mode == "score" else metrics.parse_choice
     with JudgmentCache(out / JUDGMENTS_FILE, backend.name) as cache:
         judge_ = Judge(backend, cache, parse, max_tokens=max_tokens, concurrency=concurrency, progress=progress)
         verdicts = judge_.judge_all(context)
 
-    def outcome(v: Verdict, g: int | None):
-        if v.status == "failed":
-            return FAILED
-        if v.status == "invalid":
-            return INVALID
-        return v.value if mode == "score" else metrics.pairwise_outcome(v.value, g)
-
-    results: dict[str, dict] = {}
-    scores: dict[str, tuple[list, list]] = {}
-    failures: list[dict] = []
-    n_invalid = n_failed = 0
+    results, scores, failures = {}, {}, []
     for obj in objs:
-        per_side = {}
-        for side in SIDES:
-            col = []
-            for i, (line, _) in enumerate(rows):
-                entries = plan[(i, obj.key, side)]
-                outs = [outcome(verdicts[p], g) for p, g in entries]
-                o = metrics.swap_outcome(*outs) if len(outs) == 2 else outs[0]
-                n_invalid += o == INVALID
+        per_side = {side: [_outcome(verdicts, plan[(i, obj.key, side)], mode) for i in range(len(rows))]
+                    for side in SIDES}
+        for side, col in per_side.items():
+            for i, o in enumerate(col):
                 if o == FAILED:
-                    n_failed += 1
-                    error = next(verdicts[p].error for p, _ in entries if verdicts[p].status == "failed")
-                    failures.append({"row": i, "line": line, "objective": obj.key, "side": side, "error": error})
-                col.append(o)
-            per_side[side] = col
+                    error = next(verdicts[p].error for p, _ in plan[(i, obj.key, side)]
+                                 if verdicts[p].status == "failed")
+                    failures.append({"row": i, "line": rows[i][0], "objective": obj.key, "side": side,
+                                     "error": error})
         if mode == "score":
             summary = metrics.score_summary(per_side["original"], per_side["aligned"])
             scores[obj.key] = (summary.pop("scores_original"), summary.pop("scores_aligned"))
@@ -159,6 +163,7 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
             summary = metrics.win_rates(per_side["original"], per_side["aligned"])
         results[obj.key] = {"name": obj.name, "text": obj.text, **summary}
 
+    n_invalid = sum(r[side]["invalid"] for r in results.values() for side in SIDES)
     report = {
         "mode": mode,
         "judge": backend.name,
@@ -170,12 +175,12 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         "objectives": results,
         "judgments": len(plan),
         "invalid": n_invalid,
-        "failed": n_failed,
+        "failed": len(failures),
         "calls": judge_.usage.as_dict(),
         "failures": failures[:_MAX_FAILURES_LISTED],
         "prompt": "paper Appendix E.1 (0-10 score)" if mode == "score" else "paper Appendix C.1 (pairwise vs golden)",
     }
     report = write_report(out, report, scores if mode == "score" else None)
     log.info("evaluate: %d judge calls made, %d answered from the cache, %d invalid, %d failed; report in %s",
-             judge_.usage.calls, judge_.usage.cached, n_invalid, n_failed, out)
+             judge_.usage.calls, judge_.usage.cached, n_invalid, len(failures), out)
     return report

@@ -184,7 +184,8 @@ class Judge:
     def _ask_threads(self, missing, attempt, context, failed, bar) -> None:
         def call(prompt):
             start = time.perf_counter()
-            return self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0), start
+            completion = self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0)
+            return completion, time.perf_counter() - start
 
         pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="judge")
         try:
@@ -192,12 +193,12 @@ class Judge:
             for fut in as_completed(futures):
                 prompt = futures[fut]
                 try:
-                    completion, start = fut.result()
+                    completion, seconds = fut.result()
                 except Exception as e:  # noqa: BLE001 — one failed comparison must not stop the others
                     failed[prompt] = _describe(e)
                     self._record(prompt, attempt, context, error=failed[prompt])
                 else:
-                    self._record(prompt, attempt, context, completion, seconds=time.perf_counter() - start)
+                    self._record(prompt, attempt, context, completion, seconds=seconds)
                 bar.update(1)
         finally:
             # On Ctrl-C, drop the queued calls instead of waiting for all of them (the default).
