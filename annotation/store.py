@@ -147,6 +147,10 @@ def engine_for(url: str) -> Engine:
             if db and db != ":memory:" and not db.startswith("file:"):
                 Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+            if db in ("", ":memory:"):  # one connection, or every thread would see its own empty database
+                from sqlalchemy.pool import StaticPool
+
+                kwargs["poolclass"] = StaticPool
         try:
             engine = create_engine(url, **kwargs)
         except Exception as e:  # unknown dialect, missing driver
