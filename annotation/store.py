@@ -291,6 +291,7 @@ class Store:
                 raise AccessDenied("wrong name or password")
             if not verify_password(password or "", row.password_hash):
                 raise AccessDenied("wrong name or password")
+            s.execute(SignIn.__table__.delete().where(SignIn.created_at < utcnow() - SIGN_IN_TTL))
             token = secrets.token_urlsafe(32)
             s.add(SignIn(token_hash=_token_hash(token), annotator_id=row.id))
             return token

@@ -315,3 +315,17 @@ def test_annotators_see_and_change_only_their_own_ratings(tmp_path, store):
     with pytest.raises(AccessDenied, match="not signed in"):
         store.next_item(t["bob"])
     assert store.export(t["root"], "pairs", tmp_path / "pairs.jsonl") == 1
+
+
+def test_expired_sign_ins_are_refused_and_cleaned_up(store, db):
+    store.add_annotator("ann", PASSWORD)
+    old = store.sign_in("ann", PASSWORD)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE sign_ins SET created_at = '2000-01-01 00:00:00.000000'")
+    con.commit()
+    with pytest.raises(AccessDenied, match="expired"):
+        store.whoami(old)
+    fresh = store.sign_in("ann", PASSWORD)
+    assert con.execute("SELECT COUNT(*) FROM sign_ins").fetchone()[0] == 1
+    con.close()
+    assert store.whoami(fresh).name == "ann"
