@@ -58,7 +58,7 @@ class Aligner:
         self.template = check_template(template)
         self.name = name or generator.name
         self.is_base_model = is_base_model
-        self._warned_long = False
+        self._head_ids: dict[tuple[str, ...], list[int]] = {}
 
     @classmethod
     def load(cls, model: str = "default", *, template: str | None = None, device=None, dtype=None,
@@ -125,6 +125,27 @@ class Aligner:
             keep -= max(1, len(ids) - budget)
         return encode_aligner_prompt(tok, before + after), True
 
+    def shared_prefix_len(self, ids: list[int], objectives: Objectives) -> int:
+        """How many leading tokens of prompt ``ids`` are the instruction and objectives alone.
+
+        Rows with the same objectives share these tokens; their keys and values are computed
+        once and reused (see :class:`~metaaligner_core.backends.hf.LocalGenerator`).
+        """
+        objs = self.objectives(objectives)
+        key = tuple(o.text if isinstance(o, Objective) else str(o) for o in objs)
+        head = self._head_ids.get(key)
+        if head is None:
+            marker = "\x00"
+            text = prompt_parts(self.template, marker, objs)[0].split(marker)[0]
+            # Without its trailing space: BPE tokenizers attach that space to the query's first word.
+            head = self._head_ids[key] = encode_aligner_prompt(self.generator.tokenizer, text.rstrip())
+        k = 0
+        for a, b in zip(ids, head):
+            if a != b:
+                break
+            k += 1
+        return min(k, len(ids) - 1)
+
     # -- generation ------------------------------------------------------------------------
     def align(self, query: str, draft: str, objectives: Objectives, **gen) -> str:
         """The corrected answer to ``query`` given ``draft``, for ``objectives``."""
@@ -143,16 +164,18 @@ class Aligner:
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
         sampling = Sampling.from_kwargs(**gen)
         per_row = _per_row_objectives(objectives, len(queries))
-        encoded, shortened = [], 0
+        encoded, prefix_lens, shortened = [], [], 0
         for q, d, o in zip(queries, drafts, per_row):
             ids, cut = self.encode(q, d, o, sampling.max_new_tokens)
             encoded.append(ids)
+            prefix_lens.append(self.shared_prefix_len(ids, o))
             shortened += cut
         if shortened:
             log.warning("%d of %d drafts were shortened to fit the aligner's context of %d tokens "
                         "(with %d new tokens)", shortened, len(queries), self.generator.max_length,
                         sampling.max_new_tokens)
-        outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress, desc="aligning")
+        outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress,
+                                       desc="aligning", prefix_lens=prefix_lens)
         return [self.generator.decode(o).strip() for o in outs]
 
     def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
@@ -161,7 +184,7 @@ class Aligner:
         ids, cut = self.encode(query, draft, objectives, sampling.max_new_tokens)
         if cut:
             log.warning("the draft was shortened to fit the aligner's context of %d tokens", self.generator.max_length)
-        yield from strip_stream(self.generator.stream(ids, sampling))
+        yield from strip_stream(self.generator.stream(ids, sampling, self.shared_prefix_len(ids, objectives)))
 
 
 def _per_row_objectives(objectives, n: int) -> list:

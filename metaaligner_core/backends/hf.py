@@ -20,6 +20,8 @@ batch under greedy decoding (checked by ``tests/test_inference.py``).
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -81,6 +83,18 @@ def _buffered_layer_class():
             self.reserve = reserve
             self._kbuf = self._vbuf = None
 
+        def preload(self, keys, values, batch: int, room: int) -> None:
+            """Start every row of the batch from the same cached prefix (batch-1 ``keys``/``values``),
+            with ``room`` positions for the rest of the prompt before the reserve."""
+            self.lazy_initialization(keys, values)
+            n = keys.shape[-2]
+            cap = n + room + self.reserve
+            self._kbuf = keys.new_empty((batch, keys.shape[1], cap, keys.shape[-1]))
+            self._vbuf = values.new_empty((batch, values.shape[1], cap, values.shape[-1]))
+            self._kbuf[:, :, :n] = keys
+            self._vbuf[:, :, :n] = values
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -129,6 +143,8 @@ class LocalGenerator:
     unless a smaller one is given.
     """
 
+    PREFIX_CACHE_SIZE = 8  # distinct shared prefixes (instruction + objectives) kept as KV tensors
+
     def __init__(self, model, tokenizer, name: str, max_length: int | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         ctx = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -137,6 +153,10 @@ class LocalGenerator:
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
+        self._prefix_kv: OrderedDict[tuple[int, ...], list] = OrderedDict()
+        # Running totals over this generator's life (benchmarks and usage reports read them).
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, spec: str = "default", *, device=None, dtype=None, attn=None,
@@ -156,43 +176,52 @@ class LocalGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, batch_size: int = 16,
-                 progress=False, desc: str = "generating") -> list[list[int]]:
+                 progress=False, desc: str = "generating", prefix_lens: list[int] | None = None) -> list[list[int]]:
         """Continuations of ``prompts`` (lists of token ids), in input order.
 
-        Prompts are sorted by length (longest first, so an out-of-memory error shows at once),
-        generated ``batch_size`` at a time and put back in order. ``progress``: True for a
-        progress bar, or an existing tqdm bar to advance by one per row.
+        Prompts are grouped by their shared prefix (``prefix_lens[i]`` leading tokens of prompt
+        i, e.g. the aligner's instruction and objectives: computed once, reused by every row),
+        sorted by length within a group (longest first, so an out-of-memory error shows at
+        once), generated ``batch_size`` at a time and put back in order. ``progress``: True for
+        a progress bar, or an existing tqdm bar to advance by one per row.
         """
         from tqdm.auto import tqdm
 
         if batch_size < 1:
             raise MetaAlignerError(f"batch size must be at least 1 (got {batch_size})")
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        prefix_lens = prefix_lens or [0] * len(prompts)
+        prefixes = [tuple(p[:k]) for p, k in zip(prompts, prefix_lens)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            groups.setdefault(prefixes[i], []).append(i)
         out: list[list[int] | None] = [None] * len(prompts)
         if hasattr(progress, "update"):
             bar, own = progress, False
         else:
             bar, own = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress, leave=False), True
         try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                rows = [[] for _ in idx]
-                for alive, tokens in self._decode_steps([prompts[i] for i in idx], sampling):
-                    for r, t in zip(alive, tokens):
-                        rows[r].append(t)
-                for i, r in zip(idx, rows):
-                    out[i] = [t for t in r if t not in self.eos_ids]
-                bar.update(len(idx))
+            for prefix, order in groups.items():
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    rows = [[] for _ in idx]
+                    for alive, tokens in self._decode_steps([prompts[i] for i in idx], sampling, len(prefix)):
+                        for r, t in zip(alive, tokens):
+                            rows[r].append(t)
+                    for i, r in zip(idx, rows):
+                        out[i] = [t for t in r if t not in self.eos_ids]
+                        self.stats["prompt_tokens"] += len(prompts[i])
+                        self.stats["generated_tokens"] += len(out[i])
+                    bar.update(len(idx))
         finally:
             if own:
                 bar.close()
         return out  # type: ignore[return-value]
 
-    def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[str]:
+    def stream(self, prompt: list[int], sampling: Sampling, prefix_len: int = 0) -> Iterator[str]:
         """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``."""
         ids: list[int] = []
         sent = ""
-        for _, tokens in self._decode_steps([prompt], sampling):
+        for _, tokens in self._decode_steps([prompt], sampling, prefix_len):
             if tokens[0] in self.eos_ids:
                 continue
             ids.append(tokens[0])
@@ -209,36 +238,65 @@ class LocalGenerator:
             log.debug("streamed text diverged from the final decoding")
             yield text[len(sent):]
 
-    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling) -> Iterator[tuple[list[int], list[int]]]:
+    def _prefix_cache(self, prefix: tuple[int, ...]):
+        """Per-layer ``(keys, values)`` of a prefix, computed once (batch 1) and kept (LRU)."""
+        import torch
+
+        with self._lock:
+            if prefix in self._prefix_kv:
+                self._prefix_kv.move_to_end(prefix)
+                return self._prefix_kv[prefix]
+        cache = _new_cache(self.model.config, reserve=0)
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        with self._lock:
+            self._prefix_kv[prefix] = kv
+            while len(self._prefix_kv) > self.PREFIX_CACHE_SIZE:
+                self._prefix_kv.popitem(last=False)
+        return kv
+
+    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling,
+                      prefix_len: int = 0) -> Iterator[tuple[list[int], list[int]]]:
         """The decoding loop: yields ``(row positions still alive, their new tokens)`` per step.
 
-        A row leaves the batch after emitting an EOS token (which is yielded) or
-        ``max_new_tokens`` tokens.
+        The first ``prefix_len`` tokens (the same in every prompt) come from the prefix cache;
+        the rest of each prompt is left-padded after them. A row leaves the batch after emitting
+        an EOS token (which is yielded) or ``max_new_tokens`` tokens.
         """
         import torch
 
         if not prompts:
             return
-        if any(len(p) == 0 for p in prompts):
+        if any(len(p) <= prefix_len for p in prompts):
             raise MetaAlignerError("cannot generate from an empty prompt")
         model, dev = self.model, self.device
-        n, width = len(prompts), max(len(p) for p in prompts)
+        n = len(prompts)
+        width = max(len(p) for p in prompts) - prefix_len
+        cache = _new_cache(model.config, reserve=sampling.max_new_tokens)
+        if prefix_len and not all(isinstance(layer, _LAYER_CLASS) for layer in cache.layers):
+            prefix_len, width = 0, width + prefix_len  # e.g. sliding-window layers: no prefix sharing
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
         for r, p in enumerate(prompts):
-            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
+            rest = p[prefix_len:]
+            input_ids[r, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            mask[r, prefix_len + width - len(rest):] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        if prefix_len:
+            for layer, (k, v) in zip(cache.layers, self._prefix_cache(tuple(prompts[0][:prefix_len]))):
+                layer.preload(k, v, n, room=width)
         seen = None
         if sampling.repetition_penalty != 1.0:
-            # Pads replaced by each row's first token, so padding never counts as "seen".
-            first = input_ids.gather(1, width - mask.sum(-1, keepdim=True))
-            seen = torch.where(mask.bool(), input_ids, first)
+            # Whole prompts, pads replaced by each row's first token so padding never counts as "seen".
+            longest = max(len(p) for p in prompts)
+            seen = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=dev)
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(sampling.seed)
-        cache = _new_cache(model.config, reserve=sampling.max_new_tokens)
         alive = list(range(n))
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
         with torch.inference_mode():
