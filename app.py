@@ -176,6 +176,14 @@ def build_demo(config: AppConfig | None = None, service=None):
     def choices_with(choices, value):
         return choices if any(v == value for _, v in choices) else [(value, value), *choices]
 
+    def policy_choices():
+        """API policies whose key is missing say so in the picker itself."""
+        out = []
+        for label, value in choices_with(POLICY_CHOICES, config.policy):
+            missing = missing_api_key(value)
+            out.append((f"{label} — {missing.split(' is not set')[0]} not set" if missing else label, value))
+        return out
+
     # --- event functions (thin: the work is in the service) ---------------------------------
     def policy_note(policy: str) -> str:
         policy = (policy or "").strip()
@@ -254,7 +262,8 @@ def build_demo(config: AppConfig | None = None, service=None):
             raise _user_error(e) from None
 
     # --- layout ---------------------------------------------------------------------------
-    with gr.Blocks(title="MetaAligner") as demo:
+    # analytics off: an offline research demo sends nothing to third parties.
+    with gr.Blocks(title="MetaAligner", analytics_enabled=False) as demo:
         gr.Markdown("# MetaAligner\nCorrect any model's answer for the objectives you choose — including ones "
                     "the aligner never saw in training (arXiv 2403.17141).")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
@@ -264,7 +273,7 @@ def build_demo(config: AppConfig | None = None, service=None):
         with gr.Tabs():
             with gr.Tab("Align", id="align"):
                 with gr.Row():
-                    policy = gr.Dropdown(choices_with(POLICY_CHOICES, config.policy), value=config.policy,
+                    policy = gr.Dropdown(policy_choices(), value=config.policy,
                                          label="Policy (writes the draft)", allow_custom_value=True,
                                          info="embedded, a local directory or hub id, or openai:/anthropic:/"
                                               "openai-compatible:NAME@URL", elem_id="policy")

@@ -243,6 +243,9 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
                     "and understand, not too technical for laymen.; Politeness: the response should be courteous"
                     ) in prompt
             assert f"| Answer: {draft} | Edit: " in prompt
+            page.locator("#send-btn").click()
+            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation")
+            page.locator(".toast-body").first.wait_for(state="detached", timeout=30_000)
             # A bad objective line is a toast, not a stack trace.
             page.locator("#new-objectives textarea").fill("Politeness")
             page.locator("#align-btn").click()

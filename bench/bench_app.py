@@ -1,0 +1,146 @@
+"""Benchmark: how fast the app is ready, and how soon the first streamed token appears.
+
+Starts ``python app.py`` as a user would (embedded defaults, warm model cache, a throw-away
+annotation DB) and measures, from process start:
+
+- ready: the first HTTP 200 on ``/`` (target <= 5 s);
+- models loaded: the first ``/align`` answer (the background preload has to finish first).
+
+Then, against that server, over HTTP with ``gradio_client`` (the streaming ``align_stream``
+event the Align button uses), the median of ``--repeats`` runs of:
+
+- first draft token: the policy writes the draft (no draft given);
+- first correction token: a pasted draft, so the aligner streams at once (target <= 1 s);
+- the whole correction, to show what streaming saves: first-token time / full time.
+
+In-process, the same for ``Aligner.stream`` without HTTP, to separate model time from app overhead.
+
+    .venv/bin/python bench/bench_app.py [--repeats 3] [--max-new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUERY = "How can I fall asleep faster?"
+DRAFT = "Just stay up until you are tired, there is nothing else you can do about it."
+OBJECTIVES = ["ultrafeedback/helpfulness", "unseen/readability"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"app.py exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]:
+    """(first draft token, first correction token, end) in seconds after submit, over HTTP."""
+    args = ["default", "default", "auto", [o for o in OBJECTIVES if o.startswith("ultrafeedback/")], [], [],
+            [o for o in OBJECTIVES if o.startswith("unseen/")], "", QUERY, draft, max_new, 0.0, 1.0, 1.0]
+    t0 = time.perf_counter()
+    first_draft = first_aligned = None
+    job = client.submit(*args, api_name="/align_stream")
+    for out in job:
+        now = time.perf_counter() - t0
+        if first_draft is None and out[0]:
+            first_draft = now
+        if first_aligned is None and out[1]:
+            first_aligned = now
+    job.result()
+    return first_draft, first_aligned, time.perf_counter() - t0
+
+
+def in_process_first_delta(max_new: int, repeats: int) -> tuple[float, float]:
+    from metaaligner_core.inference import Aligner
+
+    aligner = Aligner.load("default")
+    aligner.align(QUERY, DRAFT, "helpfulness", max_new_tokens=4)  # warm-up
+    firsts, totals = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        first = None
+        for _delta in aligner.stream(QUERY, DRAFT, "helpfulness,readability", max_new_tokens=max_new):
+            first = first if first is not None else time.perf_counter() - t0
+        firsts.append(first)
+        totals.append(time.perf_counter() - t0)
+    return statistics.median(firsts), statistics.median(totals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    from metaaligner_core.embedded import embedded_model_dir
+
+    embedded_model_dir()  # warm cache: the benchmark measures start-up, not the one-time dequantisation
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--db", f"sqlite:///{tmp}/a.db",
+                                 "--max-new-tokens", str(args.max_new_tokens)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_http(url, proc)
+            ready = time.perf_counter() - t0
+            from gradio_client import Client
+
+            client = Client(url, verbose=False)
+            client.predict(QUERY, "helpfulness", DRAFT, api_name="/align")
+            loaded = time.perf_counter() - t0
+            print(f"ready (HTTP 200 on /): {ready:.2f} s after start  (target <= 5 s: {ready / 5:.2f}x of budget)")
+            print(f"first /align answer:   {loaded:.2f} s after start  (background model load + one correction)")
+
+            runs_draft = [stream_times(client, "", args.max_new_tokens) for _ in range(args.repeats)]
+            runs_pasted = [stream_times(client, DRAFT, args.max_new_tokens) for _ in range(args.repeats)]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    fd = med([r[0] for r in runs_draft])
+    fa = med([r[1] for r in runs_pasted])
+    total = med([r[2] for r in runs_pasted])
+    print(f"over HTTP, median of {args.repeats}, max_new_tokens={args.max_new_tokens}:")
+    print(f"  first draft token (policy):      {fd:.2f} s")
+    print(f"  first correction token (pasted): {fa:.2f} s  (target <= 1 s: {fa:.2f}x of budget)")
+    print(f"  whole correction:                {total:.2f} s  -> streaming shows text after "
+          f"{fa / total:.0%} of the wait ({total / fa:.1f}x sooner)")
+    first, whole = in_process_first_delta(args.max_new_tokens, args.repeats)
+    print(f"in-process Aligner.stream: first delta {first:.2f} s, whole {whole:.2f} s; "
+          f"HTTP + queue overhead on the first token: {fa - first:+.2f} s")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
