@@ -67,7 +67,8 @@ class TrainConfig:
     warmup_ratio (`float`, defaults to ``0.05``): share of each stage's steps spent warming up linearly.
     lr_scheduler (`str`, defaults to ``"cosine"``): a ``transformers`` scheduler name.
     weight_decay (`float`, defaults to ``0.0``).
-    optim (`str`, defaults to ``"adamw_torch"``): a ``transformers`` optimizer name.
+    optim (`str`, defaults to ``"adamw_torch_fused"``): a ``transformers`` optimizer name (the fused
+        AdamW kernel: the same update as ``adamw_torch``, several times faster, on CPU too).
     max_grad_norm (`float`, defaults to ``1.0``): gradient clipping.
     batch_size (`int`, defaults to ``4``): sequences per device per forward pass.
     grad_accum (`int`, defaults to ``1``): micro-batches per optimizer step (ignored when
@@ -119,7 +120,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     max_grad_norm: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
@@ -204,17 +205,14 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenization: the one place that turns (prompt, completion) into what the aligner is trained on.
+# Tokenization of a training row (the prompt part is shared with inference).
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of an aligner prompt as the aligner reads it, in training and at inference.
+    """Token ids of an aligner prompt, exactly as inference encodes it (raw template string, no
+    chat template, one BOS in front): :func:`metaaligner_core.inference.encode_aligner_prompt`."""
+    from .inference import encode_aligner_prompt
 
-    The raw template string (no chat template) preceded by exactly one BOS when the tokenizer
-    has a BOS token — whether or not the tokenizer adds one itself.
-    """
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [bos, *ids] if bos is not None else ids
+    return encode_aligner_prompt(tokenizer, prompt)
 
 
 def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int | None = None) -> dict:
@@ -410,6 +408,20 @@ def _metrics_callback(metrics_path: Path, stage: str):
     return StageMetrics()
 
 
+def _no_final_checkpoint_callback():
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        """Skip the checkpoint the trainer writes after the last step: the stage's weights are saved
+        next anyway, and for a 7B model the optimizer states alone are ~80 GB."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint()
+
+
 def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
     """The causal LM to train, on CPU (the trainer places it): fp32 master weights for full
     fine-tuning; LoRA keeps the frozen base in the training precision."""
@@ -555,7 +567,8 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
                  stage, n_cut, len(rows), config.max_length)
     model = load_model(start_from, config, rt)
     trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
-                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks])
+                           [_metrics_callback(out / "metrics.jsonl", stage), _no_final_checkpoint_callback(),
+                            *callbacks])
     result = trainer.train(resume_from_checkpoint=resume)
 
     if config.lora:

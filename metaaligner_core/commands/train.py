@@ -35,7 +35,7 @@ def register(sub) -> None:
     g.add_argument("--warmup-ratio", type=float, metavar="X", help="default 0.05")
     g.add_argument("--lr-scheduler", metavar="NAME", help="default cosine")
     g.add_argument("--weight-decay", type=float, metavar="X", help="default 0")
-    g.add_argument("--optim", metavar="NAME", help="default adamw_torch")
+    g.add_argument("--optim", metavar="NAME", help="default adamw_torch_fused")
     g.add_argument("--lora-r", type=int, metavar="N")
     g.add_argument("--lora-alpha", type=int, metavar="N")
     g.add_argument("--lora-dropout", type=float, metavar="X")

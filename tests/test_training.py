@@ -1,0 +1,351 @@
+"""Three-stage training of the aligner: tokenization and masking, a full CPU run of the three
+stages with an interruption and a resume, real learning on the identity (warm-up) task, bad input.
+
+The model tests train the embedded SmolLM2-135M-Instruct for a few steps on short sequences.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import read_jsonl, run_cli, write_jsonl
+from metaaligner_core.errors import MetaAlignerError
+from metaaligner_core.templates import build_prompt
+from metaaligner_core.training import STAGES, TrainConfig, check_data_dir
+
+OBJECTIVE = "Honesty: the response should not tell lies"
+WORDS = ("apple river stone green quiet horse lamp window seven cloud bread silver garden music paper winter"
+         .split())
+
+
+def row(draft: str, target: str | None = None, subset: str = "warmup", i: int = 0) -> dict:
+    variant = "better" if subset == "preference" else "equal"
+    prompt = build_prompt("ultrafeedback", "Describe it.", draft, [OBJECTIVE], variant)
+    return {"prompt": prompt, "completion": draft if target is None else target, "objectives": ["honesty"],
+            "subset": subset, "source_index": i}
+
+
+def drafts(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    out: set[str] = set()
+    while len(out) < n:
+        out.add(" ".join(rng.sample(WORDS, rng.randint(3, 5))))
+    result = sorted(out)
+    rng.shuffle(result)
+    return result
+
+
+def make_data_dir(root: Path, n: int = 8, empty=()) -> Path:
+    ds = drafts(3 * n, seed=7)
+    for k, stage in enumerate(STAGES):
+        rows = [] if stage in empty else [
+            row(d, target=(d.upper() if stage == "preference" else d), subset=stage, i=i)
+            for i, d in enumerate(ds[k * n:(k + 1) * n])]
+        write_jsonl(root / f"{stage}.jsonl", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_dir):
+    from metaaligner_core.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+# ---------------------------------------------------------------------------------------------
+# No model needed
+
+
+def test_config_validates_and_orders_stages():
+    cfg = TrainConfig(data="d", stages="preference,warmup")
+    assert cfg.stages == ("warmup", "preference")
+    with pytest.raises(MetaAlignerError, match="stages"):
+        TrainConfig(data="d", stages="warmup,finetune")
+    with pytest.raises(MetaAlignerError, match="max_length"):
+        TrainConfig(data="d", max_length=4)
+
+
+def test_recipe_files_load_and_unknown_keys_are_named(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "training" / "recipes"
+    recipes = sorted(root.glob("metaaligner-*.yaml"))
+    assert {p.stem for p in recipes} >= {"metaaligner-1.1b", "metaaligner-7b", "metaaligner-13b"}
+    for path in recipes:
+        cfg = TrainConfig.from_file(path, data="d", out="o")
+        assert (cfg.lr, cfg.warmup_ratio, cfg.epochs, cfg.effective_batch_size, cfg.lr_scheduler) == \
+            (1e-5, 0.05, 2, 512, "cosine")
+        assert cfg.max_length == (2048 if "1.1b" in path.stem else 4096)
+    smoke = TrainConfig.from_file(root / "smoke-cpu.yaml", data="d", max_steps=2)
+    assert (smoke.base, smoke.max_steps) == ("default", 2)  # flags override the recipe
+    assert TrainConfig.from_file(root / "metaaligner-1.1b.yaml", data="d").base == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1e-5\nlearning_rate: 3\n")
+    with pytest.raises(MetaAlignerError, match=r'bad.yaml: field "learning_rate": unknown setting'):
+        TrainConfig.from_file(bad, data="d")
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1] / "training" / "accelerate"
+    kinds = {}
+    for path in root.glob("*.yaml"):
+        cfg = load_config_from_file(str(path))
+        assert cfg.mixed_precision == "bf16" and cfg.num_processes == 4 * cfg.num_machines
+        kinds[path.stem] = str(cfg.distributed_type).rsplit(".", 1)[-1]
+    assert kinds == {"fsdp_full_shard": "FSDP", "fsdp_full_shard_multinode": "FSDP", "multi_gpu": "MULTI_GPU",
+                     "deepspeed_zero3": "DEEPSPEED", "deepspeed_zero3_multinode": "DEEPSPEED"}
+
+
+def test_effective_batch_sets_grad_accum(monkeypatch):
+    from metaaligner_core.training import resolve_runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rt = resolve_runtime(TrainConfig(data="d", device="cpu", batch_size=8, effective_batch_size=512))
+    assert (rt.grad_accum, rt.world_size) == (16, 4)
+    assert (rt.precision, rt.attn, rt.padding_free, rt.group_by_length, rt.gradient_checkpointing) == \
+        ("fp32", "sdpa", False, True, False)
+    with pytest.raises(MetaAlignerError, match="padding_free needs"):
+        resolve_runtime(TrainConfig(data="d", device="cpu", padding_free=True))
+
+
+def test_data_dir_checks(tmp_path):
+    with pytest.raises(MetaAlignerError, match="no such data directory"):
+        check_data_dir(tmp_path / "nope", STAGES)
+    make_data_dir(tmp_path, empty=STAGES)
+    with pytest.raises(MetaAlignerError, match="nothing to train on"):
+        check_data_dir(tmp_path, STAGES)
+    (tmp_path / "equal.jsonl").unlink()
+    with pytest.raises(MetaAlignerError, match="equal.jsonl: missing"):
+        check_data_dir(tmp_path, STAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and masking (tokenizer / one batch of the real trainer)
+
+
+def test_prompt_encoding_is_the_inference_encoding(tokenizer):
+    from metaaligner_core.inference import encode_aligner_prompt
+    from metaaligner_core.training import tokenize_example
+
+    r = row("green horse lamp")
+    ex = tokenize_example(tokenizer, r["prompt"], r["completion"])
+    p = encode_aligner_prompt(tokenizer, r["prompt"])
+    assert p[0] == tokenizer.bos_token_id and p.count(tokenizer.bos_token_id) == 1
+    assert ex["input_ids"][:len(p)] == p
+    assert ex["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex["input_ids"][len(p):-1]) == "green horse lamp"
+
+
+def test_truncation_keeps_instruction_tail_and_part_of_completion(tokenizer):
+    from metaaligner_core.training import PROMPT_TAIL_TOKENS, tokenize_example
+
+    long_draft = " ".join(WORDS * 20)
+    r = row(long_draft, target=" ".join(reversed(WORDS * 20)))
+    full = tokenize_example(tokenizer, r["prompt"], r["completion"])
+    n_prompt = sum(1 for x in full["labels"] if x == -100)
+    ex = tokenize_example(tokenizer, r["prompt"], r["completion"], max_length=128)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 128
+    kept_completion = [x for x in ex["labels"] if x != -100]
+    assert len(kept_completion) == 64  # half the budget; the prompt alone is longer than 128
+    assert kept_completion == full["labels"][n_prompt:n_prompt + 64]
+    prompt = ex["input_ids"][:64]
+    assert prompt[:32] == full["input_ids"][:32]  # BOS and the instruction
+    assert prompt[-PROMPT_TAIL_TOKENS:] == full["input_ids"][n_prompt - PROMPT_TAIL_TOKENS:n_prompt]
+    assert tokenizer.decode(prompt[-4:]).endswith("Edit: ")
+    short = tokenize_example(tokenizer, row("a b")["prompt"], "a b", max_length=128)
+    assert len(short["input_ids"]) < 128 and short["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.slow
+def test_labels_mask_exactly_prompt_and_padding(tmp_path, tokenizer):
+    """One batch from the trainer used for training: loss only on completion tokens and EOS."""
+    import torch
+
+    from metaaligner_core.training import (build_stage_dataset, load_model, make_trainer, prompt_ids,
+                                           resolve_runtime)
+
+    rows = [row(d, target=t) for d, t in [("green horse", "A quiet green horse stands by the river."),
+                                          ("lamp", "lamp"), ("seven cloud bread", "Seven clouds.")]]
+    cfg = TrainConfig(data=str(tmp_path), device="cpu", batch_size=len(rows), max_length=128, disable_tqdm=True)
+    rt = resolve_runtime(cfg)
+    dataset = build_stage_dataset(rows, tokenizer, cfg.max_length)
+    trainer = make_trainer(cfg, rt, load_model("default", cfg, rt), tokenizer, dataset, tmp_path / "ckpt")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == len(rows)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == len(rows)  # different lengths, so there is padding to check
+    seen = set()
+    for ids, labels, n in zip(batch["input_ids"], batch["labels"], lengths):
+        i = next(k for k, r in enumerate(rows)
+                 if ids[:n].tolist() == prompt_ids(tokenizer, r["prompt"])
+                 + tokenizer(r["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+        seen.add(i)
+        n_prompt = len(prompt_ids(tokenizer, rows[i]["prompt"]))
+        expected = torch.full_like(labels, -100)
+        expected[n_prompt:n] = ids[n_prompt:n]
+        assert torch.equal(labels, expected)
+        assert labels[n - 1] == tokenizer.eos_token_id
+    assert seen == set(range(len(rows)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+
+class InterruptAt:
+    """Stop a run like Ctrl-C would, after the given stage logged the given step."""
+
+    def __new__(cls, stage: str, step: int):
+        from transformers import TrainerCallback
+
+        class _Interrupt(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if f"/{stage}/" in args.output_dir + "/" and state.global_step == step:
+                    raise KeyboardInterrupt
+
+        return _Interrupt()
+
+
+@pytest.mark.slow
+def test_three_stages_interrupted_then_resumed_by_rerun(tmp_path, embedded_dir):
+    from metaaligner_core.training import train
+
+    data, out = make_data_dir(tmp_path / "data", n=6), tmp_path / "out"
+    cfg = TrainConfig(data=str(data), out=str(out), base="default", lr=5e-5, batch_size=2, max_length=96,
+                      max_steps=2, logging_steps=1, save_steps=1, disable_tqdm=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[InterruptAt("equal", 2)])  # logged step 2; its checkpoint never written
+    assert (out / "warmup" / "stage.json").is_file() and not (out / "warmup" / "checkpoints").exists()
+    assert not (out / "equal" / "stage.json").exists() and not (out / "final").exists()
+    assert [p.name for p in (out / "equal" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert [(m["stage"], m["step"]) for m in read_jsonl(out / "metrics.jsonl")][-1] == ("equal", 2)
+    warmup_marker = (out / "warmup" / "stage.json").stat().st_mtime_ns
+    warmup_weights = (out / "warmup" / "model.safetensors").stat().st_mtime_ns
+
+    # Other settings would train something else: refused before anything is touched.
+    args = ["train", "--data", data, "--out", out, "--base", "default", "--lr", "5e-5", "--batch-size", 2,
+            "--max-length", 96, "--max-steps", 2, "--logging-steps", 1, "--no-progress"]
+    res = run_cli(*[a if a != "5e-5" else "1e-4" for a in args])
+    assert res.returncode == 2 and "lr=5e-05, not 0.0001" in res.stderr
+
+    # The same command again, from the CLI: warm-up is skipped, equal resumes from checkpoint-1.
+    res = run_cli(*args, "--save-steps", 100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith(str(out / "final"))
+    assert "warmup: already trained" in res.stderr
+    assert (out / "warmup" / "stage.json").stat().st_mtime_ns == warmup_marker
+    assert (out / "warmup" / "model.safetensors").stat().st_mtime_ns == warmup_weights
+    equal = json.loads((out / "equal" / "stage.json").read_text())
+    assert (equal["resumed_from"], equal["steps"]) == ("checkpoint-1", 2)
+    assert equal["started_from"] == str(out / "warmup")
+    assert json.loads((out / "preference" / "stage.json").read_text())["started_from"] == str(out / "equal")
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [(m["stage"], m["step"]) for m in metrics] == [(s, k) for s in STAGES for k in (1, 2)]
+    assert all(isinstance(m["loss"], float) and m["loss"] > 0 for m in metrics)
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["stages"] == list(STAGES) and config["runtime"]["device"] == "cpu"
+    assert not any((out / s / "checkpoints").exists() for s in STAGES)
+
+    # final/ is a plain model directory: transformers loads it, and so does `metaaligner align`.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").eos_token_id is not None
+    final_w, pref_w, base_w = (load_file(p / "model.safetensors") for p in (out / "final", out / "preference",
+                                                                              embedded_dir))
+    key = next(k for k in final_w if k.endswith("q_proj.weight"))
+    assert torch.equal(final_w[key], pref_w[key]) and not torch.equal(final_w[key], base_w[key])
+    assert model.num_parameters() > 100e6
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"query": "Describe it.", "draft": "green horse lamp"}])
+    res = run_cli("align", "--input", inp, "--out", tmp_path / "aligned.jsonl", "--objectives", "honesty",
+                  "--aligner", out / "final", "--max-new-tokens", 6, "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert isinstance(read_jsonl(tmp_path / "aligned.jsonl")[0]["aligned"], str)
+
+
+@pytest.mark.slow
+def test_warmup_stage_learns_to_copy(tmp_path, embedded_dir, caplog):
+    """The identity task of the warm-up subset: held-out copy loss falls, exact copies rise.
+    (Its equal and preference files are empty: those stages are skipped with a warning.)"""
+    import torch
+
+    from metaaligner_core.models import load_causal_lm
+    from metaaligner_core.training import prompt_ids, tokenize_example, train
+
+    ds = drafts(56, seed=1)
+    train_drafts, held_out = ds[:48], ds[48:]
+    data = tmp_path / "data"
+    write_jsonl(data / "warmup.jsonl", [row(d, i=i) for i, d in enumerate(train_drafts)])
+    write_jsonl(data / "equal.jsonl", [])
+    write_jsonl(data / "preference.jsonl", [])
+
+    def copy_scores(spec):
+        model, tok = load_causal_lm(spec, device="cpu")
+        losses, exact = [], 0
+        with torch.no_grad():
+            for d in held_out:
+                r = row(d)
+                ex = tokenize_example(tok, r["prompt"], d)
+                losses.append(model(input_ids=torch.tensor([ex["input_ids"]]),
+                                    labels=torch.tensor([ex["labels"]])).loss.item())
+                p = torch.tensor([prompt_ids(tok, r["prompt"])])
+                gen = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+                exact += tok.decode(gen[0, p.shape[1]:], skip_special_tokens=True).strip() == d
+        return sum(losses) / len(losses), exact / len(held_out)
+
+    loss_before, exact_before = copy_scores("default")
+    caplog.set_level(logging.WARNING, logger="metaaligner_core.training")
+    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), base="default", lr=1e-4, epochs=2,
+                              batch_size=8, max_steps=7, warmup_ratio=0.1, max_length=128, logging_steps=1,
+                              disable_tqdm=True))
+    loss_after, exact_after = copy_scores(str(final))
+    print(f"held-out copy loss {loss_before:.3f} -> {loss_after:.3f}, exact copies {exact_before:.2f} -> {exact_after:.2f}")
+    assert loss_after < loss_before / 5
+    assert exact_after >= exact_before + 0.5 and exact_after >= 0.75
+    metrics = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert {m["stage"] for m in metrics} == {"warmup"} and len(metrics) == 7
+    assert "equal.jsonl: empty; skipping the equal stage" in caplog.text
+    assert "preference.jsonl: empty; skipping the preference stage" in caplog.text
+    assert not (tmp_path / "out" / "equal").exists()
+    assert json.loads((tmp_path / "out" / "warmup" / "stage.json").read_text())["started_from"] == "default"
+    assert min(m["loss"] for m in metrics[-2:]) < metrics[0]["loss"] / 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input through the CLI
+
+
+def test_cli_bad_input_errors(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("train", "--data", tmp_path / "missing", "--base", "default", "--out", out)
+    assert res.returncode == 2 and "missing: no such data directory" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+    empty = make_data_dir(tmp_path / "empty", empty=STAGES)
+    res = run_cli("train", "--data", empty, "--base", "default", "--out", out)
+    assert res.returncode == 2 and "nothing to train on" in res.stderr
+
+    data = make_data_dir(tmp_path / "data", n=2)
+    res = run_cli("train", "--data", data, "--base", "no-such-org/no-such-model", "--out", out,
+                  env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2 and 'no-such-org/no-such-model' in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("train", "--data", data, "--base", tmp_path / "nowhere", "--out", out)
+    assert res.returncode == 2 and "nowhere" in res.stderr
+
+    (data / "equal.jsonl").write_text(json.dumps({"prompt": "p", "completion": 3}) + "\n")
+    res = run_cli("train", "--data", data, "--base", "default", "--out", out)
+    assert res.returncode == 2 and 'equal.jsonl:1: field "completion": missing or not a string' in res.stderr
+    res = run_cli("train", "--data", data, "--out", out)
+    assert res.returncode == 2 and "--base is required" in res.stderr
+    assert not out.exists()
+
+
