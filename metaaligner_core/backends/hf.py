@@ -71,51 +71,61 @@ def _buffered_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class _BufferedLayer(DynamicLayer):
-        """A ``DynamicLayer`` that appends into a pre-allocated buffer instead of ``torch.cat``.
+        """A ``DynamicLayer`` over one buffer allocated per batch, instead of ``torch.cat`` per step.
 
-        ``keys``/``values`` stay views of the buffer, so everything else in transformers (mask
-        sizes, ``batch_select_indices``) works unchanged; a selection copies once, then the
-        next update moves the rows into a fresh buffer.
+        ``keys``/``values`` are views ``[rows, heads, length, dim]`` of the buffer, so the rest
+        of transformers (mask sizes, sequence length) works unchanged. Rows can be written one
+        at a time (``write``), and dropping finished rows compacts the buffer in place.
         """
 
-        def __init__(self, reserve: int):
+        def __init__(self, reserve: int = 0):
             super().__init__()
             self.reserve = reserve
-            self._kbuf = self._vbuf = None
+            self._k = self._v = None
+            self._rows = self._len = 0
 
-        def preload(self, keys, values, batch: int, room: int) -> None:
-            """Start every row of the batch from the same cached prefix (batch-1 ``keys``/``values``),
-            with ``room`` positions for the rest of the prompt before the reserve."""
-            self.lazy_initialization(keys, values)
-            n = keys.shape[-2]
-            cap = n + room + self.reserve
-            self._kbuf = keys.new_empty((batch, keys.shape[1], cap, keys.shape[-1]))
-            self._vbuf = values.new_empty((batch, values.shape[1], cap, values.shape[-1]))
-            self._kbuf[:, :, :n] = keys
-            self._vbuf[:, :, :n] = values
-            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+        def allocate(self, like_k, like_v, rows: int, capacity: int) -> None:
+            self.lazy_initialization(like_k, like_v)
+            # Zeros, not empty: masked (padding) positions must hold finite numbers.
+            self._k = like_k.new_zeros((rows, like_k.shape[1], capacity, like_k.shape[-1]))
+            self._v = like_v.new_zeros((rows, like_v.shape[1], capacity, like_v.shape[-1]))
+            self._rows, self._len = rows, 0
+            self._view()
+
+        def _view(self) -> None:
+            self.keys = self._k[:self._rows, :, :self._len]
+            self.values = self._v[:self._rows, :, :self._len]
+
+        def write(self, rows, start: int, keys, values) -> None:
+            """Copy ``keys``/``values`` into buffer rows ``rows`` from column ``start`` on."""
+            end = start + keys.shape[-2]
+            self._k[rows, :, start:end] = keys
+            self._v[rows, :, start:end] = values
+
+        def set_length(self, n: int) -> None:
+            self._len = n
+            self._view()
 
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = self.get_seq_length()
-            m = n + key_states.shape[-2]
-            kb = self._kbuf
-            if (kb is None or m > kb.shape[-2] or kb.shape[0] != key_states.shape[0]
-                    or (n and self.keys.data_ptr() != kb.data_ptr())):
-                b, h, _, dk = key_states.shape
-                cap = m + self.reserve
-                kb = key_states.new_empty((b, h, cap, dk))
-                vb = value_states.new_empty((b, value_states.shape[1], cap, value_states.shape[-1]))
-                if n:
-                    kb[:, :, :n] = self.keys
-                    vb[:, :, :n] = self.values
-                self._kbuf, self._vbuf = kb, vb
-            self._kbuf[:, :, n:m] = key_states
-            self._vbuf[:, :, n:m] = value_states
-            self.keys = self._kbuf[:, :, :m]
-            self.values = self._vbuf[:, :, :m]
+            if self._k is None:
+                self.allocate(key_states, value_states, key_states.shape[0], key_states.shape[-2] + self.reserve)
+            n, m = self._len, self._len + key_states.shape[-2]
+            if m > self._k.shape[-2]:  # more tokens than reserved: grow once, with the reserve again
+                k, v = self._k, self._v
+                self.allocate(key_states, value_states, k.shape[0], m + self.reserve)
+                self._k[:, :, :n], self._v[:, :, :n] = k[:, :, :n], v[:, :, :n]
+                self._rows = key_states.shape[0]
+            self._k[:self._rows, :, n:m] = key_states
+            self._v[:self._rows, :, n:m] = value_states
+            self.set_length(m)
             return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            k = len(indices)
+            self._k[:k, :, :self._len] = self._k[indices, :, :self._len]
+            self._v[:k, :, :self._len] = self._v[indices, :, :self._len]
+            self._rows = k
+            self._view()
 
     return _BufferedLayer
 
@@ -123,8 +133,8 @@ def _buffered_layer_class():
 _LAYER_CLASS = None
 
 
-def _new_cache(config, reserve: int):
-    """A ``DynamicCache`` whose full-attention layers append into pre-allocated buffers."""
+def _new_cache(config, reserve: int = 0):
+    """A ``DynamicCache`` whose full-attention layers are :class:`_BufferedLayer` s."""
     global _LAYER_CLASS
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -134,6 +144,10 @@ def _new_cache(config, reserve: int):
     cache = DynamicCache(config=config)
     cache.layers = [_LAYER_CLASS(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _all_buffered(cache) -> bool:
+    return all(isinstance(layer, _LAYER_CLASS) for layer in cache.layers)
 
 
 class LocalGenerator:
@@ -246,7 +260,7 @@ class LocalGenerator:
             if prefix in self._prefix_kv:
                 self._prefix_kv.move_to_end(prefix)
                 return self._prefix_kv[prefix]
-        cache = _new_cache(self.model.config, reserve=0)
+        cache = _new_cache(self.model.config)
         ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -257,13 +271,50 @@ class LocalGenerator:
                 self._prefix_kv.popitem(last=False)
         return kv
 
+    def _prefill_rows(self, prompts: list[list[int]], prefix_len: int, cache, reserve: int):
+        """Prefill each prompt alone (no padding) and place its keys/values, left-padded, in ``cache``.
+
+        On a CPU, prefill is bound by arithmetic: a batch computes no faster per token than
+        one row, so padding would be pure waste. Each row's prefill is also exactly the
+        computation a batch of one does, whatever batch it is in.
+        """
+        import torch
+
+        n, dev = len(prompts), self.device
+        total = max(len(p) for p in prompts)
+        prefix_kv = self._prefix_cache(tuple(prompts[0][:prefix_len])) if prefix_len else None
+        last_logits = []
+        for r, p in enumerate(prompts):
+            rest = p[prefix_len:]
+            row = _new_cache(self.model.config)
+            if prefix_kv:
+                for layer, (k, v) in zip(row.layers, prefix_kv):
+                    layer.allocate(k, v, 1, len(p))
+                    layer.write(0, 0, k, v)
+                    layer.set_length(prefix_len)
+            ids = torch.tensor([rest], dtype=torch.long, device=dev)
+            positions = torch.arange(prefix_len, len(p), device=dev)[None]
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=row, use_cache=True,
+                             logits_to_keep=1)
+            last_logits.append(out.logits[0, -1])
+            for big, small in zip(cache.layers, row.layers):
+                if big._k is None:
+                    big.allocate(small.keys, small.values, n, total + reserve)
+                big.write(r, total - len(rest), small.keys[:, :, prefix_len:], small.values[:, :, prefix_len:])
+        for big, small in zip(cache.layers, prefix_kv or []):
+            big.write(slice(None), 0, small[0].expand(n, -1, -1, -1), small[1].expand(n, -1, -1, -1))
+        for big in cache.layers:
+            big.set_length(total)
+        return torch.stack(last_logits)
+
     def _decode_steps(self, prompts: list[list[int]], sampling: Sampling,
                       prefix_len: int = 0) -> Iterator[tuple[list[int], list[int]]]:
-        """The decoding loop: yields ``(row positions still alive, their new tokens)`` per step.
+        """The decoding loop: yields ``(rows still generating, their new tokens)`` per step.
 
         The first ``prefix_len`` tokens (the same in every prompt) come from the prefix cache;
-        the rest of each prompt is left-padded after them. A row leaves the batch after emitting
-        an EOS token (which is yielded) or ``max_new_tokens`` tokens.
+        the rest of each prompt is left-padded after them. A row stops after emitting an EOS
+        token (which is yielded) or ``max_new_tokens`` tokens; finished rows leave the batch
+        once a quarter of it has finished (one compaction of the cache for several rows).
         """
         import torch
 
@@ -273,60 +324,71 @@ class LocalGenerator:
             raise MetaAlignerError("cannot generate from an empty prompt")
         model, dev = self.model, self.device
         n = len(prompts)
-        width = max(len(p) for p in prompts) - prefix_len
         cache = _new_cache(model.config, reserve=sampling.max_new_tokens)
-        if prefix_len and not all(isinstance(layer, _LAYER_CLASS) for layer in cache.layers):
-            prefix_len, width = 0, width + prefix_len  # e.g. sliding-window layers: no prefix sharing
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+        buffered = _all_buffered(cache)
+        if not buffered:
+            prefix_len = 0  # e.g. sliding-window layers: plain transformers caching
+        total = max(len(p) for p in prompts)
+        mask = torch.zeros((n, total), dtype=torch.long)
         mask[:, :prefix_len] = 1
         for r, p in enumerate(prompts):
-            rest = p[prefix_len:]
-            input_ids[r, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            mask[r, prefix_len + width - len(rest):] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
-        if prefix_len:
-            for layer, (k, v) in zip(cache.layers, self._prefix_cache(tuple(prompts[0][:prefix_len]))):
-                layer.preload(k, v, n, room=width)
+            mask[r, total - (len(p) - prefix_len):] = 1
+        mask = mask.to(dev)
         seen = None
         if sampling.repetition_penalty != 1.0:
             # Whole prompts, pads replaced by each row's first token so padding never counts as "seen".
-            longest = max(len(p) for p in prompts)
-            seen = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=dev)
+            seen = torch.tensor([[p[0]] * (total - len(p)) + list(p) for p in prompts], device=dev)
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(sampling.seed)
-        alive = list(range(n))
-        eos = torch.tensor(sorted(self.eos_ids), device=dev)
+        in_batch = list(range(n))  # prompt index of each cache row
+        finished = [False] * n
         with torch.inference_mode():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if buffered and dev.type == "cpu":
+                logits = self._prefill_rows(prompts, prefix_len, cache, sampling.max_new_tokens)
+            else:  # accelerators: one padded forward pass for the whole batch
+                width = total - prefix_len
+                input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+                for r, p in enumerate(prompts):
+                    input_ids[r, width - (len(p) - prefix_len):] = torch.tensor(p[prefix_len:], dtype=torch.long)
+                if prefix_len:
+                    for layer, (k, v) in zip(cache.layers, self._prefix_cache(tuple(prompts[0][:prefix_len]))):
+                        layer.allocate(k, v, n, total + sampling.max_new_tokens)
+                        layer.write(slice(None), 0, k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                        layer.set_length(prefix_len)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+                out = model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1, :]
             for step in range(sampling.max_new_tokens):
-                logits = out.logits[:, -1, :].float()
+                logits = logits.float()
                 if seen is not None:
                     logits = _repetition_penalty(logits, seen, sampling.repetition_penalty)
                 nxt = _pick(logits, sampling, generator)
                 tokens = nxt.tolist()
-                yield list(alive), tokens
+                live = [(i, t) for i, t in zip(in_batch, tokens) if not finished[i]]
+                yield [i for i, _ in live], [t for _, t in live]
                 if step == sampling.max_new_tokens - 1:
                     return
-                done = torch.isin(nxt, eos)
-                if bool(done.all()):
+                for i, t in live:
+                    finished[i] = t in self.eos_ids
+                done = sum(finished[i] for i in in_batch)
+                if done == len(in_batch):
                     return
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(-1)
+                if done and 4 * done >= len(in_batch):
+                    keep = torch.tensor([k for k, i in enumerate(in_batch) if not finished[i]], device=dev)
                     cache.batch_select_indices(keep)
-                    alive = [alive[i] for i in keep.tolist()]
-                    nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
+                    in_batch = [in_batch[k] for k in keep.tolist()]
+                    nxt, mask = nxt[keep], mask[keep]
                     if seen is not None:
                         seen = seen[keep]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-                positions = positions[:, -1:] + 1
                 if seen is not None:
                     seen = torch.cat([seen, nxt[:, None]], dim=-1)
+                positions = mask.sum(-1, keepdim=True) - 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1, :]
 
 
 def _repetition_penalty(logits, seen, penalty: float):
