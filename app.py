@@ -66,6 +66,8 @@ class AppConfig:
     concurrency: generations that may run at once (1 suits one CPU or GPU).
     max_models: loaded models kept per kind before the least recently used is dropped.
     preload: load the start-up models in the background right after launch.
+    threads: CPU threads per generation (torch.set_num_threads); None keeps torch's default.
+        On a CPU shared with other busy processes, 1 is often several times faster.
     """
 
     policy: str = "default"
@@ -80,6 +82,7 @@ class AppConfig:
     concurrency: int = 1
     max_models: int = 2
     preload: bool = True
+    threads: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -101,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--max-new-tokens", type=int, default=256, help="default generation length (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=1, help="generations running at once (default: %(default)s)")
     p.add_argument("--max-models", type=int, default=2, help="loaded models kept per kind (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per generation (default: torch's choice); 1 helps on a busy shared CPU")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="load models on first use instead of right after start")
     a = p.parse_args(argv)
@@ -110,17 +115,17 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         if not sep or not user or not password:
             p.error('--auth: expected "USER:PASS"')
         auth = (user, password)
-    if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1:
-        p.error("--concurrency, --max-models and --max-new-tokens must be >= 1")
+    if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1 or (a.threads is not None and a.threads < 1):
+        p.error("--concurrency, --max-models, --max-new-tokens and --threads must be >= 1")
     return AppConfig(policy=a.policy, aligner=a.aligner, template=a.template, db_url=a.db_url, host=a.host,
                      port=a.port, share=a.share, auth=auth, max_new_tokens=a.max_new_tokens,
-                     concurrency=a.concurrency, max_models=a.max_models, preload=a.preload)
+                     concurrency=a.concurrency, max_models=a.max_models, preload=a.preload, threads=a.threads)
 
 
 def make_service(config: AppConfig):
     from metaaligner_core.app_service import AlignService, GenerationSettings, ModelRegistry
 
-    return AlignService(ModelRegistry(max_models=config.max_models), policy=config.policy,
+    return AlignService(ModelRegistry(max_models=config.max_models, threads=config.threads), policy=config.policy,
                         aligner=config.aligner, template=config.template,
                         settings=GenerationSettings(max_new_tokens=config.max_new_tokens),
                         concurrency=config.concurrency, db_url=config.db_url)

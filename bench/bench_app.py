@@ -13,9 +13,11 @@ event the Align button uses), the median of ``--repeats`` runs of:
 - first correction token: a pasted draft, so the aligner streams at once (target <= 1 s);
 - the whole correction, to show what streaming saves: first-token time / full time.
 
-In-process, the same for ``Aligner.stream`` without HTTP, to separate model time from app overhead.
+In-process, ``Aligner.stream`` without HTTP (model time alone), with torch's default number of
+CPU threads and with one thread: on a CPU that other processes keep busy, one thread avoids the
+threads waiting on each other (the ratio printed is what ``python app.py --threads 1`` gains).
 
-    .venv/bin/python bench/bench_app.py [--repeats 3] [--max-new-tokens 64]
+    .venv/bin/python bench/bench_app.py [--repeats 3] [--max-new-tokens 64] [--threads N]
 """
 from __future__ import annotations
 
@@ -75,10 +77,7 @@ def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]
     return first_draft, first_aligned, time.perf_counter() - t0
 
 
-def in_process_first_delta(max_new: int, repeats: int) -> tuple[float, float]:
-    from metaaligner_core.inference import Aligner
-
-    aligner = Aligner.load("default")
+def in_process_first_delta(aligner, max_new: int, repeats: int) -> tuple[float, float]:
     aligner.align(QUERY, DRAFT, "helpfulness", max_new_tokens=4)  # warm-up
     firsts, totals = [], []
     for _ in range(repeats):
@@ -95,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="passed to app.py --threads")
     args = ap.parse_args()
 
     from metaaligner_core.embedded import embedded_model_dir
@@ -108,7 +108,8 @@ def main() -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--db", f"sqlite:///{tmp}/a.db",
-                                 "--max-new-tokens", str(args.max_new_tokens)],
+                                 "--max-new-tokens", str(args.max_new_tokens),
+                                 *(["--threads", str(args.threads)] if args.threads else [])],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_http(url, proc)
@@ -131,14 +132,24 @@ def main() -> None:
     fd = med([r[0] for r in runs_draft])
     fa = med([r[1] for r in runs_pasted])
     total = med([r[2] for r in runs_pasted])
-    print(f"over HTTP, median of {args.repeats}, max_new_tokens={args.max_new_tokens}:")
+    threads = f"--threads {args.threads}" if args.threads else "torch's default threads"
+    print(f"over HTTP ({threads}), median of {args.repeats}, max_new_tokens={args.max_new_tokens}:")
     print(f"  first draft token (policy):      {fd:.2f} s")
     print(f"  first correction token (pasted): {fa:.2f} s  (target <= 1 s: {fa:.2f}x of budget)")
     print(f"  whole correction:                {total:.2f} s  -> streaming shows text after "
           f"{fa / total:.0%} of the wait ({total / fa:.1f}x sooner)")
-    first, whole = in_process_first_delta(args.max_new_tokens, args.repeats)
-    print(f"in-process Aligner.stream: first delta {first:.2f} s, whole {whole:.2f} s; "
-          f"HTTP + queue overhead on the first token: {fa - first:+.2f} s")
+    import torch
+
+    from metaaligner_core.inference import Aligner
+
+    aligner = Aligner.load("default")
+    default_threads = torch.get_num_threads()
+    first, whole = in_process_first_delta(aligner, args.max_new_tokens, args.repeats)
+    print(f"in-process Aligner.stream, {default_threads} threads: first delta {first:.2f} s, whole {whole:.2f} s")
+    torch.set_num_threads(1)
+    first1, whole1 = in_process_first_delta(aligner, args.max_new_tokens, args.repeats)
+    print(f"in-process Aligner.stream, 1 thread:  first delta {first1:.2f} s, whole {whole1:.2f} s "
+          f"-> 1 thread is {whole / whole1:.2f}x the speed of {default_threads} on this machine now")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -178,9 +178,10 @@ class ModelRegistry:
     dropped when a further model is requested (a public demo lets anyone type model names).
     """
 
-    def __init__(self, *, device: str | None = None, max_models: int = 2):
+    def __init__(self, *, device: str | None = None, max_models: int = 2, threads: int | None = None):
         self.device = device
         self.max_models = max(1, int(max_models))
+        self.threads = threads
         self._models: dict[str, OrderedDict] = {"policy": OrderedDict(), "aligner": OrderedDict()}
         self._status: dict[tuple[str, str], LoadStatus] = {}
         self._load_lock = threading.Lock()  # one load at a time: loads are memory-heavy
@@ -225,6 +226,11 @@ class ModelRegistry:
         with self._load_lock:
             if name in models:
                 return models[name]
+            if self.threads and not is_api_model(name):
+                import torch
+
+                # Set once, before the first local model runs; applies to every generating thread.
+                torch.set_num_threads(self.threads)
             status = LoadStatus(kind, name, "loading")
             self._status[(kind, name)] = status
             log.info("loading %s %s", kind, display_name(name))
