@@ -34,7 +34,10 @@ OBJECTIVES = {"hh-rlhf": "harmlessness,helpfulness", "ultrafeedback": "honesty,h
 
 START_CHILD = r"""
 import json, sys, time
-import torch, transformers  # imports are not part of the start-up being measured
+# The imports (torch, transformers and the Llama modules it loads lazily) cost the same with or
+# without the cache, so they are done before the clock starts.
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from metaaligner_core.embedded import embedded_model_dir, is_cached
 from metaaligner_core.models import load_causal_lm
 cached = is_cached()
@@ -57,14 +60,16 @@ def bench_start() -> None:
         env = {**os.environ, "METAALIGNER_CACHE": cache, "TRANSFORMERS_VERBOSITY": "error"}
         runs = []
         for _ in range(3):  # first (dequantise), then two cached starts; the best cached one counts
+            t = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", START_CHILD], env=env, cwd=ROOT, capture_output=True,
                                  text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-    first = runs[0]["seconds"]
-    cached = min(r["seconds"] for r in runs[1:])
+            runs.append({**json.loads(out.strip().splitlines()[-1]), "process": time.perf_counter() - t})
     assert not runs[0]["cached_before"] and all(r["cached_before"] for r in runs[1:])
-    print(f"start: first (GGUF dequantise + save + load) {first:.2f} s, cached {cached:.2f} s: "
-          f"{first / cached:.1f}x faster (target >= 20x)  [load avg {loadavg()}]")
+    first, cached = runs[0], min(runs[1:], key=lambda r: r["seconds"])
+    print(f"start: first (GGUF dequantise + save + load) {first['seconds']:.2f} s, cached {cached['seconds']:.2f} s: "
+          f"{first['seconds'] / cached['seconds']:.1f}x faster (target >= 20x)  [load avg {loadavg()}]")
+    print(f"  whole process incl. Python/torch/transformers imports: first {first['process']:.1f} s, "
+          f"cached {cached['process']:.1f} s")
 
 
 def load_rows(spec: str, n: int) -> tuple[list[str], list[str], str]:
