@@ -142,6 +142,14 @@ def _user_error(e: Exception):
                     print_exception=False)
 
 
+def annotation_protocols() -> list[str]:
+    try:
+        from annotation.protocols import builtin_protocols
+    except ModuleNotFoundError:
+        return ["imhi"]
+    return builtin_protocols()
+
+
 def _annotation_tabs(db_url: str):
     """The Annotate and Export tabs from :mod:`annotation.ui`, or a placeholder while absent."""
     import gradio as gr
@@ -152,16 +160,17 @@ def _annotation_tabs(db_url: str):
         if e.name not in ("annotation.ui", "annotation"):
             raise
         annotation_ui = None
+    signed_in = None
     with gr.Tab("Annotate", id="annotate"):
         if annotation_ui is None:
             gr.Markdown("The annotation tools are not part of this build (module `annotation.ui` is missing).")
         else:
-            annotation_ui.build_annotate_tab(db_url)
+            signed_in = annotation_ui.build_annotate_tab(db_url)
     with gr.Tab("Export", id="export"):
         if annotation_ui is None:
             gr.Markdown("The export tools are not part of this build (module `annotation.ui` is missing).")
-        else:
-            annotation_ui.build_export_tab(db_url)
+        else:  # one sign-in for both tabs
+            annotation_ui.build_export_tab(db_url, signed_in)
 
 
 def build_demo(config: AppConfig | None = None, service=None):
@@ -247,15 +256,15 @@ def build_demo(config: AppConfig | None = None, service=None):
         except Exception as e:
             raise _user_error(e) from None
 
-    def send(result):
+    def send(result, protocol):
         try:
             if not result:
                 raise MetaAlignerError("nothing to send yet: run Align first")
             item = service.send_to_annotation(result["query"], result["draft"], result["draft_source"],
-                                              result["aligned"], result["aligner"])
+                                              result["aligned"], result["aligner"], protocol)
         except Exception as e:
             raise _user_error(e) from None
-        gr.Info(f"Queued for annotation (item {item}).")
+        gr.Info(f"Queued for annotation under the {protocol} protocol (item {item}).")
 
     def align_api(query: str, objectives: str, draft: str = "") -> tuple[str, str]:
         """Align one answer. objectives: a SPEC, comma-separated built-in keys and/or "Name: description"
@@ -307,6 +316,8 @@ def build_demo(config: AppConfig | None = None, service=None):
                     align_btn = gr.Button("Align", variant="primary", elem_id="align-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
                     send_btn = gr.Button("Send to annotation", elem_id="send-btn")
+                    protocol = gr.Dropdown(annotation_protocols(), value="imhi", label="Annotation protocol",
+                                           show_label=False, container=False, min_width=120, elem_id="protocol")
                 run_md = gr.Markdown("", elem_id="run-status")
                 with gr.Row(equal_height=True):
                     draft_out = gr.Textbox(label="Draft", lines=12, interactive=False, buttons=["copy"],
@@ -350,7 +361,7 @@ def build_demo(config: AppConfig | None = None, service=None):
         align_event.then(aligner_note, [aligner, template], aligner_md, **fast)
         align_event.then(status, None, [status_md, timer], **fast)
         stop_btn.click(None, None, None, cancels=[align_event], **fast)
-        send_btn.click(send, last_result, None, api_visibility="private")
+        send_btn.click(send, [last_result, protocol], None, api_visibility="private")
         gr.api(align_api, api_name="align", concurrency_id="generation", concurrency_limit=config.concurrency)
 
     demo.service = service
@@ -361,7 +372,7 @@ def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
     """Build, serve and (unless ``config.preload`` is off) start loading the models in the
     background once the server answers. Returns the running demo."""
     demo = build_demo(config)
-    demo.queue(default_concurrency_limit=config.concurrency)
+    demo.queue()  # generation has its own limit (concurrency_id "generation"); other events are quick
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=config.auth,
                 prevent_thread_lock=True, quiet=quiet, show_error=False)
     if config.preload:

@@ -418,8 +418,8 @@ class AlignService:
         return last.draft, last.aligned
 
     def send_to_annotation(self, query: str, draft: str, draft_source: str, aligned: str,
-                           aligner_name: str) -> object:
-        """Queue the query with its draft and correction as one annotation item."""
+                           aligner_name: str, protocol: str = "imhi") -> str:
+        """Queue the query with its draft and correction as one annotation item; returns its id."""
         query, draft, aligned = (query or "").strip(), (draft or "").strip(), (aligned or "").strip()
         if not (query and draft and aligned):
             raise MetaAlignerError("nothing to send yet: run Align first so both the draft and the correction exist")
@@ -431,7 +431,7 @@ class AlignService:
             raise MetaAlignerError("the annotation store is not installed in this build") from None
         sources = [(draft, display_name(draft_source) if draft_source != USER_DRAFT_SOURCE else USER_DRAFT_SOURCE),
                    (aligned, display_name(aligner_name))]
-        return enqueue_item(self.db_url, query, sources)
+        return enqueue_item(self.db_url, query, sources, protocol=protocol or "imhi")
 
 
 def _closing(iterator):

@@ -198,10 +198,12 @@ def test_send_to_annotation_queues_the_pair(server):
         service.send_to_annotation("q", "", "default", "", "default")
     uid = service.send_to_annotation("Why is the sky blue?", "Because of the sea.", "default",
                                      "Because air scatters blue light more than red.", "default")
+    with pytest.raises(MetaAlignerError, match='protocol "nonesuch"'):
+        service.send_to_annotation("q", "d", "default", "a", "default", protocol="nonesuch")
     store = Store(service.db_url)
     store.add_annotator("rater", "a-long-password")
     view = store.item_view(store.sign_in("rater", "a-long-password"), uid)
-    assert view.query == "Why is the sky blue?"
+    assert view.query == "Why is the sky blue?" and view.protocol.name == "imhi"
     assert [r.text for r in view.responses] == ["Because of the sea.", "Because air scatters blue light more than red."]
     with store._session() as s:  # model names are kept for export, though annotators never see them
         sources = s.scalars(select(Response.source).order_by(Response.position)).all()
@@ -244,7 +246,7 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
                     ) in prompt
             assert f"| Answer: {draft} | Edit: " in prompt
             page.locator("#send-btn").click()
-            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation")
+            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation under the imhi protocol")
             page.locator(".toast-body").first.wait_for(state="detached", timeout=30_000)
             # A bad objective line is a toast, not a stack trace.
             page.locator("#new-objectives textarea").fill("Politeness")
@@ -252,5 +254,17 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             toast = page.locator(".toast-body").first
             expect(toast).to_contain_text('new objectives, line 1: unknown objective "Politeness"')
             expect(page.locator("body")).not_to_contain_text("Traceback")
+
+            # The Annotate tab of the same app: an annotator signs in and gets a queued item.
+            from annotation.store import Store
+
+            Store(demo.service.db_url).add_annotator("browser-rater", "a-long-password")
+            page.get_by_role("tab", name="Annotate").click()
+            page.locator("#ma-name").locator("input, textarea").fill("browser-rater")
+            page.locator("#ma-password").locator("input, textarea").fill("a-long-password")
+            page.locator("#ma-signin").click()
+            expect(page.locator("#ma-who")).to_contain_text("browser-rater")
+            expect(page.locator("#ma-rubric")).to_be_visible()
+            page.screenshot(path=str(artifacts_dir / "app_annotate_tab.png"), full_page=True)
         finally:
             browser.close()
