@@ -179,9 +179,9 @@ def build_demo(config: AppConfig | None = None, service=None):
     import gradio as gr
 
     from metaaligner_core.app_service import (AUTO_TEMPLATE, FAMILIES, FAMILY_INFO, FAMILY_TITLES,
-                                              USER_DRAFT_SOURCE, GenerationSettings, collect_objectives,
-                                              missing_api_key, objective_choices)
-    from metaaligner_core.models import is_api_model, is_default
+                                              GenerationSettings, collect_objectives, missing_api_key,
+                                              objective_choices)
+    from metaaligner_core.models import is_api_model
     from metaaligner_core.templates import TEMPLATE_NAMES
 
     config = config or AppConfig()
@@ -246,7 +246,8 @@ def build_demo(config: AppConfig | None = None, service=None):
                                       settings=settings):
                 if upd.phase == "aligning" and aligning_at is None:
                     aligning_at = time.monotonic()
-                yield upd.draft, upd.aligned, upd.status(), upd.prompt or gr.skip(), gr.skip()
+                # The last result is cleared while a new one streams, so "Send" never pairs old and new.
+                yield upd.draft, upd.aligned, upd.status(), upd.prompt or gr.skip(), None
             end = time.monotonic()
             result = {"query": query.strip(), "draft": upd.draft, "draft_source": upd.draft_source,
                       "aligned": upd.aligned, "aligner": aligner}
