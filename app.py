@@ -330,7 +330,8 @@ def build_demo(config: AppConfig | None = None, service=None):
                                             elem_id="prompt-preview")
                 with gr.Accordion("Generation settings", open=False):
                     with gr.Row():
-                        max_new = gr.Slider(8, 1024, value=config.max_new_tokens, step=8, label="Max new tokens")
+                        max_new = gr.Slider(8, 1024, value=config.max_new_tokens, step=8, label="Max new tokens",
+                                            elem_id="max-new-tokens")
                         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                         rep = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
@@ -361,7 +362,7 @@ def build_demo(config: AppConfig | None = None, service=None):
             concurrency_limit=config.concurrency, show_progress="minimal")
         align_event.then(aligner_note, [aligner, template], aligner_md, **fast)
         align_event.then(status, None, [status_md, timer], **fast)
-        stop_btn.click(None, None, None, cancels=[align_event], **fast)
+        stop_btn.click(lambda: "Stopped.", None, run_md, cancels=[align_event], **fast)
         send_btn.click(send, [last_result, protocol], None, api_visibility="private")
         gr.api(align_api, api_name="align", concurrency_id="generation", concurrency_limit=config.concurrency)
 

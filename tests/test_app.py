@@ -68,6 +68,22 @@ def wait_for_models(demo, timeout=300):
     raise AssertionError(f"models not loaded after {timeout} s: {registry.status_markdown()}")
 
 
+def slot_free(service) -> bool:
+    if service._slots.acquire(blocking=False):
+        service._slots.release()
+        return True
+    return False
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_page_and_api_shape(server, client):
     demo, url = server
     with urllib.request.urlopen(url, timeout=30) as r:
@@ -161,8 +177,7 @@ def test_a_second_generation_waits_and_stop_frees_the_slot(server):
     assert upd.phase in ("loading-aligner", "aligning")
     assert time.monotonic() - started < 5, "closing the first stream did not free the slot promptly"
     second.close()
-    assert service._slots.acquire(blocking=False)
-    service._slots.release()
+    assert slot_free(service)
 
 
 def test_api_policy_through_an_openai_compatible_server(server):
@@ -254,6 +269,28 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             toast = page.locator(".toast-body").first
             expect(toast).to_contain_text('new objectives, line 1: unknown objective "Politeness"')
             expect(page.locator("body")).not_to_contain_text("Traceback")
+
+            # Stop: a long correction stops streaming, and the next Align runs at once.
+            page.locator("#new-objectives textarea").fill("")
+            page.locator("#draft-in textarea").fill("The moon is made of cheese.")
+            page.get_by_text("Generation settings").click()
+            tokens = page.locator("#max-new-tokens input[type=number]")
+            tokens.fill("400")
+            tokens.press("Enter")
+            page.locator("#align-btn").click()
+            page.wait_for_function("document.querySelector('#aligned-out textarea').value.length > 0",
+                                   timeout=120_000)
+            page.locator("#stop-btn").click()
+            expect(page.locator("#run-status")).to_contain_text("Stopped.")
+            stopped_at = page.locator("#aligned-out textarea").input_value()
+            time.sleep(3)
+            assert page.locator("#aligned-out textarea").input_value() == stopped_at
+            assert wait_until(lambda: slot_free(demo.service), 15), "the server kept generating after Stop"
+            tokens.fill(str(MAX_NEW))
+            tokens.press("Enter")
+            page.locator("#align-btn").click()
+            expect(page.locator("#run-status")).to_contain_text("Done", timeout=120_000)
+            assert page.locator("#draft-out textarea").input_value() == "The moon is made of cheese."
 
             # The Annotate tab of the same app: an annotator signs in and gets a queued item.
             from annotation.store import Store
