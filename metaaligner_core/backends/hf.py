@@ -120,6 +120,21 @@ def _buffered_layer_class():
             self.set_length(m)
             return self.keys, self.values
 
+        def move_columns(self, src: int, end: int, dst: int) -> None:
+            """Move columns ``[src, end)`` of the live rows to start at ``dst`` (growing if needed)."""
+            width = end - src
+            if dst + width + self.reserve > self._k.shape[-2]:
+                k, v, rows, n = self._k, self._v, self._rows, self._len
+                self.allocate(k, v, k.shape[0], dst + width + self.reserve)
+                self._k[:, :, :n], self._v[:, :, :n] = k[:, :, :n], v[:, :, :n]
+                self._rows, self._len = rows, n
+            self._k[:self._rows, :, dst:dst + width] = self._k[:self._rows, :, src:end].clone()
+            self._v[:self._rows, :, dst:dst + width] = self._v[:self._rows, :, src:end].clone()
+
+        def set_rows(self, rows: int) -> None:
+            self._rows = rows
+            self._view()
+
         def batch_select_indices(self, indices) -> None:
             k = len(indices)
             self._k[:k, :, :self._len] = self._k[indices, :, :self._len]
@@ -196,8 +211,9 @@ class LocalGenerator:
         Prompts are grouped by their shared prefix (``prefix_lens[i]`` leading tokens of prompt
         i, e.g. the aligner's instruction and objectives: computed once, reused by every row),
         sorted by length within a group (longest first, so an out-of-memory error shows at
-        once), generated ``batch_size`` at a time and put back in order. ``progress``: True for
-        a progress bar, or an existing tqdm bar to advance by one per row.
+        once), generated with at most ``batch_size`` rows in flight (a finished row's place is
+        given to the next prompt) and put back in order. ``progress``: True for a progress bar,
+        or an existing tqdm bar to advance by one per finished row.
         """
         from tqdm.auto import tqdm
 
@@ -215,17 +231,16 @@ class LocalGenerator:
             bar, own = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress, leave=False), True
         try:
             for prefix, order in groups.items():
-                for start in range(0, len(order), batch_size):
-                    idx = order[start:start + batch_size]
-                    rows = [[] for _ in idx]
-                    for alive, tokens in self._decode_steps([prompts[i] for i in idx], sampling, len(prefix)):
-                        for r, t in zip(alive, tokens):
-                            rows[r].append(t)
-                    for i, r in zip(idx, rows):
-                        out[i] = [t for t in r if t not in self.eos_ids]
-                        self.stats["prompt_tokens"] += len(prompts[i])
-                        self.stats["generated_tokens"] += len(out[i])
-                    bar.update(len(idx))
+                rows: dict[int, list[int]] = {i: [] for i in order}
+                steps = self._decode_steps([prompts[i] for i in order], sampling, len(prefix), batch_size)
+                for alive, tokens, finished in steps:
+                    for r, t in zip(alive, tokens):
+                        rows[order[r]].append(t)
+                    bar.update(len(finished))
+                for i, r in rows.items():
+                    out[i] = [t for t in r if t not in self.eos_ids]
+                    self.stats["prompt_tokens"] += len(prompts[i])
+                    self.stats["generated_tokens"] += len(out[i])
         finally:
             if own:
                 bar.close()
@@ -235,7 +250,7 @@ class LocalGenerator:
         """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``."""
         ids: list[int] = []
         sent = ""
-        for _, tokens in self._decode_steps([prompt], sampling, prefix_len):
+        for _, tokens, _ in self._decode_steps([prompt], sampling, prefix_len):
             if tokens[0] in self.eos_ids:
                 continue
             ids.append(tokens[0])
@@ -271,50 +286,62 @@ class LocalGenerator:
                 self._prefix_kv.popitem(last=False)
         return kv
 
-    def _prefill_rows(self, prompts: list[list[int]], prefix_len: int, cache, reserve: int):
-        """Prefill each prompt alone (no padding) and place its keys/values, left-padded, in ``cache``.
+    def _prefill(self, prompts: list[list[int]], prefix_len: int):
+        """Keys/values of each prompt after the shared prefix, and each prompt's next-token logits.
 
-        On a CPU, prefill is bound by arithmetic: a batch computes no faster per token than
-        one row, so padding would be pure waste. Each row's prefill is also exactly the
-        computation a batch of one does, whatever batch it is in.
+        Returns ``(kv, logits)``: ``kv[layer][row] = (keys, values)`` of shape
+        ``[1, heads, len(prompt) - prefix_len, dim]``. On a CPU each prompt is prefilled alone:
+        prefill is bound by arithmetic there, a batch computes no faster per token than one row,
+        and padding would be pure waste; each row's prefill is also then exactly what a batch of
+        one computes. Accelerators run one padded forward pass.
         """
         import torch
 
-        n, dev = len(prompts), self.device
-        total = max(len(p) for p in prompts)
+        dev, n = self.device, len(prompts)
         prefix_kv = self._prefix_cache(tuple(prompts[0][:prefix_len])) if prefix_len else None
-        last_logits = []
-        for r, p in enumerate(prompts):
-            rest = p[prefix_len:]
-            row = _new_cache(self.model.config)
+        groups = [[r] for r in range(n)] if dev.type == "cpu" else [list(range(n))]
+        kv: list[list] = []
+        logits = [None] * n
+        for group in groups:
+            rests = [prompts[r][prefix_len:] for r in group]
+            width = max(len(x) for x in rests)
+            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), prefix_len + width), dtype=torch.long)
+            mask[:, :prefix_len] = 1
+            for j, rest in enumerate(rests):
+                ids[j, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+                mask[j, prefix_len + width - len(rest):] = 1
+            cache = _new_cache(self.model.config)
             if prefix_kv:
-                for layer, (k, v) in zip(row.layers, prefix_kv):
-                    layer.allocate(k, v, 1, len(p))
-                    layer.write(0, 0, k, v)
+                for layer, (k, v) in zip(cache.layers, prefix_kv):
+                    layer.allocate(k, v, len(group), prefix_len + width)
+                    layer.write(slice(None), 0, k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1))
                     layer.set_length(prefix_len)
-            ids = torch.tensor([rest], dtype=torch.long, device=dev)
-            positions = torch.arange(prefix_len, len(p), device=dev)[None]
-            out = self.model(input_ids=ids, position_ids=positions, past_key_values=row, use_cache=True,
-                             logits_to_keep=1)
-            last_logits.append(out.logits[0, -1])
-            for big, small in zip(cache.layers, row.layers):
-                if big._k is None:
-                    big.allocate(small.keys, small.values, n, total + reserve)
-                big.write(r, total - len(rest), small.keys[:, :, prefix_len:], small.values[:, :, prefix_len:])
-        for big, small in zip(cache.layers, prefix_kv or []):
-            big.write(slice(None), 0, small[0].expand(n, -1, -1, -1), small[1].expand(n, -1, -1, -1))
-        for big in cache.layers:
-            big.set_length(total)
-        return torch.stack(last_logits)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+            padded = bool((mask == 0).any())
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev) if padded else None,
+                             position_ids=positions.to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if not kv:
+                kv = [[None] * n for _ in cache.layers]
+            for li, layer in enumerate(cache.layers):
+                for j, r in enumerate(group):
+                    cut = prefix_len + width - len(rests[j])
+                    kv[li][r] = (layer.keys[j:j + 1, :, cut:], layer.values[j:j + 1, :, cut:])
+            for j, r in enumerate(group):
+                logits[r] = out.logits[j, -1]
+        return kv, torch.stack(logits)
 
-    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling,
-                      prefix_len: int = 0) -> Iterator[tuple[list[int], list[int]]]:
-        """The decoding loop: yields ``(rows still generating, their new tokens)`` per step.
+    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling, prefix_len: int = 0,
+                      batch_size: int | None = None) -> Iterator[tuple[list[int], list[int], list[int]]]:
+        """The decoding loop over ``prompts`` (longest first), at most ``batch_size`` in flight.
 
-        The first ``prefix_len`` tokens (the same in every prompt) come from the prefix cache;
-        the rest of each prompt is left-padded after them. A row stops after emitting an EOS
-        token (which is yielded) or ``max_new_tokens`` tokens; finished rows leave the batch
-        once a quarter of it has finished (one compaction of the cache for several rows).
+        Yields ``(prompt indices, their new tokens, prompt indices that just finished)`` per
+        step. A row finishes with an EOS token (yielded) or after ``max_new_tokens`` tokens.
+        When a quarter of the rows in flight have finished, they leave the cache and the next
+        prompts take their places (continuous batching), so the batch stays full.
+
+        Cache layout: columns ``[0, prefix_len)`` hold the shared prefix for every row; each
+        row's own prompt and output sit right-aligned after it, left of it is masked.
         """
         import torch
 
@@ -322,73 +349,156 @@ class LocalGenerator:
             return
         if any(len(p) <= prefix_len for p in prompts):
             raise MetaAlignerError("cannot generate from an empty prompt")
-        model, dev = self.model, self.device
-        n = len(prompts)
-        cache = _new_cache(model.config, reserve=sampling.max_new_tokens)
-        buffered = _all_buffered(cache)
-        if not buffered:
-            prefix_len = 0  # e.g. sliding-window layers: plain transformers caching
-        total = max(len(p) for p in prompts)
-        mask = torch.zeros((n, total), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for r, p in enumerate(prompts):
-            mask[r, total - (len(p) - prefix_len):] = 1
-        mask = mask.to(dev)
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            # Whole prompts, pads replaced by each row's first token so padding never counts as "seen".
-            seen = torch.tensor([[p[0]] * (total - len(p)) + list(p) for p in prompts], device=dev)
+        batch_size = batch_size or len(prompts)
+        cache = _new_cache(self.model.config, reserve=sampling.max_new_tokens)
+        if not _all_buffered(cache):  # e.g. sliding-window layers: transformers' own cache, batch by batch
+            for start in range(0, len(prompts), batch_size):
+                for ids, tokens, done in self._decode_plain(prompts[start:start + batch_size], sampling):
+                    yield [start + i for i in ids], tokens, [start + i for i in done]
+            return
+        dev, P = self.device, prefix_len
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(sampling.seed)
-        in_batch = list(range(n))  # prompt index of each cache row
+        queue = list(range(len(prompts)))
+        queue.reverse()  # pop() takes the next prompt
+        rows: list[int] = []  # prompt index of each cache row
+        count: dict[int, int] = {}  # tokens generated per prompt
+        finished: set[int] = set()
+        seen: dict[int, list[int]] = {}  # prompt + output, for the repetition penalty
+        mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
+        logits = None
+        T = 0  # columns in use
+        with torch.inference_mode():
+            while True:
+                live = [i for i in rows if i not in finished]
+                if queue and (not live or len(live) <= batch_size - max(1, batch_size // 4)):
+                    # Compact: finished rows leave; the suffix region shrinks to what live rows use.
+                    keep = [k for k, i in enumerate(rows) if i not in finished]
+                    new = [queue.pop() for _ in range(min(batch_size - len(keep), len(queue)))]
+                    kv, new_logits = self._prefill([prompts[i] for i in new], P)
+                    used = [int(mask[k, P:].argmax()) if T > P else 0 for k in keep]  # first used column - P
+                    width = max([T - P - u for u in used] + [len(prompts[i]) - P for i in new])
+                    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+                    if keep:
+                        cache.batch_select_indices(keep_t)
+                    old_w = T - P
+                    for li, layer in enumerate(cache.layers):
+                        if layer._k is None:
+                            k0, v0 = kv[li][0]
+                            layer.allocate(k0, v0, batch_size, P + width + sampling.max_new_tokens)
+                            layer.set_rows(0)
+                        if keep and width != old_w:
+                            keep_w = min(old_w, width)
+                            layer.move_columns(T - keep_w, T, P + width - keep_w)
+                        for j, i in enumerate(new):
+                            r = len(keep) + j
+                            k, v = kv[li][j]
+                            if P:
+                                pk, pv = self._prefix_cache(tuple(prompts[i][:P]))[li]
+                                layer.write(r, 0, pk, pv)
+                            layer.write(r, P + width - k.shape[-2], k, v)
+                        layer.set_rows(len(keep) + len(new))
+                        layer.set_length(P + width)
+                    new_mask = torch.zeros((len(keep) + len(new), P + width), dtype=torch.long, device=dev)
+                    new_mask[:, :P] = 1
+                    if keep:
+                        keep_w = min(old_w, width)
+                        new_mask[:len(keep), P + width - keep_w:] = mask[keep_t, T - keep_w:]
+                    for j, i in enumerate(new):
+                        new_mask[len(keep) + j, P + width - (len(prompts[i]) - P):] = 1
+                    mask, T = new_mask, P + width
+                    logits = new_logits if not keep else torch.cat([logits[keep_t], new_logits.to(logits.dtype)])
+                    rows = [rows[k] for k in keep] + new
+                    for i in new:
+                        count[i] = 0
+                        if sampling.repetition_penalty != 1.0:
+                            seen[i] = list(prompts[i])
+                if not rows:
+                    return
+                step_logits = logits.float()
+                if sampling.repetition_penalty != 1.0:
+                    step_logits = _repetition_penalty(step_logits, _pad_rows([seen[i] for i in rows], dev),
+                                                      sampling.repetition_penalty)
+                nxt = _pick(step_logits, sampling, generator)
+                tokens = nxt.tolist()
+                emit = [(i, t) for i, t in zip(rows, tokens) if i not in finished]
+                done_now = []
+                for i, t in emit:
+                    count[i] += 1
+                    if sampling.repetition_penalty != 1.0:
+                        seen[i].append(t)
+                    if t in self.eos_ids or count[i] >= sampling.max_new_tokens:
+                        finished.add(i)
+                        done_now.append(i)
+                yield [i for i, _ in emit], [t for _, t in emit], done_now
+                live = [i for i in rows if i not in finished]
+                if not live:
+                    if not queue:
+                        return
+                    continue  # everything in flight finished: the next prompts take over
+                if not queue and 4 * (len(rows) - len(live)) >= len(rows):
+                    keep = [k for k, i in enumerate(rows) if i not in finished]
+                    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+                    cache.batch_select_indices(keep_t)
+                    rows = [rows[k] for k in keep]
+                    nxt, mask = nxt[keep_t], mask[keep_t]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                T += 1
+                positions = mask.sum(-1, keepdim=True) - 1
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1, :]
+
+    def _decode_plain(self, prompts: list[list[int]], sampling: Sampling):
+        """One padded batch through transformers' own cache (models whose layers are not all full attention)."""
+        import torch
+
+        dev, n = self.device, len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        generator = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(sampling.seed)
+        seen = [list(p) for p in prompts]
         finished = [False] * n
         with torch.inference_mode():
-            if buffered and dev.type == "cpu":
-                logits = self._prefill_rows(prompts, prefix_len, cache, sampling.max_new_tokens)
-            else:  # accelerators: one padded forward pass for the whole batch
-                width = total - prefix_len
-                input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-                for r, p in enumerate(prompts):
-                    input_ids[r, width - (len(p) - prefix_len):] = torch.tensor(p[prefix_len:], dtype=torch.long)
-                if prefix_len:
-                    for layer, (k, v) in zip(cache.layers, self._prefix_cache(tuple(prompts[0][:prefix_len]))):
-                        layer.allocate(k, v, n, total + sampling.max_new_tokens)
-                        layer.write(slice(None), 0, k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                        layer.set_length(prefix_len)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
-                out = model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1, :]
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
             for step in range(sampling.max_new_tokens):
-                logits = logits.float()
-                if seen is not None:
-                    logits = _repetition_penalty(logits, seen, sampling.repetition_penalty)
+                logits = out.logits[:, -1, :].float()
+                if sampling.repetition_penalty != 1.0:
+                    logits = _repetition_penalty(logits, _pad_rows(seen, dev), sampling.repetition_penalty)
                 nxt = _pick(logits, sampling, generator)
-                tokens = nxt.tolist()
-                live = [(i, t) for i, t in zip(in_batch, tokens) if not finished[i]]
-                yield [i for i, _ in live], [t for _, t in live]
-                if step == sampling.max_new_tokens - 1:
+                emit = [(r, t) for r, t in enumerate(nxt.tolist()) if not finished[r]]
+                done_now = []
+                for r, t in emit:
+                    seen[r].append(t)
+                    if t in self.eos_ids or step == sampling.max_new_tokens - 1:
+                        finished[r] = True
+                        done_now.append(r)
+                yield [r for r, _ in emit], [t for _, t in emit], done_now
+                if all(finished):
                     return
-                for i, t in live:
-                    finished[i] = t in self.eos_ids
-                done = sum(finished[i] for i in in_batch)
-                if done == len(in_batch):
-                    return
-                if done and 4 * done >= len(in_batch):
-                    keep = torch.tensor([k for k, i in enumerate(in_batch) if not finished[i]], device=dev)
-                    cache.batch_select_indices(keep)
-                    in_batch = [in_batch[k] for k in keep.tolist()]
-                    nxt, mask = nxt[keep], mask[keep]
-                    if seen is not None:
-                        seen = seen[keep]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-                if seen is not None:
-                    seen = torch.cat([seen, nxt[:, None]], dim=-1)
-                positions = mask.sum(-1, keepdim=True) - 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1, :]
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                                 position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
+
+
+def _pad_rows(rows: list[list[int]], device):
+    """Token lists as one tensor, each padded with its own first token (already "seen", so harmless)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
 
 
 def _repetition_penalty(logits, seen, penalty: float):
