@@ -12,7 +12,7 @@
 3. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs ``--gpu-batch`` (64) rows.
 
     .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 64]
-        [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--gpu]
+        [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--hf-baseline] [--gpu]
 """
 from __future__ import annotations
 
@@ -128,6 +128,17 @@ def bench_align(args, device=None, dtype=None, batch_size=None, label="cpu fp32"
         tokens[mode] += nt
         print(f"  {mode:8s} rows {sl.start}-{(sl.stop or len(queries)) - 1}: {nt} tokens in {dt:.1f} s "
               f"[load avg {loadavg()}]")
+    if args.hf_baseline:  # plain transformers generate(), one row at a time, on the first half
+        model, tok = aligner.generator.model, aligner.generator.tokenizer
+        nt, t = 0, time.perf_counter()
+        for x, y in zip(queries[:half], drafts[:half]):
+            ids = torch.tensor([aligner.encode(x, y, objectives, args.max_new_tokens)[0]], device=model.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, pad_token_id=aligner.generator.pad_id)
+            nt += sum(1 for tkn in out[0, ids.shape[1]:].tolist() if tkn not in aligner.generator.eos_ids)
+        dt = time.perf_counter() - t
+        print(f"  plain transformers generate(), one by one, rows 0-{half - 1}: {nt} tokens in {dt:.1f} s "
+              f"= {nt / dt:.1f} tokens/s [load avg {loadavg()}]")
     rate = {m: tokens[m] / seconds[m] for m in seconds}
     same = sum(a == b for a, b in zip(results["single"], results["batched"]))
     print(f"  one by one: {tokens['single']} tokens in {seconds['single']:.1f} s = {rate['single']:.1f} tokens/s")
@@ -146,6 +157,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--skip-start", action="store_true")
     ap.add_argument("--skip-align", action="store_true")
+    ap.add_argument("--hf-baseline", action="store_true",
+                    help="also time plain transformers generate() one by one (first half of the rows)")
     ap.add_argument("--gpu", action="store_true", help="also run the job on CUDA in bf16, batch 1 vs --gpu-batch")
     ap.add_argument("--gpu-batch", type=int, default=64)
     args = ap.parse_args()

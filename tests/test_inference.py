@@ -163,3 +163,19 @@ def test_an_api_model_is_not_an_aligner():
 
     with pytest.raises(MetaAlignerError, match="API model"):
         Aligner.load("openai:gpt-4o")
+
+
+@pytest.mark.slow
+def test_plain_cache_fallback_matches_the_buffered_path(aligner):
+    """Models with sliding-window layers decode through transformers' own cache; same tokens."""
+    from metaaligner_core.backends.hf import Sampling
+
+    g = aligner.generator
+    prompts = [aligner.encode(q, d, OBJ, 10)[0] for q, d in zip(QUERIES[:3], DRAFTS[:3])]
+    sampling = Sampling(max_new_tokens=10)
+    rows = {i: [] for i in range(3)}
+    for ids, tokens, _ in g._decode_plain(prompts, sampling):
+        for i, t in zip(ids, tokens):
+            rows[i].append(t)
+    plain = [[t for t in rows[i] if t not in g.eos_ids] for i in range(3)]
+    assert plain == g.generate(prompts, sampling, batch_size=2)
