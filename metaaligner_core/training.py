@@ -455,7 +455,7 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     args = _sft_config(config, rt, output_dir, len(dataset))
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=list(callbacks))
+                      peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,8 +567,7 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
                  stage, n_cut, len(rows), config.max_length)
     model = load_model(start_from, config, rt)
     trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
-                           [_metrics_callback(out / "metrics.jsonl", stage), _no_final_checkpoint_callback(),
-                            *callbacks])
+                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks])
     result = trainer.train(resume_from_checkpoint=resume)
 
     if config.lora:
