@@ -438,13 +438,13 @@ def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=rt.attn, **extra)
     except (OSError, ValueError) as e:
         raise MetaAlignerError(f'cannot load model "{spec}": {str(e).splitlines()[0]}') from None
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    model.config.use_cache = False  # no KV cache in training (restored before the weights are saved)
     return model
 
 
 def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, output_dir: Path,
-                 callbacks: Iterable = ()):
-    """The ``SFTTrainer`` for one stage."""
+                 callbacks: Iterable = (), args=None):
+    """The ``SFTTrainer`` for one stage (``args``: its ``SFTConfig``, built here when not given)."""
     from trl import SFTTrainer
 
     peft_config = None
@@ -453,7 +453,7 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-    args = _sft_config(config, rt, output_dir, len(dataset))
+    args = args or _sft_config(config, rt, output_dir, len(dataset))
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
 
@@ -565,11 +565,15 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
     if n_cut:
         log.info("%s: %d of %d rows at the %d-token limit (long rows are shortened)",
                  stage, n_cut, len(rows), config.max_length)
+    # The training arguments first: creating them sets up the distributed state, which lets
+    # from_pretrained load shard-aware (FSDP rank-0 loading, DeepSpeed ZeRO-3 init).
+    args = _sft_config(config, rt, ckpt_dir, len(dataset))
     model = load_model(start_from, config, rt)
     trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
-                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks])
+                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks], args=args)
     result = trainer.train(resume_from_checkpoint=resume)
 
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # saved for inference
     if config.lora:
         trainer.save_model(str(stage_dir / ADAPTER))
         _barrier()
@@ -601,6 +605,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
     """
     from .models import load_tokenizer
 
+    if not _is_main():
+        log.setLevel(logging.WARNING)  # one copy of the progress messages, from rank 0
     files = check_data_dir(config.data, config.stages)
     config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     out = Path(config.out)

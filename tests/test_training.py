@@ -319,6 +319,25 @@ def test_warmup_stage_learns_to_copy(tmp_path, embedded_dir, caplog):
     assert min(m["loss"] for m in metrics[-2:]) < metrics[0]["loss"] / 5
 
 
+@pytest.mark.slow
+def test_lora_stage_is_merged_into_a_plain_model(tmp_path, embedded_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from metaaligner_core.training import train
+
+    data = make_data_dir(tmp_path / "data", n=2)
+    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), base="default", stages="preference",
+                              lora=True, lr=1e-3, warmup_ratio=0, batch_size=2, max_steps=1, max_length=64,
+                              disable_tqdm=True))
+    assert not (tmp_path / "out" / "preference" / "adapter").exists()
+    assert not list(final.glob("adapter_*"))
+    trained, base = load_file(final / "model.safetensors"), load_file(embedded_dir / "model.safetensors")
+    assert trained.keys() == base.keys()  # no lora_A/lora_B left: a plain model
+    changed = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input through the CLI
 

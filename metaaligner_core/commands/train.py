@@ -71,6 +71,9 @@ def config_from_args(args):
 def run(args) -> int:
     from ..training import train
 
+    import os
+
     final = train(config_from_args(args))
-    print(final)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun every process runs this
+        print(final)
     return 0
