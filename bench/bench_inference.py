@@ -9,7 +9,8 @@
    the ratio (target >= 4x at batch 16), and how many batched rows equal their one-by-one
    output. The rows are split in halves and timed in the order batched(A), single(A),
    single(B), batched(B), so a load change on a shared machine biases neither side.
-3. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs ``--gpu-batch`` (64) rows.
+3. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs batch ``--gpu-batch`` (64), over
+   2 x 64 drafts.
 
     .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 64]
         [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--hf-baseline] [--gpu]
@@ -175,7 +176,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device")
         rows = args.rows
-        args.rows = max(args.rows, args.gpu_batch)
+        args.rows = max(args.rows, 2 * args.gpu_batch)  # each timed half is one full batch
         bench_align(args, device="cuda", dtype="bf16", batch_size=args.gpu_batch, label="cuda bf16")
         args.rows = rows
 

@@ -179,3 +179,15 @@ def test_plain_cache_fallback_matches_the_buffered_path(aligner):
             rows[i].append(t)
     plain = [[t for t in rows[i] if t not in g.eos_ids] for i in range(3)]
     assert plain == g.generate(prompts, sampling, batch_size=2)
+
+
+@pytest.mark.slow
+def test_padded_batch_prefill_used_on_accelerators_gives_the_same_tokens(aligner):
+    from metaaligner_core.backends.hf import LocalGenerator
+    from metaaligner_core.inference import Aligner
+
+    g = aligner.generator
+    padded = Aligner(LocalGenerator(g.model, g.tokenizer, g.name), template=aligner.template)
+    padded.generator.row_prefill = False
+    gen = dict(max_new_tokens=10, batch_size=4)
+    assert padded.align_batch(QUERIES, DRAFTS, OBJ, **gen) == aligner.align_batch(QUERIES, DRAFTS, OBJ, **gen)

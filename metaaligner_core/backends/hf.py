@@ -185,6 +185,8 @@ class LocalGenerator:
         self._prefix_kv: OrderedDict[tuple[int, ...], list] = OrderedDict()
         # Running totals over this generator's life (benchmarks and usage reports read them).
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
+        # Prefill prompts one at a time (CPU: no padding waste) or as one padded batch (accelerators).
+        self.row_prefill = model.device.type == "cpu"
         self._lock = threading.Lock()
 
     @classmethod
@@ -299,7 +301,7 @@ class LocalGenerator:
 
         dev, n = self.device, len(prompts)
         prefix_kv = self._prefix_cache(tuple(prompts[0][:prefix_len])) if prefix_len else None
-        groups = [[r] for r in range(n)] if dev.type == "cpu" else [list(range(n))]
+        groups = [[r] for r in range(n)] if self.row_prefill else [list(range(n))]
         kv: list[list] = []
         logits = [None] * n
         for group in groups:
