@@ -186,13 +186,11 @@ def _load_models(args, template: str, need_policy: bool):
                            max_length=args.max_length)
     if not need_policy:
         return aligner, None
-    if policy is not None:
-        pass
-    elif (is_default(args.policy) and is_default(args.aligner)) or args.policy == args.aligner:
+    if policy is None and ((is_default(args.policy) and is_default(args.aligner)) or args.policy == args.aligner):
         # One model in memory serves both roles; the policy gets its own context length.
         g = aligner.generator
         policy = HFChatBackend(LocalGenerator(g.model, g.tokenizer, g.name), name=args.policy or "default")
-    else:
+    elif policy is None:
         policy = load_backend(args.policy, device=args.device, dtype=args.dtype)
     log.info("policy %s writes the missing drafts", policy.name)
     return aligner, policy
