@@ -36,7 +36,8 @@ ANNOTATE_SHORTCUTS_JS = r"""
   const style = document.createElement("style");
   style.textContent = ".ma-score.ma-active{outline:3px solid var(--color-accent,#f97316);outline-offset:2px;border-radius:6px}";
   document.head.appendChild(style);
-  const groups = () => Array.from(document.querySelectorAll(".ma-score"));
+  // Only score groups on screen: other tabs keep their own arrow keys and digits.
+  const groups = () => Array.from(document.querySelectorAll(".ma-score")).filter((el) => el.offsetParent !== null);
   let active = -1;
   const mark = (i) => {
     const g = groups();
@@ -67,9 +68,9 @@ ANNOTATE_SHORTCUTS_JS = r"""
       const input = groups()[i].querySelector(`input[type=radio][value="${e.key}"]`)
         || Array.from(groups()[i].querySelectorAll("label")).find((l) => l.textContent.trim().startsWith(e.key))?.querySelector("input");
       if (input) { input.click(); e.preventDefault(); mark(i + 1); }
-    } else if (e.key === "ArrowDown" || e.key === "j") {
+    } else if ((e.key === "ArrowDown" || e.key === "j") && groups().length) {
       e.preventDefault(); mark(current() + 1);
-    } else if (e.key === "ArrowUp" || e.key === "k") {
+    } else if ((e.key === "ArrowUp" || e.key === "k") && groups().length) {
       e.preventDefault(); mark(current() - 1);
     }
   });
