@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Idle OpenMP threads that spin slow generation several-fold when the test's own servers and
+# subprocesses share the cores; set before torch is imported (also inherited by subprocesses).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 
