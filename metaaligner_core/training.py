@@ -349,7 +349,6 @@ def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int)
         num_train_epochs=config.epochs,
         max_steps=max_steps,
         learning_rate=config.lr,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the stage's steps
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
         optim=config.optim,
@@ -360,13 +359,12 @@ def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int)
         use_cpu=rt.device == "cpu",
         bf16=rt.precision == "bf16",
         fp16=rt.precision == "fp16",
-        **_checkpointing_args(SFTConfig, rt.gradient_checkpointing),
         # Rows arrive tokenized and truncated by tokenize_example; TRL must not cut them again.
         max_length=None,
         packing=False,
         padding_free=rt.padding_free,
         completion_only_loss=True,
-        train_sampling_strategy="group_by_length" if rt.group_by_length else "random",
+        **_renamed_args(SFTConfig, rt, config.warmup_ratio),
         include_num_input_tokens_seen="all" if rt.padding_free else "non_padding",
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -380,12 +378,21 @@ def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int)
     )
 
 
-def _checkpointing_args(config_cls, on: bool) -> dict:
-    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (old name warns).
+def _renamed_args(config_cls, rt: Runtime, warmup_ratio: float) -> dict:
+    """Arguments whose names changed within transformers 5.x, in the form this version takes."""
     names = {f.name for f in dataclasses.fields(config_cls)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    return {f"{prefix}_checkpointing": on,
-            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+    on = rt.gradient_checkpointing
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"  # old name warns
+    out = {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+    if "train_sampling_strategy" in names:
+        out["train_sampling_strategy"] = "group_by_length" if rt.group_by_length else "random"
+    else:
+        out["group_by_length"] = rt.group_by_length
+    if "warmup_ratio" in names:
+        out["warmup_ratio"] = warmup_ratio
+    else:
+        out["warmup_steps"] = warmup_ratio  # a float below 1 is a ratio of the stage's steps
+    return out
 
 
 # --------------------------------------------------------------------------------------------
