@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from metaaligner_core.errors import MetaAlignerError
-from metaaligner_core.io import atomic_write, dumps
+from metaaligner_core.io import atomic_write, write_jsonl
 
 RATING_FIELDS = ("item_id", "query", "response", "source", "annotator", "objective", "score", "note", "seconds")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
@@ -37,10 +37,7 @@ def write_ratings(path: str | os.PathLike, records: Iterable[dict]) -> int:
     suffix = path.name.lower()
     n = 0
     if suffix.endswith(".jsonl"):
-        with atomic_write(path) as fh:
-            for rec in records:
-                fh.write(dumps(rec) + "\n")
-                n += 1
+        n = write_jsonl(path, records)
     elif suffix.endswith(".csv"):
         with atomic_write(path) as fh:
             writer = csv.writer(fh, lineterminator="\n")
@@ -93,9 +90,4 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[dict]) -> int:
     path = Path(path)
     if not path.name.lower().endswith(".jsonl"):
         raise MetaAlignerError(f"{path}: pairs are written as JSON Lines (use a .jsonl file name)")
-    n = 0
-    with atomic_write(path) as fh:
-        for rec in pairs:
-            fh.write(dumps(rec) + "\n")
-            n += 1
-    return n
+    return write_jsonl(path, pairs)
