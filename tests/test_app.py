@@ -281,7 +281,7 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             page.wait_for_function("document.querySelector('#aligned-out textarea').value.length > 0",
                                    timeout=120_000)
             page.locator("#stop-btn").click()
-            expect(page.locator("#run-status")).to_contain_text("Stopped.")
+            expect(page.locator("#run-status")).to_contain_text("Stopped.", timeout=30_000)
             stopped_at = page.locator("#aligned-out textarea").input_value()
             time.sleep(3)
             assert page.locator("#aligned-out textarea").input_value() == stopped_at
