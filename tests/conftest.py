@@ -21,6 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+def require_chromium() -> None:
+    """Skip a browser test where Chromium is absent, but fail under CI, whose set-up installs it."""
+    if not Path(CHROMIUM).exists():
+        msg = f"{CHROMIUM} not installed (scripts/setup.sh --dev installs Debian's chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

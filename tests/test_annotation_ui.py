@@ -14,7 +14,7 @@ import pytest
 
 from annotation.store import OPERATOR, Store
 from annotation.ui import export_files, export_view
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, require_chromium, write_jsonl
 
 PASSWORD = "ui-password-123"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -88,8 +88,7 @@ def server(request, tmp_path):
 
 @pytest.fixture
 def page():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Chromium is not installed (scripts/setup.sh --dev installs Debian's chromium)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from api_server import FakeProvider
-from conftest import ROOT
+from conftest import ROOT, require_chromium
 from metaaligner_core.app_service import GenerationSettings, collect_objectives
 from metaaligner_core.errors import MetaAlignerError
 
@@ -227,8 +227,7 @@ def test_send_to_annotation_queues_the_pair(server):
 
 @pytest.mark.browser
 def test_align_tab_in_a_real_browser(server, artifacts_dir):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (scripts/setup.sh --dev installs it)")
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     demo, url = server
