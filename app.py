@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -233,8 +234,22 @@ def build_demo(config: AppConfig | None = None, service=None):
         busy = service.registry.busy()
         return service.registry.status_markdown(), gr.Timer(active=busy)
 
+    stops = StopSignals()
+
+    def session_of(request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "anonymous"
+
+    def arm_stop(request: gr.Request):
+        stops.arm(session_of(request))
+
+    def request_stop(request: gr.Request):
+        stops.stop(session_of(request))
+
     def run_align(policy, aligner, template, uf, hh, imhi, unseen, new_text, query, draft,
-                  max_new_tokens, temperature, top_p, repetition_penalty):
+                  max_new_tokens, temperature, top_p, repetition_penalty, request: gr.Request):
+        session = session_of(request)
+        stop = stops.current(session)
+        stream = None
         try:
             aligner = (aligner or "").strip() or "default"
             tpl = service.template_for(aligner, template)
@@ -242,12 +257,20 @@ def build_demo(config: AppConfig | None = None, service=None):
             settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           repetition_penalty=repetition_penalty)
             upd, start, aligning_at = None, time.monotonic(), None
-            for upd in service.stream(query, objectives, draft, policy=policy, aligner=aligner, template=tpl,
-                                      settings=settings):
+            stream = service.stream(query, objectives, draft, policy=policy, aligner=aligner, template=tpl,
+                                    settings=settings)
+            for upd in stream:
+                if stop.is_set():
+                    break
                 if upd.phase == "aligning" and aligning_at is None:
                     aligning_at = time.monotonic()
                 # The last result is cleared while a new one streams, so "Send" never pairs old and new.
                 yield upd.draft, upd.aligned, upd.status(), upd.prompt or gr.skip(), None
+            if stop.is_set():
+                stream.close()  # stops the model now and frees the generation slot
+                yield (upd.draft if upd else gr.skip()), (upd.aligned if upd else gr.skip()), "Stopped.", \
+                    gr.skip(), None
+                return
             end = time.monotonic()
             result = {"query": query.strip(), "draft": upd.draft, "draft_source": upd.draft_source,
                       "aligned": upd.aligned, "aligner": aligner}
@@ -256,6 +279,10 @@ def build_demo(config: AppConfig | None = None, service=None):
             yield upd.draft, upd.aligned, done, upd.prompt, result
         except Exception as e:
             raise _user_error(e) from None
+        finally:
+            if stream is not None:
+                stream.close()
+            stops.release(session, stop)
 
     def send(result, protocol):
         try:
@@ -354,7 +381,9 @@ def build_demo(config: AppConfig | None = None, service=None):
         demo.load(status, None, [status_md, timer], **fast)
         demo.load(preview, preview_inputs, prompt_box, **fast)
 
-        align_event = align_btn.click(
+        # Stop is cooperative (see StopSignals): arming first means a Stop pressed while the run
+        # still waits in the queue is honoured when it starts.
+        align_event = align_btn.click(arm_stop, None, None, **fast).then(
             run_align,
             [policy, aligner, template, *fam_inputs, new_objectives, query, draft_in, max_new, temperature, top_p, rep],
             [draft_out, aligned_out, run_md, prompt_box, last_result],
@@ -362,12 +391,48 @@ def build_demo(config: AppConfig | None = None, service=None):
             concurrency_limit=config.concurrency, show_progress="minimal")
         align_event.then(aligner_note, [aligner, template], aligner_md, **fast)
         align_event.then(status, None, [status_md, timer], **fast)
-        stop_btn.click(lambda: "Stopped.", None, run_md, cancels=[align_event], **fast)
+        stop_btn.click(request_stop, None, None, **fast)
         send_btn.click(send, [last_result, protocol], None, api_visibility="private")
         gr.api(align_api, api_name="align", concurrency_id="generation", concurrency_limit=config.concurrency)
 
     demo.service = service
     return demo
+
+
+class StopSignals:
+    """Per-session Stop flags. Stop is cooperative: the running generator sees the flag, closes
+    the model's stream (which stops generation) and itself reports "Stopped." as its last update,
+    so no late streamed message can overwrite the status."""
+
+    def __init__(self):
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def arm(self, session: str) -> threading.Event:
+        """A fresh flag for the session's next run (a Stop pressed before it starts still counts)."""
+        with self._lock:
+            ev = self._events[session] = threading.Event()
+        return ev
+
+    def current(self, session: str) -> threading.Event:
+        with self._lock:
+            ev = self._events.get(session)
+            if ev is None:
+                ev = self._events[session] = threading.Event()
+        return ev
+
+    def stop(self, session: str) -> bool:
+        with self._lock:
+            ev = self._events.get(session)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    def release(self, session: str, ev: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(session) is ev:
+                del self._events[session]
 
 
 def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
