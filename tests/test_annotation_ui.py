@@ -103,20 +103,23 @@ def _sign_in(page, name, password):
     page.locator("#ma-signin").click()
 
 
-def _status(page, text, timeout=20000):
+def _status(page, text, timeout=60000):
     page.wait_for_function(f"document.querySelector('#ma-status').innerText.includes({text!r})", timeout=timeout)
 
 
 @pytest.mark.browser
 def test_sign_in_rate_with_the_keyboard_and_submit(server, page):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)  # a loaded CI machine renders slowly
     base, url, db = server
     page.goto(base)
     _sign_in(page, "bob", "wrong password")
     _status(page, "wrong name or password")
     assert page.locator(".ma-score").count() == 0
     _sign_in(page, "bob", PASSWORD)
-    page.wait_for_selector(".ma-score", timeout=20000)
-    assert "Signed in as bob" in page.locator("#ma-who").inner_text()
+    page.wait_for_selector(".ma-score", timeout=60000)
+    expect(page.locator("#ma-who")).to_contain_text("Signed in as bob", timeout=60000)
     assert page.locator(".ma-score").count() == 2 * 3
     assert "model-a" not in page.content()  # blind: model names are not shown
     assert "3 · Fully correct" in page.locator("#ma-rubric").inner_text()
@@ -144,19 +147,19 @@ def test_sign_in_rate_with_the_keyboard_and_submit(server, page):
     assert rows == [(0, "correctness", 3, "submitted"), (0, "informative", 1, "submitted"),
                     (0, "professional", 2, "submitted"), (1, "correctness", 0, "submitted"),
                     (1, "informative", 0, "submitted"), (1, "professional", 1, "submitted")]
-    page.wait_for_function("document.querySelectorAll('.ma-score').length === 3", timeout=20000)  # next item
-    assert "1 / 2 items submitted" in page.locator("#ma-progress").inner_text()
+    page.wait_for_function("document.querySelectorAll('.ma-score').length === 3", timeout=60000)  # next item
+    expect(page.locator("#ma-progress")).to_contain_text("1 / 2 items submitted", timeout=60000)
 
     page.get_by_role("tab", name="Export").click()
     page.locator("#ma-export-refresh").click()
     page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('admins only')",
-                           timeout=20000)
+                           timeout=60000)
     page.get_by_role("tab", name="Annotate").click()
     page.get_by_role("button", name="Sign out").click()
-    page.wait_for_selector("#ma-password input", timeout=20000)
+    page.wait_for_selector("#ma-password input", timeout=60000)
     assert page.locator("#ma-password input").input_value() == ""  # the password was cleared after use
     # the item view empties in the same update; on a loaded machine it can render a moment later
-    page.wait_for_function("document.querySelectorAll('.ma-score').length === 0", timeout=20000)
+    page.wait_for_function("document.querySelectorAll('.ma-score').length === 0", timeout=60000)
 
 
 @pytest.mark.browser
@@ -176,7 +179,7 @@ def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page, req
         page.locator("#ma-export-password input").fill(PASSWORD)
         page.locator("#ma-export-signin").click()
         page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('admins only')",
-                               timeout=20000)
+                               timeout=60000)
         page.locator("#ma-export-name input, #ma-export-name textarea").first.fill("alice")
         page.locator("#ma-export-password input").fill(PASSWORD)
         page.locator("#ma-export-signin").click()
@@ -185,9 +188,9 @@ def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page, req
         _status(page, "No items are waiting")
         page.get_by_role("tab", name="Export").click()
         page.locator("#ma-export-refresh").click()
-    page.wait_for_function("document.querySelector('#ma-agreement').innerText.includes('correctness')", timeout=20000)
+    page.wait_for_function("document.querySelector('#ma-agreement').innerText.includes('correctness')", timeout=60000)
     page.locator("#ma-export-prepare").click()
-    page.wait_for_selector("#ma-download-2", state="visible", timeout=20000)
+    page.wait_for_selector("#ma-download-2", state="visible", timeout=60000)
     with page.expect_download() as dl:
         page.locator("#ma-download-2").click()
     text = open(dl.value.path(), encoding="utf-8").read()

@@ -230,6 +230,7 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30_000)  # a loaded CI machine renders slowly
     demo, url = server
     wait_for_models(demo)
     with sync_playwright() as p:
