@@ -5,14 +5,14 @@
    in a fresh process, after its imports. Target: cached >= 20x faster.
 2. *align*: the embedded aligner correcting N real drafts from ``../shared/data/policy-outputs``
    (generated text when that folder is absent), one by one (``Aligner.align`` per row) vs
-   batched (``Aligner.align_batch``), greedy, fp32 on CPU. Prints generated tokens/s of each,
+   batched (``Aligner.align_batch``), greedy, fp32 on CPU unless ``--dtype bf16``. Prints generated tokens/s of each,
    the ratio (target >= 4x at batch 16), and how many batched rows equal their one-by-one
-   output. The rows are split in halves and timed in the order batched(A), single(A),
-   single(B), batched(B), so a load change on a shared machine biases neither side.
+   output. The batched job (all rows at once) is timed between the two halves of the one-by-one
+   run, so a load change on a shared machine biases neither side.
 3. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs batch ``--gpu-batch`` (64), over
    2 x 64 drafts.
 
-    .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 64]
+    .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 256] [--dtype bf16]
         [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--hf-baseline] [--gpu]
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "policy-outputs"
+from metaaligner_core.backends.hf import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+
 OBJECTIVES = {"hh-rlhf": "harmlessness,helpfulness", "ultrafeedback": "honesty,helpfulness", "imhi": "correctness,informative"}
 
 START_CHILD = r"""
@@ -103,7 +105,9 @@ def bench_align(args, device=None, dtype=None, batch_size=None, label="cpu fp32"
 
     queries, drafts, family = load_rows(args.data, args.rows)
     objectives = OBJECTIVES[family]
+    dtype = dtype or args.dtype
     aligner = Aligner.load("default", template=family, device=device, dtype=dtype)
+    label = label if dtype is None else f"{label.split()[0]} {dtype}"
     batch_size = batch_size or args.batch_size
     gen = {"max_new_tokens": args.max_new_tokens}
     lens = sorted(len(aligner.encode(q, d, objectives, args.max_new_tokens)[0]) for q, d in zip(queries, drafts))
@@ -112,9 +116,11 @@ def bench_align(args, device=None, dtype=None, batch_size=None, label="cpu fp32"
           f"template {family}, objectives {objectives}, max_new_tokens {args.max_new_tokens}, batch {batch_size}")
     aligner.align(queries[0], drafts[0], objectives, max_new_tokens=4)  # warm-up (allocator, prefix cache)
 
+    # One batched job over all the rows (continuous batching keeps ``batch_size`` rows in flight
+    # until the queue runs dry), timed between the two halves of the one-by-one run, so a load
+    # change on a shared machine biases neither side.
     half = len(queries) // 2
-    parts = [(slice(0, half), "batched"), (slice(0, half), "single"), (slice(half, None), "single"),
-             (slice(half, None), "batched")]
+    parts = [(slice(0, half), "single"), (slice(0, None), "batched"), (slice(half, None), "single")]
     results = {"single": [None] * len(queries), "batched": [None] * len(queries)}
     seconds = {"single": 0.0, "batched": 0.0}
     tokens = {"single": 0, "batched": 0}
@@ -152,7 +158,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                    help=f"most tokens per correction (default {DEFAULT_MAX_NEW_TOKENS}, as metaaligner align)")
+    ap.add_argument("--dtype", default=None, help="fp32 (the CPU default) or bf16 (fast on CPUs with AMX)")
     ap.add_argument("--data", default="hh-rlhf/gpt-3.5-turbo.csv",
                     help="CSV under ../shared/data/policy-outputs with query and generated_text columns")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -176,7 +184,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device")
         rows = args.rows
-        args.rows = max(args.rows, 2 * args.gpu_batch)  # each timed half is one full batch
+        args.rows = max(args.rows, 2 * args.gpu_batch)  # the batched job keeps a full batch in flight
         bench_align(args, device="cuda", dtype="bf16", batch_size=args.gpu_batch, label="cuda bf16")
         args.rows = rows
 

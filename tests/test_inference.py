@@ -191,3 +191,38 @@ def test_padded_batch_prefill_used_on_accelerators_gives_the_same_tokens(aligner
     padded.generator.row_prefill = False
     gen = dict(max_new_tokens=10, batch_size=4)
     assert padded.align_batch(QUERIES, DRAFTS, OBJ, **gen) == aligner.align_batch(QUERIES, DRAFTS, OBJ, **gen)
+
+
+def test_chunk_plan_covers_every_row_with_its_width():
+    from metaaligner_core.backends.hf import chunk_plan
+
+    assert chunk_plan([]) == []
+    assert chunk_plan([300, 299, 298]) == [(0, 3, 300)]  # similar widths: one call is cheaper
+    assert chunk_plan([800] * 4 + [100] * 12) == [(0, 4, 800), (4, 16, 100)]
+    for widths in ([900, 700, 650, 400, 390, 120, 100, 90], [50, 900, 60, 800], [5] * 16):
+        runs = chunk_plan(widths, max_chunks=3)
+        assert 1 <= len(runs) <= 3
+        assert [a for a, _, _ in runs] == [0] + [b for _, b, _ in runs[:-1]] and runs[-1][1] == len(widths)
+        assert all(w >= max(widths[a:b]) for a, b, w in runs)  # no row loses a column it attends to
+
+
+@pytest.mark.slow
+def test_chunked_decode_attention_gives_the_same_tokens(aligner, monkeypatch):
+    """On CPU a decoding step attends in runs of rows of similar width; same tokens as one call."""
+    import metaaligner_core.backends.hf as hf
+    from metaaligner_core.backends.hf import LocalGenerator
+    from metaaligner_core.inference import Aligner
+
+    g = aligner.generator
+    assert g.chunked  # CPU + sdpa
+    plans = []
+    real = hf.chunk_plan
+    monkeypatch.setattr(hf, "chunk_plan", lambda widths, **kw: plans.append(real(widths, **kw)) or plans[-1])
+    drafts = [*DRAFTS[:-1], "Because of the ocean. " * 60]  # one row far wider than the rest
+    gen = dict(max_new_tokens=10, batch_size=6)
+    chunked = aligner.align_batch(QUERIES, drafts, OBJ, **gen)
+    assert any(len(p) > 1 for p in plans), plans  # the batch was split
+    whole = Aligner(LocalGenerator(g.model, g.tokenizer, g.name), template=aligner.template)
+    whole.generator.chunked = False  # one attention call over the padded batch
+    assert whole.align_batch(QUERIES, drafts, OBJ, **gen) == chunked
+    assert chunked == [aligner.align(q, d, OBJ, max_new_tokens=10) for q, d in zip(QUERIES, drafts)]

@@ -165,6 +165,80 @@ def _all_buffered(cache) -> bool:
     return all(isinstance(layer, _LAYER_CLASS) for layer in cache.layers)
 
 
+# -- chunked decode attention (CPU) -------------------------------------------------------
+# Rows of a batch use different numbers of cache columns (their prompts and outputs differ in
+# length); one attention call over the padded buffer reads every row's keys and values at the
+# widest row's length. On a CPU that read is the cost (decode attention is memory-bound), so the
+# decoding loop keeps rows sorted by the columns they use, longest first, and splits the batch
+# into a few chunks of similar width; each chunk attends only to its own columns.
+_PLAN = threading.local()
+CHUNKED_ATTENTION = "metaaligner_sdpa"
+CHUNK_COST = 128  # one more attention call costs about as much as reading this many row-columns
+
+
+def _chunked_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """``sdpa`` attention; while decoding under a chunk plan, one call per chunk of rows."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = getattr(_PLAN, "chunks", None)
+    if plan is None or query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    import torch
+
+    n = key.shape[2]
+    outs = []
+    for a, b, w in plan:
+        w = min(w, n)
+        out, _ = sdpa_attention_forward(module, query[a:b], key[a:b, :, n - w:], value[a:b, :, n - w:],
+                                        attention_mask[a:b, ..., n - w:], **kwargs)
+        outs.append(out)
+    return torch.cat(outs), None
+
+
+def _use_chunked_attention(model) -> bool:
+    """Switch a CPU model on ``sdpa`` to :func:`_chunked_sdpa` (same numbers, fewer bytes read)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if model.device.type != "cpu" or impl not in ("sdpa", CHUNKED_ATTENTION):
+        return False
+    if impl == CHUNKED_ATTENTION:
+        return True
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(CHUNKED_ATTENTION, _chunked_sdpa)
+        AttentionMaskInterface.register(CHUNKED_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(CHUNKED_ATTENTION)
+    except Exception as e:  # an older transformers or a model that refuses it: plain sdpa
+        log.debug("chunked attention unavailable: %s", e)
+        return False
+    return True
+
+
+def chunk_plan(widths: list[int], max_chunks: int = 4, cost: int = CHUNK_COST) -> list[tuple[int, int, int]]:
+    """Split rows with ``widths`` into at most ``max_chunks`` runs ``(start, end, width)``, width
+    the run's widest row, minimising the columns read (rows x width) plus ``cost`` per run. Rows
+    sorted by width, longest first, make the split worthwhile."""
+    n = len(widths)
+    if n == 0:
+        return []
+    frontier = {0: (0, [])}  # rows covered -> (cost, runs) with k runs
+    result = None
+    for _ in range(max_chunks):
+        nxt: dict[int, tuple] = {}
+        for start, (c0, runs) in frontier.items():
+            w = 0
+            for end in range(start + 1, n + 1):
+                w = max(w, widths[end - 1])  # a run reads its widest row's columns (any order is correct)
+                c = c0 + (end - start) * w + cost
+                if end not in nxt or c < nxt[end][0]:
+                    nxt[end] = (c, runs + [(start, end, w)])
+        if n in nxt and (result is None or nxt[n][0] < result[0]):
+            result = nxt[n]
+        frontier = {k: v for k, v in nxt.items() if k < n}
+    return result[1]
+
+
 class LocalGenerator:
     """A loaded causal LM and its tokenizer, generating from token ids.
 
@@ -187,6 +261,7 @@ class LocalGenerator:
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
         # Prefill prompts one at a time (CPU: no padding waste) or as one padded batch (accelerators).
         self.row_prefill = model.device.type == "cpu"
+        self.chunked = _use_chunked_attention(model)
         self._lock = threading.Lock()
 
     @classmethod
@@ -342,8 +417,9 @@ class LocalGenerator:
         When a quarter of the rows in flight have finished, they leave the cache and the next
         prompts take their places (continuous batching), so the batch stays full.
 
-        Cache layout: columns ``[0, prefix_len)`` hold the shared prefix for every row; each
-        row's own prompt and output sit right-aligned after it, left of it is masked.
+        Cache layout: each row's prefix, prompt and output sit right-aligned, left of them is
+        masked. With chunked attention (CPU) rows are kept sorted by the columns they use, longest
+        first, and each decoding step attends in a few runs of rows of similar width.
         """
         import torch
 
@@ -371,47 +447,54 @@ class LocalGenerator:
         mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
         logits = None
         T = 0  # columns in use
+        plan, plan_at, plan_rows = [], 0, None  # chunked attention: its runs, T and rows when made
         with torch.inference_mode():
             while True:
                 live = [i for i in rows if i not in finished]
                 if queue and (not live or len(live) <= batch_size - max(1, batch_size // 4)):
-                    # Compact: finished rows leave; the suffix region shrinks to what live rows use.
+                    # Compact: finished rows leave, the next prompts take their places, and the
+                    # buffer shrinks to the widest live row.
                     keep = [k for k, i in enumerate(rows) if i not in finished]
                     new = [queue.pop() for _ in range(min(batch_size - len(keep), len(queue)))]
                     kv, new_logits = self._prefill([prompts[i] for i in new], P)
-                    used = [int(mask[k, P:].argmax()) if T > P else 0 for k in keep]  # first used column - P
-                    width = max([T - P - u for u in used] + [len(prompts[i]) - P for i in new])
+                    used = [T - int(mask[k].argmax()) for k in keep]  # columns each kept row uses
+                    width = max(used + [len(prompts[i]) for i in new])
+                    keep_w = min(T, width)
                     keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
                     if keep:
                         cache.batch_select_indices(keep_t)
-                    old_w = T - P
                     for li, layer in enumerate(cache.layers):
                         if layer._k is None:
                             k0, v0 = kv[li][0]
-                            layer.allocate(k0, v0, batch_size, P + width + sampling.max_new_tokens)
+                            layer.allocate(k0, v0, batch_size, width + sampling.max_new_tokens)
                             layer.set_rows(0)
-                        if keep and width != old_w:
-                            keep_w = min(old_w, width)
-                            layer.move_columns(T - keep_w, T, P + width - keep_w)
+                        if keep and width != T:
+                            layer.move_columns(T - keep_w, T, width - keep_w)
                         for j, i in enumerate(new):
                             r = len(keep) + j
                             k, v = kv[li][j]
                             if P:
                                 pk, pv = self._prefix_cache(tuple(prompts[i][:P]))[li]
-                                layer.write(r, 0, pk, pv)
-                            layer.write(r, P + width - k.shape[-2], k, v)
+                                layer.write(r, width - len(prompts[i]), pk, pv)
+                            layer.write(r, width - k.shape[-2], k, v)
                         layer.set_rows(len(keep) + len(new))
-                        layer.set_length(P + width)
-                    new_mask = torch.zeros((len(keep) + len(new), P + width), dtype=torch.long, device=dev)
-                    new_mask[:, :P] = 1
+                        layer.set_length(width)
+                    new_mask = torch.zeros((len(keep) + len(new), width), dtype=torch.long, device=dev)
                     if keep:
-                        keep_w = min(old_w, width)
-                        new_mask[:len(keep), P + width - keep_w:] = mask[keep_t, T - keep_w:]
+                        new_mask[:len(keep), width - keep_w:] = mask[keep_t, T - keep_w:]
                     for j, i in enumerate(new):
-                        new_mask[len(keep) + j, P + width - (len(prompts[i]) - P):] = 1
-                    mask, T = new_mask, P + width
+                        new_mask[len(keep) + j, width - len(prompts[i]):] = 1
+                    mask, T = new_mask, width
                     logits = new_logits if not keep else torch.cat([logits[keep_t], new_logits.to(logits.dtype)])
                     rows = [rows[k] for k in keep] + new
+                    if self.chunked:  # rows by columns used, longest first (kept in order as all grow)
+                        used = (T - mask.argmax(-1)).tolist()
+                        perm = sorted(range(len(rows)), key=lambda r: -used[r])
+                        if perm != list(range(len(rows))):
+                            perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
+                            cache.batch_select_indices(perm_t)
+                            mask, logits = mask[perm_t], logits[perm_t]
+                            rows = [rows[r] for r in perm]
                     for i in new:
                         count[i] = 0
                         if sampling.repetition_penalty != 1.0:
@@ -448,8 +531,17 @@ class LocalGenerator:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                 T += 1
                 positions = mask.sum(-1, keepdim=True) - 1
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+                if self.chunked and mask.shape[0] > 1:
+                    # Every row grows by one column a step, so a plan holds until the rows change.
+                    if plan_rows != rows:
+                        plan, plan_at, plan_rows = chunk_plan((positions[:, 0] + 1).tolist()), T, list(rows)
+                    shift = T - plan_at
+                    _PLAN.chunks = [(a, b, w + shift) for a, b, w in plan] if len(plan) > 1 else None
+                try:
+                    out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True)
+                finally:
+                    _PLAN.chunks = None
                 logits = out.logits[:, -1, :]
 
     def _decode_plain(self, prompts: list[list[int]], sampling: Sampling):
