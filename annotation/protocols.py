@@ -57,9 +57,6 @@ class RatedObjective:
     levels: tuple[Level, ...]
     reference: Reference | None = None
 
-    def level(self, score: int) -> Level:
-        return self.levels[score]
-
 
 @dataclass(frozen=True)
 class Protocol:
@@ -85,9 +82,6 @@ class Protocol:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<protocol>") -> "Protocol":
@@ -153,7 +147,7 @@ def _parse(data, source: str) -> Protocol:
         name_o, desc = o.get("name"), o.get("description")
         if not (isinstance(name_o, str) and name_o.strip() and isinstance(desc, str) and desc.strip()):
             try:
-                builtin = lookup(key, name.strip() if name.strip() in ("ultrafeedback", "hh-rlhf", "imhi") else None)
+                builtin = lookup(key, name.strip())
             except MetaAlignerError:
                 raise bad(f"{where}.description", f'"{key}" is not a built-in objective: give name and description') from None
             name_o = name_o if isinstance(name_o, str) and name_o.strip() else builtin.name

@@ -97,10 +97,6 @@ def verify_password(password: str, stored: str | None) -> bool:
 _DUMMY_HASH = None  # compared against for unknown names, so timing does not reveal which names exist
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -293,13 +289,13 @@ class Store:
                 raise AccessDenied("wrong name or password")
             s.execute(SignIn.__table__.delete().where(SignIn.created_at < utcnow() - SIGN_IN_TTL))
             token = secrets.token_urlsafe(32)
-            s.add(SignIn(token_hash=_token_hash(token), annotator_id=row.id))
+            s.add(SignIn(token_hash=_sha(token), annotator_id=row.id))
             return token
 
     def sign_out(self, token: str | None) -> None:
         if token:
             with self._session(write=True) as s:
-                s.execute(SignIn.__table__.delete().where(SignIn.token_hash == _token_hash(token)))
+                s.execute(SignIn.__table__.delete().where(SignIn.token_hash == _sha(token)))
 
     def whoami(self, token: str | None) -> Account:
         with self._session() as s:
@@ -310,7 +306,7 @@ class Store:
         if not isinstance(token, str) or not token:
             raise AccessDenied("not signed in")
         row = s.execute(select(Annotator, SignIn.created_at).join(SignIn, SignIn.annotator_id == Annotator.id)
-                        .where(SignIn.token_hash == _token_hash(token))).first()
+                        .where(SignIn.token_hash == _sha(token))).first()
         if row is None or _aware(row[1]) + SIGN_IN_TTL < utcnow():
             raise AccessDenied("not signed in (or the sign-in expired): sign in again")
         return row[0]
@@ -337,17 +333,6 @@ class Store:
             raise MetaAlignerError(f'protocol "{protocol.name}" is already in the database with a different '
                                    f'definition; give the changed protocol a new name')
         return row
-
-    def protocol(self, name: str) -> Protocol:
-        with self._session() as s:
-            row = s.scalar(select(ProtocolRow).where(ProtocolRow.name == name))
-            if row is None:
-                raise MetaAlignerError(f'protocol "{name}" is not in the database')
-            return Protocol.from_dict(row.spec, source=f"database protocol {name}")
-
-    def protocols(self) -> list[str]:
-        with self._session() as s:
-            return list(s.scalars(select(ProtocolRow.name).order_by(ProtocolRow.id)))
 
     # --------------------------------------------------------------- items
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from metaaligner_core.errors import MetaAlignerError
 
+from . import export as export_mod
 from .protocols import rubric_markdown
 from .store import DEFAULT_TARGET_ANNOTATORS, ItemView, Progress, Store
 
@@ -277,8 +278,9 @@ def export_files(store: Store, token: str | None, out_dir: str | Path | None = N
     """Write ratings (JSONL, CSV) and pairs (JSONL) for an admin; -> {name: path}."""
     out = Path(out_dir or tempfile.mkdtemp(prefix="metaaligner-export-"))
     paths = {"ratings.jsonl": out / "ratings.jsonl", "ratings.csv": out / "ratings.csv", "pairs.jsonl": out / "pairs.jsonl"}
-    store.export(token, "ratings", paths["ratings.jsonl"])
-    store.export(token, "ratings", paths["ratings.csv"])
+    ratings = store.rating_records(token)  # queried once, written twice
+    export_mod.write_ratings(paths["ratings.jsonl"], ratings)
+    export_mod.write_ratings(paths["ratings.csv"], ratings)
     store.export(token, "pairs", paths["pairs.jsonl"])
     return paths
 

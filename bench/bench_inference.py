@@ -136,7 +136,7 @@ def bench_align(args, device=None, dtype=None, batch_size=None, label="cpu fp32"
         print(f"  {mode:8s} rows {sl.start}-{(sl.stop or len(queries)) - 1}: {nt} tokens in {dt:.1f} s "
               f"[load avg {loadavg()}]")
     if args.hf_baseline:  # plain transformers generate(), one row at a time, on the first half
-        model, tok = aligner.generator.model, aligner.generator.tokenizer
+        model = aligner.generator.model
         nt, t = 0, time.perf_counter()
         for x, y in zip(queries[:half], drafts[:half]):
             ids = torch.tensor([aligner.encode(x, y, objectives, args.max_new_tokens)[0]], device=model.device)

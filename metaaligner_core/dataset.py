@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field

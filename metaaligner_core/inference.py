@@ -92,8 +92,7 @@ class Aligner:
             raise MetaAlignerError("no objectives given")
         if all(isinstance(o, Objective) for o in items):
             return items
-        return parse_objectives([o.text if isinstance(o, Objective) else str(o) for o in items],
-                                family=self.template)
+        return parse_objectives(items, family=self.template)
 
     def prompt(self, query: str, draft: str, objectives: Objectives) -> str:
         """The exact text the aligner reads."""

@@ -121,31 +121,28 @@ def _parse_item(item: str, family: str | None) -> Objective:
     return Objective.parse(item) if ":" in item else lookup(item, family)
 
 
-def parse_objectives(spec, family: str | None = None, extra: list[Objective] | None = None) -> list[Objective]:
-    """Parse a SPEC (string, ``@file`` or a list of items) into objectives, in order.
-
-    ``extra`` objectives (e.g. from ``--objectives`` in build-dataset) resolve keys before the
-    built-ins. Duplicate keys are dropped (the first wins). An empty SPEC is an error.
+def parse_objectives(spec, family: str | None = None) -> list[Objective]:
+    """Parse a SPEC (string, ``@file`` or a list of items: strings or :class:`Objective` s) into
+    objectives, in order. Duplicate keys are dropped (the first wins). An empty SPEC is an error.
     """
     if isinstance(spec, (list, tuple)):
-        items = [(str(s), None) for s in spec]
+        items = [(s if isinstance(s, Objective) else str(s), None) for s in spec]
     else:
         spec = (spec or "").strip()
         if spec.startswith("@"):
             items = _read_spec_file(Path(spec[1:].strip()))
         else:
             items = [(s, None) for s in spec.split(",")]
-    by_key = {o.key: o for o in (extra or [])}
     out: dict[str, Objective] = {}
     for item, where in items:
+        if isinstance(item, Objective):
+            out.setdefault(item.key, item)
+            continue
         item = item.strip()
         if not item:
             continue
         try:
-            if ":" not in item and normalize_key(item) in by_key:
-                obj = by_key[normalize_key(item)]
-            else:
-                obj = _parse_item(item, family)
+            obj = _parse_item(item, family)
         except MetaAlignerError as e:
             raise MetaAlignerError(f"{where}: {e}" if where else str(e)) from None
         out.setdefault(obj.key, obj)

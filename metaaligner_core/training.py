@@ -468,7 +468,8 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
 # --------------------------------------------------------------------------------------------
 # The three stages
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes shared files and prints."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -537,7 +538,7 @@ def _publish_final(out: Path, stage: str) -> Path:
     return final
 
 
-def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer, config: TrainConfig) -> None:
+def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer) -> None:
     """Fold the stage's adapter into the previous weights, so the stage directory is a plain model."""
     import torch
     from peft import PeftModel
@@ -560,7 +561,7 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
     ckpt_dir = stage_dir / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = get_last_checkpoint(str(ckpt_dir))
-    if _is_main():
+    if is_main_process():
         done_steps = int(Path(resume).name.split("-")[-1]) if resume else 0
         _drop_metrics_after(out / "metrics.jsonl", stage, done_steps)
     if resume:
@@ -584,8 +585,8 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
     if config.lora:
         trainer.save_model(str(stage_dir / ADAPTER))
         _barrier()
-        if _is_main():
-            _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer, config)
+        if is_main_process():
+            _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer)
     else:
         trainer.save_model(str(stage_dir))
     summary = {"stage": stage, "rows": len(rows), "steps": trainer.state.global_step,
@@ -593,7 +594,7 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
                "resumed_from": Path(resume).name if resume else None,
                **{k: v for k, v in result.metrics.items() if k != "train_loss"}}
     _barrier()
-    if _is_main():
+    if is_main_process():
         with atomic_write(stage_dir / STAGE_MARKER) as fh:
             json.dump(summary, fh, indent=2)
         if not config.keep_checkpoints:
@@ -612,7 +613,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
     """
     from .models import load_tokenizer
 
-    if not _is_main():
+    if not is_main_process():
         log.setLevel(logging.WARNING)  # one copy of the progress messages, from rank 0
     files = check_data_dir(config.data, config.stages)
     config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
@@ -632,7 +633,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
         else:
             log.warning("%s: empty; skipping the %s stage", path, stage)
 
-    if _is_main():
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         import torch
         import transformers
@@ -656,7 +657,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
         start_from, last = str(out / stage), stage
 
     final = out / "final"
-    if _is_main():
+    if is_main_process():
         _publish_final(out, last)
     _barrier()
     log.info("aligner written to %s", final)

@@ -435,6 +435,7 @@ class LocalGenerator:
                     yield [start + i for i in ids], tokens, [start + i for i in done]
             return
         dev, P = self.device, prefix_len
+        prefix_kv = self._prefix_cache(tuple(prompts[0][:P])) if P else None  # all prompts share it
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(sampling.seed)
@@ -474,7 +475,7 @@ class LocalGenerator:
                             r = len(keep) + j
                             k, v = kv[li][j]
                             if P:
-                                pk, pv = self._prefix_cache(tuple(prompts[i][:P]))[li]
+                                pk, pv = prefix_kv[li]
                                 layer.write(r, width - len(prompts[i]), pk, pv)
                             layer.write(r, width - k.shape[-2], k, v)
                         layer.set_rows(len(keep) + len(new))

@@ -69,11 +69,9 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..training import train
-
-    import os
+    from ..training import is_main_process, train
 
     final = train(config_from_args(args))
-    if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun every process runs this
+    if is_main_process():  # under accelerate/torchrun every process runs this
         print(final)
     return 0

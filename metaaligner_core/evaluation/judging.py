@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from ..backends.base import APIBackend
 from ..errors import MetaAlignerError
 from ..io import dumps
-from ..models import is_api_model
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ class Judge:
         failed: dict[str, str] = {}
         desc = "judging" if attempt == 0 else "re-asking invalid replies"
         with tqdm(total=len(missing), desc=desc, unit="call", disable=not self.progress) as bar:
-            if isinstance(self.backend, APIBackend) or is_api_model(getattr(self.backend, "name", "")):
+            if isinstance(self.backend, APIBackend):
                 self._ask_threads(missing, attempt, context, failed, bar)
             else:
                 self._ask_batches(missing, attempt, context, failed, bar)
