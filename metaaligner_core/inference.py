@@ -131,7 +131,7 @@ class Aligner:
         once and reused (see :class:`~metaaligner_core.backends.hf.LocalGenerator`).
         """
         objs = self.objectives(objectives)
-        key = tuple(o.text if isinstance(o, Objective) else str(o) for o in objs)
+        key = (self.template, *(o.text for o in objs))  # template views share this cache
         head = self._head_ids.get(key)
         if head is None:
             marker = "\x00"

@@ -226,3 +226,20 @@ def test_chunked_decode_attention_gives_the_same_tokens(aligner, monkeypatch):
     whole.generator.chunked = False  # one attention call over the padded batch
     assert whole.align_batch(QUERIES, drafts, OBJ, **gen) == chunked
     assert chunked == [aligner.align(q, d, OBJ, max_new_tokens=10) for q, d in zip(QUERIES, drafts)]
+
+
+@pytest.mark.slow
+def test_shared_prefix_is_found_for_every_template_of_one_aligner(aligner):
+    """Template views of one aligner (the app's template picker) share its caches; each still
+    finds its own instruction + objectives prefix."""
+    from metaaligner_core.app_service import with_template
+
+    fresh = {}
+    for template in ("ultrafeedback", "hh-rlhf", "imhi"):
+        view = with_template(aligner, template)
+        ids = view.encode(QUERIES[0], DRAFTS[0], OBJ, 8)[0]
+        fresh[template] = view.shared_prefix_len(ids, OBJ)
+        assert fresh[template] > 20  # the instruction and objectives, not just BOS
+    for template in ("imhi", "hh-rlhf", "ultrafeedback"):  # again, cache warm, other order
+        view = with_template(aligner, template)
+        assert view.shared_prefix_len(view.encode(QUERIES[0], DRAFTS[0], OBJ, 8)[0], OBJ) == fresh[template]
