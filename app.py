@@ -357,7 +357,8 @@ def build_demo(config: AppConfig | None = None, service=None):
                                             elem_id="prompt-preview")
                 with gr.Accordion("Generation settings", open=False):
                     with gr.Row():
-                        max_new = gr.Slider(8, 1024, value=config.max_new_tokens, step=8, label="Max new tokens",
+                        max_new = gr.Slider(min(8, config.max_new_tokens), max(1024, config.max_new_tokens),
+                                            value=config.max_new_tokens, step=8, label="Max new tokens",
                                             elem_id="max-new-tokens")
                         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")

@@ -271,7 +271,11 @@ class ModelRegistry:
                     self.get(kind, name)
                 except MetaAlignerError as e:
                     log.warning("%s %s not loaded: %s", kind, display_name(name), e)
-                    self._status.setdefault((kind, name), LoadStatus(kind, name, "failed", str(e)))
+                    # get() can refuse before it records a status (an API aligner, a missing key):
+                    # the "loading" placeholder set below must not stay.
+                    st = self._status.get((kind, name))
+                    if st is None or st.state == "loading":
+                        self._status[(kind, name)] = LoadStatus(kind, name, "failed", str(e))
         for kind, name in (("aligner", aligner), ("policy", policy)):
             if name is not None and self.loaded(kind, name) is None:
                 self._status.setdefault((kind, name), LoadStatus(kind, name, "loading"))

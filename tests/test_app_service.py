@@ -144,3 +144,13 @@ def test_help_lists_the_design_flags():
     assert r.returncode == 0, r.stderr
     for flag in ("--policy", "--aligner", "--db", "--host", "--port", "--share", "--auth", "--template"):
         assert flag in r.stdout
+
+
+def test_a_start_up_policy_refused_before_loading_shows_failed_not_loading(monkeypatch):
+    """`app.py --policy openai:…` without the key: the status says why, and nothing stays "loading"."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    registry = ModelRegistry()
+    registry.preload(policy="openai:gpt-4o-mini", aligner=None).join(timeout=30)
+    [status] = registry.statuses()
+    assert status.state == "failed" and "OPENAI_API_KEY" in status.detail
+    assert not registry.busy()
