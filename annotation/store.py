@@ -619,6 +619,9 @@ class Store:
                              for name, adm, items, n, d in rows]
 
     def _submitted(self, s: Session, protocol: str | None):
+        if protocol and s.scalar(select(ProtocolRow.id).where(ProtocolRow.name == protocol)) is None:
+            stored = ", ".join(s.scalars(select(ProtocolRow.name).order_by(ProtocolRow.id))) or "none"
+            raise MetaAlignerError(f'--protocol "{protocol}": not in the database (stored: {stored})')
         q = (select(Item.uid, Item.query, Response.id, Response.text, Response.source, Response.position,
                     Annotator.name, Rating.objective, Rating.score, Rating.note, Rating.seconds, ProtocolRow.name)
              .join(Response, Response.item_id == Item.id).join(Rating, Rating.response_id == Response.id)

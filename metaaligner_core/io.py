@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -24,9 +25,10 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".csv.gz", ".parquet")
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name.
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def iter_records(source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -43,6 +45,13 @@ def iter_records(source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     if not path.exists():
         raise MetaAlignerError(f"{path}: no such file")
     name = path.name.lower()
+    try:
+        yield from _iter_file(path, name)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise MetaAlignerError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def _iter_file(path: Path, name: str) -> Iterator[tuple[int, dict]]:
     if name.endswith((".jsonl", ".jsonl.gz", ".json")):
         # Binary lines straight into orjson: no separate UTF-8 decoding pass.
         with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as fh:
@@ -59,16 +68,35 @@ def iter_records(source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     elif name.endswith((".csv", ".csv.gz")):
         with _open_text(path) as fh:
             reader = csv.DictReader(fh)
-            for n, row in enumerate(reader, 2):
-                yield n, {k: v for k, v in row.items() if k is not None}
+            n = 1
+            try:
+                for n, row in enumerate(reader, 2):
+                    yield n, {k: v for k, v in row.items() if k is not None}
+            except UnicodeDecodeError:  # raised for a read-ahead block: find the line itself
+                raise InputError(path, _first_non_utf8_line(path), None, "not UTF-8 text") from None
+            except csv.Error as e:
+                raise InputError(path, n + 1, None, f"not valid CSV ({e})") from None
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid / ArrowIOError
+            raise MetaAlignerError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
         for n, rec in enumerate(table.to_pylist(), 1):
             yield n, rec
     else:
         raise MetaAlignerError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)} or hf:<dataset id>[:split])")
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return None
 
 
 def _iter_hub(src: str) -> Iterator[tuple[int, dict]]:
@@ -100,7 +128,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get ordinary permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -112,6 +140,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which is not thread-safe later
+# (a file another thread creates meanwhile would get the temporary mask).
+_UMASK = _umask()
 
 
 def dumps(record: dict) -> str:

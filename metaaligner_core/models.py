@@ -70,8 +70,11 @@ def auto_dtype(device: str, dtype: str | None = None):
     import torch
 
     if dtype and dtype != "auto":
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in named:
+            raise MetaAlignerError(f'--dtype "{dtype}": expected bf16, fp16, fp32 or auto')
+        return named[dtype]
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import math
 import os
@@ -170,6 +171,8 @@ class TrainConfig:
             raise MetaAlignerError("lr and epochs must be positive and warmup_ratio in [0, 1)")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise MetaAlignerError(f'precision: "{self.precision}" (valid: auto, bf16, fp16, fp32)')
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise MetaAlignerError(f'device: "{self.device}" (valid: auto, cuda, cuda:N, cpu, mps)')
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
@@ -186,16 +189,28 @@ class TrainConfig:
 
                 values = yaml.safe_load(text)
         except Exception as e:  # yaml and json raise different types; both mean "not parseable"
-            raise MetaAlignerError(f"{path}: not a valid recipe ({str(e).splitlines()[0]})") from None
+            mark = getattr(e, "problem_mark", None)  # yaml: where; json: e.lineno
+            line = mark.line + 1 if mark is not None else getattr(e, "lineno", None)
+            raise InputError(path, line, None, f"not a valid recipe ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise MetaAlignerError(f"{path}: expected a mapping of TrainConfig fields")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in names:
-                raise InputError(path, None, key, f"unknown setting (valid: {', '.join(sorted(names))})")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in types:
+                raise InputError(path, None, key, f"unknown setting (valid: {', '.join(sorted(types))})")
+            number = int if types[key].startswith("int") else float if types[key].startswith("float") else None
+            if number is not None and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+                try:
+                    values[key] = number(value)
+                except ValueError:
+                    raise InputError(path, None, key, f"expected a number, got {value!r}") from None
+            elif number is not None and value is not None and not isinstance(value, (int, float)):
+                raise InputError(path, None, key, f"expected a number, got {value!r}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data" not in values:
             raise MetaAlignerError(f"{path}: no data directory (give --data)")
+        if "base" not in values:
+            raise MetaAlignerError(f"{path}: no base model (give --base)")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -512,7 +527,10 @@ def _drop_metrics_after(metrics_path: Path, stage: str, step: int) -> None:
 
 
 def _logged_after(line: str, stage: str, step: int) -> bool:
-    rec = json.loads(line)
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by the interruption: dropped, its step is redone
+        return True
     return rec.get("stage") == stage and rec.get("step", 0) > step
 
 

@@ -34,10 +34,15 @@ def column(path: Path, name: str) -> list[str]:
 
 def build_items(queries_dir: Path, outputs_dir: Path, tasks: list[str] | None, models: list[str] | None,
                 per_task: int | None, seed: int, require_all: bool = False) -> list[dict]:
+    for folder in (queries_dir, outputs_dir):
+        if not folder.is_dir():
+            raise MetaAlignerError(f"{folder}: no such folder")
     models = models or sorted(p.name for p in outputs_dir.iterdir() if p.is_dir())
     if not models:
         raise MetaAlignerError(f"{outputs_dir}: no model folders")
     tasks = tasks or sorted(p.stem for p in queries_dir.glob("*.csv"))
+    if not tasks:
+        raise MetaAlignerError(f"{queries_dir}: no <task>.csv files")
     rng = random.Random(seed)
     items = []
     for task in tasks:
@@ -73,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--require-all", action="store_true", help="only queries that every model answered")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    if args.per_task is not None and args.per_task < 1:
+        p.error(f"--per-task must be at least 1 (got {args.per_task})")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     try:
         items = build_items(args.queries, args.outputs, split(args.tasks), split(args.models), args.per_task, args.seed,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from annotation.store import Store
-from conftest import read_jsonl, run_cli, write_jsonl
+from conftest import ROOT, read_jsonl, run_cli, write_jsonl
 from metaaligner_core.objectives import lookup
 from metaaligner_core.templates import build_prompt
 
@@ -130,6 +130,13 @@ def test_export_refuses_unknown_formats_and_bad_file_names(tmp_path):
     assert not (tmp_path / "p.csv").exists()
     res = run_cli("annotate", "import", "--db", db, "--input", tmp_path / "missing.jsonl")
     assert res.returncode == 2 and "no such file" in res.stderr
+    # A protocol name that is not in the database (a typo) is an error, not an empty export.
+    res = run_cli("annotate", "export", "--db", db, "--format", "ratings", "--out", tmp_path / "out.jsonl",
+                  "--protocol", "imhl")
+    assert res.returncode == 2 and '--protocol "imhl": not in the database (stored: imhi)' in res.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+    res = run_cli("annotate", "agreement", "--db", db, "--protocol", "imhl")
+    assert res.returncode == 2 and "not in the database" in res.stderr
 
 
 OBJECTIVES = ("correctness", "informative", "professional")
@@ -216,3 +223,28 @@ def test_full_loop_items_ratings_agreement_pairs_build_dataset(tmp_path):
                      and set(r["objectives"]) == keys)
         variant = "equal" if subset == "equal" else "better"
         assert prompt == build_prompt("imhi", expected_pairs[idx][0], answer, [lookup(k, "imhi") for k in order], variant)
+
+
+def test_imhi_items_script_builds_items_and_refuses_missing_folders(tmp_path):
+    import subprocess
+    import sys
+
+    queries, outputs = tmp_path / "queries", tmp_path / "outputs"
+    for d in (queries, outputs / "model-a", outputs / "model-b"):
+        d.mkdir(parents=True)
+    (queries / "dr.csv").write_text("query\nAm I depressed?\nIs this stress?\n")
+    (outputs / "model-a" / "dr.csv").write_text('generated_text\nYes.\n""\n')
+    (outputs / "model-b" / "dr.csv").write_text("generated_text\nNo.\nMaybe.\n")
+    script = [sys.executable, str(ROOT / "scripts" / "imhi_annotation_items.py"), "--queries", str(queries),
+              "--outputs", str(outputs)]
+    out = tmp_path / "items.jsonl"
+    res = subprocess.run([*script, "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    # The second query has one answer only: an item needs two to compare.
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [
+        {"item_id": "dr-0000", "query": "Am I depressed?",
+         "responses": [{"text": "Yes.", "source": "model-a"}, {"text": "No.", "source": "model-b"}]}]
+    res = subprocess.run([*script[:3], str(tmp_path / "nope"), "--out", str(tmp_path / "x.jsonl")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().endswith("nope: no such folder")
+    assert not (tmp_path / "x.jsonl").exists()

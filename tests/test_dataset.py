@@ -186,6 +186,30 @@ def test_csv_and_parquet_inputs(tmp_path):
     assert read_jsonl(out / "preference.jsonl")[0]["completion"] == "b"
 
 
+@pytest.mark.parametrize("name,data,message", [
+    ("pairs.csv", b"query,response_1,response_2,labels.honesty\nq,a,b,>\nq,\xff\xfe,b,<\n", r"pairs.csv:3: not UTF-8 text"),
+    ("pairs.jsonl.gz", b"not gzip at all", r"pairs.jsonl.gz: not a readable gzip file"),
+    ("pairs.parquet", b"PAR1 truncated", r"pairs.parquet: cannot read Parquet"),
+])
+def test_unreadable_files_get_a_one_line_error(tmp_path, name, data, message):
+    src = tmp_path / name
+    src.write_bytes(data)
+    res, out = build(tmp_path, "--input", src)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    import re
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    src = tmp_path / "pairs.csv"
+    src.write_bytes("query,response_1,response_2,labels.honesty\nq,a,b,>\n".encode("utf-8-sig"))
+    res, out = build(tmp_path, "--input", src)
+    assert res.returncode == 0, res.stderr
+    assert read_jsonl(out / "preference.jsonl")[0]["completion"] == "a"
+
+
 @pytest.mark.parametrize("lines,message", [
     (['{"query": "q", "response_1": "a", "response_2": "b", "labels": {"honesty": ">"}}', '{"query": '],
      r"pairs.jsonl:2: not valid JSON"),

@@ -261,6 +261,11 @@ def test_bad_rows_and_objectives_name_file_line_field(tmp_path):
     bad_type = write_jsonl(tmp_path / "t.jsonl", [dict(ROWS[0], draft=3)])
     with pytest.raises(MetaAlignerError, match=r't.jsonl:1: field "draft": expected a string'):
         evaluate(bad_type, "honesty", "openai:j", out)
+    failed = write_jsonl(tmp_path / "f.jsonl", [dict(ROWS[0], draft=None, aligned=None, error="HTTP 500")])
+    with pytest.raises(MetaAlignerError, match=r'f.jsonl:1: field "draft": null: align failed on this row'):
+        evaluate(failed, "honesty", "openai:j", out)
+    with pytest.raises(MetaAlignerError, match=r"--max-rows must be at least 1 \(got 0\)"):
+        evaluate(_data(tmp_path, ROWS), "honesty", "openai:j", out, max_rows=0)
 
 
 def test_a_judge_that_never_answers_1_2_or_0_gives_no_rate_and_no_plot(tmp_path):

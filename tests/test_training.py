@@ -85,6 +85,21 @@ def test_recipe_files_load_and_unknown_keys_are_named(tmp_path):
     bad.write_text("lr: 1e-5\nlearning_rate: 3\n")
     with pytest.raises(MetaAlignerError, match=r'bad.yaml: field "learning_rate": unknown setting'):
         TrainConfig.from_file(bad, data="d")
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: default\nlr: 1e-5\nbatch_size: '4'\n")  # YAML reads 1e-5 as a string
+    cfg = TrainConfig.from_file(ok, data="d")
+    assert (cfg.lr, cfg.batch_size) == (1e-5, 4)
+    bad.write_text("base: default\nbatch_size: lots\n")
+    with pytest.raises(MetaAlignerError, match=r'bad.yaml: field "batch_size": expected a number'):
+        TrainConfig.from_file(bad, data="d")
+    bad.write_text("base: default\nlr: [1\n")
+    with pytest.raises(MetaAlignerError, match=r"bad.yaml:\d+: not a valid recipe"):
+        TrainConfig.from_file(bad, data="d")
+    bad.write_text("lr: 1.0e-5\n")
+    with pytest.raises(MetaAlignerError, match=r"bad.yaml: no base model \(give --base\)"):
+        TrainConfig.from_file(bad, data="d")
+    with pytest.raises(MetaAlignerError, match=r'device: "gpu"'):
+        TrainConfig(data="d", base="default", device="gpu")
 
 
 def test_accelerate_configs_load():
@@ -368,3 +383,13 @@ def test_cli_bad_input_errors(tmp_path):
     assert not out.exists()
 
 
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_the_interruption(tmp_path):
+    from metaaligner_core.training import _drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "warmup", "step": 1, "loss": 2.0}\n{"stage": "warmup", "step": 2, "loss": 1.5}\n'
+                    '{"stage": "warmup", "step": 3, "lo')
+    _drop_metrics_after(path, "warmup", 1)  # the last checkpoint was at step 1
+    assert path.read_text() == '{"stage": "warmup", "step": 1, "loss": 2.0}\n'

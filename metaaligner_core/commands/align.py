@@ -104,6 +104,7 @@ def resumed_rows(out: Path, rows: list[tuple[int, dict]]) -> list[dict]:
 
 
 def run(args) -> int:
+    from ..backends.hf import Sampling
     from ..models import is_default
     from ..objectives import parse_objectives
     from ..templates import template_for_model
@@ -112,6 +113,10 @@ def run(args) -> int:
         raise MetaAlignerError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.max_new_tokens < 1:
         raise MetaAlignerError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    for flag, value in (("--policy-max-new-tokens", args.policy_max_new_tokens), ("--max-length", args.max_length),
+                        ("--concurrency", args.concurrency)):
+        if value is not None and value < 1:
+            raise MetaAlignerError(f"{flag} must be at least 1 (got {value})")
     template = args.template or template_for_model(None if is_default(args.aligner) else args.aligner)
     objectives = parse_objectives(args.objectives, family=template)
     rows = read_rows(args.input)
@@ -131,6 +136,7 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    Sampling.from_kwargs(**gen)  # bad settings fail here, before any model loads or paid API call
     aligner, policy = _load_models(args, template, any(not has_draft(rows[i][1]) for i in [*redo, *todo]))
     if aligner.is_base_model:
         log.warning("note: %s", _base_warning())

@@ -47,6 +47,9 @@ def load_rows(path, max_rows: int | None = None) -> list[tuple[int, dict]]:
     for line, rec in iter_records(path):
         for name in FIELDS:
             value = rec.get(name)
+            if value is None and rec.get("error") and name in rec:
+                raise InputError(path, line, name, 'null: align failed on this row (see its "error" field); '
+                                 "rerun align with --resume")
             if value is None:
                 raise InputError(path, line, name, "missing (evaluate rows need query, golden, draft and aligned)")
             if not isinstance(value, str):
@@ -123,8 +126,12 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     """
     if mode not in MODES:
         raise MetaAlignerError(f'unknown mode "{mode}" (valid: {", ".join(MODES)})')
-    if concurrency < 1 or max_tokens < 1:
-        raise MetaAlignerError("--concurrency and --max-tokens must be at least 1")
+    for flag, value, least in (("--concurrency", concurrency, 1), ("--max-tokens", max_tokens, 1),
+                               ("--max-rows", max_rows, 1), ("--max-retries", max_retries, 0)):
+        if value is not None and value < least:
+            raise MetaAlignerError(f"{flag} must be at least {least} (got {value})")
+    if timeout <= 0:
+        raise MetaAlignerError(f"--timeout must be positive (got {timeout})")
     objs: list[Objective] = (list(objectives) if isinstance(objectives, (list, tuple))
                              and all(isinstance(o, Objective) for o in objectives)
                              else parse_objectives(objectives))
