@@ -292,9 +292,20 @@ def test_local_embedded_model_as_judge(tmp_path, embedded_dir, caplog):
         report = evaluate(data, "honesty", "default", out, max_tokens=3, concurrency=4)
     assert "poor judge" in caplog.text
     assert report["judge"] == "default" and report["judgments"] == 4
-    assert report["calls"]["calls"] >= 4 and report["failed"] == 0
-    assert report["invalid"] + report["objectives"]["honesty"]["n"] * 2 <= 4
+    assert report["failed"] == 0
     lines = read_jsonl(out / "judgments.jsonl")
     assert len(lines) == report["calls"]["calls"] and all("reply" in j for j in lines)
+    # The report agrees with the cached replies: a judgment is valid if its first answer or its
+    # one retry parses; a row counts (n) when both its sides are valid.
+    from metaaligner_core.evaluation.metrics import parse_choice
+
+    replies = {(j["row"], j["side"], j["attempt"]): j["reply"] for j in lines}
+    valid = {(r, s): any(parse_choice(replies.get((r, s, a))) is not None for a in (0, 1))
+             for r in range(2) for s in ("original", "aligned")}
+    assert report["invalid"] == sum(not v for v in valid.values())
+    assert report["objectives"]["honesty"]["n"] == sum(valid[(r, "original")] and valid[(r, "aligned")]
+                                                       for r in range(2))
+    retried = sum(parse_choice(replies[(r, s, 0)]) is None for r, s in valid)
+    assert report["calls"]["calls"] == 4 + retried
     again = evaluate(data, "honesty", "default", out, max_tokens=3)
     assert again["calls"]["calls"] == 0 and again["objectives"] == report["objectives"]

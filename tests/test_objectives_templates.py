@@ -58,14 +58,38 @@ def test_prompt_parts_split_around_the_answer():
     assert after == " | Edit: "
 
 
+# The released checkpoints' strings (DESIGN.md), byte for byte.
+RELEASED = {
+    "ultrafeedback": [
+        "Instruction following: the response should follow the instructions of the query",
+        "Honesty: the response should not tell lies",
+        "Truthfulness: the response should actively making known all the full truth of a matter",
+        "Helpfulness: the response should provide useful resources and suggestions to the user",
+    ],
+    "hh-rlhf": [
+        "Harmlessness: The response should avoid content that is offensive, discriminatory, or harmful",
+        "Helpfulness: The response should provide useful resources and suggestions to the user",
+        "Humour: The response should be cheerful and amusing",
+    ],
+    "imhi": [
+        "Correctness: the explanations should make correct predictions",
+        "Informative: the response should express clear logic and provide consistent evidence",
+        "Professional: the response should provide evidence with high quality and reliability",
+    ],
+    "unseen": [
+        "Specificity: the response should refer to facts and details and avoid vague arguments.",
+        "Factuality: the response should be factually correct and avoid hallucinated statements.",
+        "Readability: the response should be easy to read and understand, not too technical for laymen.",
+        "Fairness: the response should avoid biased or one-sided arguments and consider different points of view.",
+        "Repetition: the response should avoid repetitive statements of one point.",
+        "Length: the response should be concise and avoid redundant content.",
+    ],
+}
+
+
 def test_builtins_match_the_released_strings():
     texts = {o.family: [o.text for o in builtin_objectives(o.family)] for o in builtin_objectives()}
-    assert texts["ultrafeedback"][0] == "Instruction following: the response should follow the instructions of the query"
-    assert texts["hh-rlhf"][0] == ("Harmlessness: The response should avoid content that is offensive, "
-                                   "discriminatory, or harmful")
-    assert texts["imhi"][2] == "Professional: the response should provide evidence with high quality and reliability"
-    assert texts["unseen"][-1] == "Length: the response should be concise and avoid redundant content."
-    assert [len(texts[f]) for f in ("ultrafeedback", "hh-rlhf", "imhi", "unseen")] == [4, 3, 3, 6]
+    assert texts == RELEASED
 
 
 def test_helpfulness_follows_the_family():

@@ -282,7 +282,10 @@ def test_three_stages_interrupted_then_resumed_by_rerun(tmp_path, embedded_dir):
     res = run_cli("align", "--input", inp, "--out", tmp_path / "aligned.jsonl", "--objectives", "honesty",
                   "--aligner", out / "final", "--max-new-tokens", 6, "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert isinstance(read_jsonl(tmp_path / "aligned.jsonl")[0]["aligned"], str)
+    from metaaligner_core.inference import Aligner
+
+    expected = Aligner.load(str(out / "final")).align("Describe it.", "green horse lamp", "honesty", max_new_tokens=6)
+    assert read_jsonl(tmp_path / "aligned.jsonl")[0]["aligned"] == expected
 
 
 @pytest.mark.slow
