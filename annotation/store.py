@@ -43,12 +43,11 @@ from . import agreement as agreement_mod
 from . import export as export_mod
 from .models import (DRAFT, SUBMITTED, Annotator, Base, Item, ProtocolObjective, ProtocolRow, Rating,
                      Response, SignIn, utcnow)
+from . import DEFAULT_DB_URL, DEFAULT_TARGET_ANNOTATORS  # noqa: F401  (re-exported)
 from .protocols import SCORES, Protocol, load_protocol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB_URL = "sqlite:///data/annotations.db"
-DEFAULT_TARGET_ANNOTATORS = 3
 MIN_PASSWORD_LENGTH = 8
 SIGN_IN_TTL = timedelta(hours=12)
 # scrypt cost: 16 MiB and ~50 ms per hash on one core; the salt is per password.
@@ -279,14 +278,20 @@ class Store:
     def sign_in(self, name: str, password: str) -> str:
         """A session token for the annotator; raises AccessDenied on a wrong name or password."""
         global _DUMMY_HASH
+        with self._session() as s:
+            row = s.execute(select(Annotator.id, Annotator.password_hash)
+                            .where(Annotator.name == (name or "").strip())).first()
+        # The password check (scrypt, ~50 ms) runs outside the write lock: sign-in attempts,
+        # wrong ones included, never hold up other annotators' saves.
+        if row is None or not row.password_hash:
+            _DUMMY_HASH = _DUMMY_HASH or hash_password(secrets.token_hex(8))
+            verify_password(password or "", _DUMMY_HASH)
+            raise AccessDenied("wrong name or password")
+        if not verify_password(password or "", row.password_hash):
+            raise AccessDenied("wrong name or password")
         with self._session(write=True) as s:
-            row = s.scalar(select(Annotator).where(Annotator.name == (name or "").strip()))
-            if row is None or not row.password_hash:
-                _DUMMY_HASH = _DUMMY_HASH or hash_password(secrets.token_hex(8))
-                verify_password(password or "", _DUMMY_HASH)
-                raise AccessDenied("wrong name or password")
-            if not verify_password(password or "", row.password_hash):
-                raise AccessDenied("wrong name or password")
+            if s.scalar(select(Annotator.password_hash).where(Annotator.id == row.id)) != row.password_hash:
+                raise AccessDenied("wrong name or password")  # the password changed meanwhile
             s.execute(SignIn.__table__.delete().where(SignIn.created_at < utcnow() - SIGN_IN_TTL))
             token = secrets.token_urlsafe(32)
             s.add(SignIn(token_hash=_sha(token), annotator_id=row.id))

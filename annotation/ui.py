@@ -26,7 +26,7 @@ from metaaligner_core.errors import MetaAlignerError
 
 from . import export as export_mod
 from .protocols import rubric_markdown
-from .store import DEFAULT_TARGET_ANNOTATORS, ItemView, Progress, Store
+from .store import DEFAULT_DB_URL, DEFAULT_TARGET_ANNOTATORS, ItemView, Progress, Store
 
 # Keyboard shortcuts for the Annotate tab. The tab installs them itself (a load event on the
 # enclosing Blocks); an app may also pass this to ``launch(js=...)`` — it installs only once.
@@ -359,7 +359,7 @@ def build_demo(db_url: str | None = None, target_annotators: int | None = DEFAUL
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m annotation.ui",
                                      description="Serve the Annotate and Export tabs alone (offline).")
-    parser.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite path (default: sqlite:///data/annotations.db)")
+    parser.add_argument("--db", default=None, help=f"SQLAlchemy URL or SQLite path (default: {DEFAULT_DB_URL})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--target", type=int, default=DEFAULT_TARGET_ANNOTATORS, help="annotators wanted per item")

@@ -162,7 +162,7 @@ class Aligner:
         if len(queries) != len(drafts):
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
         sampling = Sampling.from_kwargs(**gen)
-        per_row = _per_row_objectives(objectives, len(queries))
+        per_row = _per_row_objectives(objectives, len(queries), self.objectives)  # parsed once, not per row
         encoded, prefix_lens, shortened = [], [], 0
         for q, d, o in zip(queries, drafts, per_row):
             ids, cut = self.encode(q, d, o, sampling.max_new_tokens)
@@ -180,20 +180,22 @@ class Aligner:
     def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
         """Text deltas of the correction as it is generated; joined, they equal :meth:`align`."""
         sampling = Sampling.from_kwargs(**gen)
+        objectives = self.objectives(objectives)
         ids, cut = self.encode(query, draft, objectives, sampling.max_new_tokens)
         if cut:
             log.warning("the draft was shortened to fit the aligner's context of %d tokens", self.generator.max_length)
         yield from strip_stream(self.generator.stream(ids, sampling, self.shared_prefix_len(ids, objectives)))
 
 
-def _per_row_objectives(objectives, n: int) -> list:
-    """One objectives value per row: ``objectives`` itself, or its items when it is a per-row list."""
+def _per_row_objectives(objectives, n: int, resolve) -> list:
+    """One resolved objectives list per row: ``objectives`` for every row, or its items when it
+    is a per-row list. ``resolve`` turns a SPEC or list into objectives."""
     if isinstance(objectives, str):
-        return [objectives] * n
+        return [resolve(objectives)] * n
     items = list(objectives)
     if items and all(isinstance(o, (str, list, tuple)) for o in items) and any(
             isinstance(o, (list, tuple)) for o in items):
         if len(items) != n:
             raise MetaAlignerError(f"{len(items)} objective lists for {n} rows")
-        return items
-    return [items] * n
+        return [resolve(o) for o in items]
+    return [resolve(items)] * n

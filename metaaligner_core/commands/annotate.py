@@ -18,10 +18,11 @@ import os
 import sys
 from pathlib import Path
 
+from annotation import DEFAULT_DB_URL as DEFAULT_DB, DEFAULT_TARGET_ANNOTATORS
+
 from ..errors import MetaAlignerError
 
 PASSWORD_ENV = "METAALIGNER_ANNOTATOR_PASSWORD"
-DEFAULT_DB = "sqlite:///data/annotations.db"
 
 
 def register(sub) -> None:
@@ -82,7 +83,8 @@ def register(sub) -> None:
 
     q = asub.add_parser("progress", help="items rated, overall and per annotator")
     common(q)
-    q.add_argument("--target", type=int, default=3, help="annotators wanted per item (default: 3)")
+    q.add_argument("--target", type=int, default=DEFAULT_TARGET_ANNOTATORS,
+                   help="annotators wanted per item (default: %(default)s)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_progress)
 

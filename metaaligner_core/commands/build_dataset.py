@@ -20,7 +20,7 @@ def register(sub) -> None:
                    help=".jsonl, .jsonl.gz, .csv, .parquet, or hf:<dataset id>[/<data dir>][:split]")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--source", default="auto", choices=["auto", *SOURCES],
-                   help="input layout (default: detected from the first record)")
+                   help="input layout (default: detected from each input file's first record)")
     p.add_argument("--template", default="ultrafeedback", choices=TEMPLATE_NAMES)
     p.add_argument("--objectives", metavar="SPEC",
                    help="objectives the labels may use besides the built-ins (keys, 'Name: description' items "
