@@ -11,7 +11,7 @@ import pytest
 from conftest import read_jsonl, run_cli, write_jsonl
 from metaaligner_core.dataset import (PreferenceRecord, build_dynamic_dataset, rows_for_record,
                                       split_transcript)
-from metaaligner_core.objectives import builtin_objectives, parse_objectives
+from metaaligner_core.objectives import builtin_objectives
 from metaaligner_core.templates import build_prompt
 
 UF = {o.key: o for o in builtin_objectives("ultrafeedback")}

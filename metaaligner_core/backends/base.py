@@ -50,19 +50,31 @@ class APIBackend:
                  system: str | None = None) -> Completion:
         raise NotImplementedError
 
-    def complete_batch(self, prompts: list[str], *, max_tokens: int = 512, temperature: float = 0.0,
-                       system: str | None = None, batch_size: int = 16) -> list[Completion]:
-        """Concurrent calls (``batch_size`` threads at most), results in input order.
+    def complete_each(self, prompts: list[str], *, max_tokens: int = 512, temperature: float = 0.0,
+                      system: str | None = None, batch_size: int | None = None) -> list[Completion | BackendError]:
+        """Concurrent calls (``concurrency`` threads, at most ``batch_size``), in input order; a
+        call that still fails after the client's retries gives its :class:`BackendError`."""
+        def call(prompt):
+            try:
+                return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, system=system)
+            except BackendError as e:
+                return e
 
-        The first failure is raised; callers that want per-row errors call :meth:`complete`
-        themselves (``metaaligner align`` does).
-        """
         if not prompts:
             return []
-        workers = max(1, min(batch_size, self.concurrency, len(prompts)))
+        workers = max(1, min(batch_size or self.concurrency, self.concurrency, len(prompts)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda p: self.complete(p, max_tokens=max_tokens, temperature=temperature,
-                                                         system=system), prompts))
+            return list(pool.map(call, prompts))
+
+    def complete_batch(self, prompts: list[str], *, max_tokens: int = 512, temperature: float = 0.0,
+                       system: str | None = None, batch_size: int = 16) -> list[Completion]:
+        """:meth:`complete_each`, raising the first failure (for per-row errors use that)."""
+        results = self.complete_each(prompts, max_tokens=max_tokens, temperature=temperature, system=system,
+                                     batch_size=batch_size)
+        for r in results:
+            if isinstance(r, BackendError):
+                raise r
+        return results
 
 
 def describe_api_error(name: str, err: Exception, secret: str | None = None) -> str:

@@ -11,7 +11,6 @@ an ``error``.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InputError, MetaAlignerError
@@ -213,15 +212,9 @@ def _process(indices: list[int], rows, aligner, policy, objectives, gen: dict, a
     if need:
         queries = [recs[k]["query"] for k in need]
         max_tokens = args.policy_max_new_tokens or args.max_new_tokens
-        if isinstance(policy, APIBackend):
-            def ask(q):
-                try:
-                    return policy.complete(q, max_tokens=max_tokens, temperature=args.temperature).text, None
-                except BackendError as e:
-                    return None, str(e)
-
-            with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
-                answers = list(pool.map(ask, queries))
+        if isinstance(policy, APIBackend):  # per-row errors: a failed row is kept, marked, redone on --resume
+            answers = [(None, str(r)) if isinstance(r, BackendError) else (r.text, None)
+                       for r in policy.complete_each(queries, max_tokens=max_tokens, temperature=args.temperature)]
         else:
             comps = policy.complete_batch(queries, max_tokens=max_tokens, temperature=args.temperature,
                                           batch_size=args.batch_size, seed=args.seed,
