@@ -6,7 +6,11 @@ addressed by a lowercase key: the name before the colon (``honesty``, ``instruct
 following``); ``_`` and ``-`` may stand for spaces (``instruction_following``).
 
 A SPEC is a comma-separated list of keys and/or ``Name: description`` items, or ``@path`` to a
-file with one objective per line.
+file with one objective per line. Descriptions may contain commas: a built-in objective typed in
+full (``Harmlessness: The response should avoid content that is offensive, discriminatory, or
+harmful``) is one objective, a piece after a ``Name: description`` item that is neither a key nor
+another ``Name: ...`` item continues its description, and an item in double quotes is taken
+whole (``"Tone: warm, not gushing",honesty``).
 """
 from __future__ import annotations
 
@@ -114,11 +118,77 @@ def lookup(key: str, family: str | None = None) -> Objective:
             if obj.key == k:
                 return obj
     raise MetaAlignerError(f'unknown objective "{key.strip()}" (valid keys: {", ".join(builtin_keys())}; '
-                           f'or give a new one as "Name: description")')
+                           f'or give a new one as "Name: description", in double quotes if it has commas, '
+                           f'or list objectives one per line in a file passed as @file)')
+
+
+def _is_key(text: str) -> bool:
+    try:
+        lookup(text)
+        return True
+    except MetaAlignerError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def _builtin_by_text() -> dict[str, Objective]:
+    return {o.text: o for fam in reversed(FAMILIES) for o in BUILTIN[fam]}
+
+
+def split_spec(spec: str) -> list[str]:
+    """The items of a comma-separated SPEC string (see the module docstring for the rules)."""
+    pieces: list[tuple[str, bool]] = []  # (text, quoted)
+    buf, quoted, in_quotes = [], False, False
+    for ch in spec:
+        if ch == '"':
+            in_quotes, quoted = not in_quotes, True
+        elif ch == "," and not in_quotes:
+            pieces.append(("".join(buf), quoted))
+            buf, quoted = [], False
+        else:
+            buf.append(ch)
+    if in_quotes:
+        raise MetaAlignerError(f"objectives {spec!r}: a double quote is not closed")
+    pieces.append(("".join(buf), quoted))
+    texts = _builtin_by_text()
+    items, i = [], 0
+    while i < len(pieces):
+        text, q = pieces[i]
+        if q:
+            items.append(text)
+            i += 1
+            continue
+        # A built-in objective typed in full, commas included: the longest match wins.
+        for j in range(len(pieces) - 1, i, -1):
+            joined = ",".join(p for p, _ in pieces[i:j + 1]).strip()
+            if joined in texts and not any(qq for _, qq in pieces[i:j + 1]):
+                items.append(joined)
+                i = j + 1
+                break
+        else:
+            i += 1
+            if ":" in text:
+                while i < len(pieces):
+                    nxt, nq = pieces[i]
+                    if nq or not nxt.strip() or ":" in nxt or _is_key(nxt):
+                        break
+                    text += "," + nxt
+                    i += 1
+            items.append(text)
+    return items
 
 
 def _parse_item(item: str, family: str | None) -> Objective:
+    if item in _builtin_by_text():
+        return _builtin_by_text()[item] if family is None else _family_text(item, family)
     return Objective.parse(item) if ":" in item else lookup(item, family)
+
+
+def _family_text(text: str, family: str) -> Objective:
+    for o in BUILTIN.get(family, ()):
+        if o.text == text:
+            return o
+    return _builtin_by_text()[text]
 
 
 def parse_objectives(spec, family: str | None = None) -> list[Objective]:
@@ -132,7 +202,7 @@ def parse_objectives(spec, family: str | None = None) -> list[Objective]:
         if spec.startswith("@"):
             items = _read_spec_file(Path(spec[1:].strip()))
         else:
-            items = [(s, None) for s in spec.split(",")]
+            items = [(s, None) for s in split_spec(spec)]
     out: dict[str, Objective] = {}
     for item, where in items:
         if isinstance(item, Objective):

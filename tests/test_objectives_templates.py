@@ -141,3 +141,30 @@ def test_objectives_cli_json_and_family():
     assert [d["key"] for d in data] == ["specificity", "factuality", "readability", "fairness", "repetition", "length"]
     res = run_cli("objectives")
     assert res.returncode == 0 and "[hh-rlhf]" in res.stdout and "humour" in res.stdout
+
+
+@pytest.mark.parametrize("family", [None, "hh-rlhf", "ultrafeedback", "imhi"])
+def test_every_builtin_typed_in_full_is_one_objective(family):
+    """DESIGN.md: a description may contain commas; every built-in typed in full is one objective."""
+    texts = [o.text for o in builtin_objectives()]
+    assert any("," in t for t in texts)  # the harmlessness description has commas
+    for text in texts:
+        objs = parse_objectives(f"{text},honesty", family=family)
+        assert [o.text for o in objs][0] == text
+        assert len(objs) == (1 if text.startswith("Honesty:") else 2)
+
+
+def test_custom_descriptions_keep_their_commas_and_quotes_take_items_whole():
+    objs = parse_objectives("honesty,Empathy: acknowledge feelings, then respond kindly,length")
+    assert [o.key for o in objs] == ["honesty", "empathy", "length"]
+    assert objs[1].description == "acknowledge feelings, then respond kindly"
+    objs = parse_objectives('"Tone: warm, honesty first",honesty')
+    assert [(o.key, o.description) for o in objs] == [("tone", "warm, honesty first"), ("honesty",
+                                                       "the response should not tell lies")]
+    with pytest.raises(MetaAlignerError, match="double quote is not closed"):
+        parse_objectives('"Tone: warm')
+
+
+def test_unknown_objective_error_names_quoting_and_at_file():
+    with pytest.raises(MetaAlignerError, match=r'unknown objective "discriminatory".*double quotes.*@file'):
+        parse_objectives("harmlessness,discriminatory")
