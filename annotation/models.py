@@ -32,7 +32,10 @@ class Annotator(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     password_hash: Mapped[str | None] = mapped_column(String(400))
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)  # kept equal to role == "admin"
+    # rater | examiner | admin (annotation.accounts.ROLES); server_default fills rows of older files.
+    role: Mapped[str] = mapped_column(String(16), default="rater", server_default="rater")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -90,6 +93,7 @@ class Item(Base):
     protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
     query: Mapped[str] = mapped_column(Text)
     query_hash: Mapped[str] = mapped_column(String(64))
+    added_by: Mapped[str | None] = mapped_column(String(200))  # account that sent it from the app; None: CLI import
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     responses: Mapped[list["Response"]] = relationship(
