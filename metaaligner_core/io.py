@@ -164,3 +164,54 @@ def write_jsonl(path: str | os.PathLike, records) -> int:
             fh.write(dumps(rec) + "\n")
             n += 1
     return n
+
+
+def parse_columns(spec: str | None, fields, flag: str = "--columns") -> dict[str, str]:
+    """``FIELD=COLUMN[,FIELD=COLUMN...]`` -> ``{FIELD: COLUMN}``: which input column holds each field.
+
+    ``fields`` are the field names the command knows (e.g. ``("query", "draft", "golden")``); a
+    field not named keeps its own name as column. Column names may contain spaces but not ``,``
+    or ``=``. One clear error naming ``flag`` for an unknown field, a repeated field, or an item
+    without ``=``.
+
+    >>> parse_columns("draft=generated_text,golden=goldens", ("query", "draft", "golden"))
+    {'draft': 'generated_text', 'golden': 'goldens'}
+    """
+    known = tuple(fields)
+    mapping: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        field, sep, column = item.partition("=")
+        field, column = field.strip(), column.strip()
+        if not sep or not field or not column:
+            raise MetaAlignerError(f'{flag}: "{item.strip()}" is not FIELD=COLUMN (e.g. {flag} draft=generated_text)')
+        if field not in known:
+            raise MetaAlignerError(f'{flag}: unknown field "{field}" (valid: {", ".join(known)})')
+        if field in mapping:
+            raise MetaAlignerError(f'{flag}: field "{field}" is mapped twice')
+        mapping[field] = column
+    return mapping
+
+
+def apply_columns(record: dict, mapping: dict[str, str]) -> dict:
+    """A copy of ``record`` with each mapped ``COLUMN`` also available under its ``FIELD`` name.
+
+    The original columns are kept (output rows keep every input field); a mapped field overrides
+    a column of the same name. A column that is absent leaves the field absent, so the caller's
+    "missing" check names it (see :func:`column_label`).
+    """
+    if not mapping:
+        return record
+    out = dict(record)
+    for field, column in mapping.items():
+        if column in record:
+            out[field] = record[column]
+        else:
+            out.pop(field, None)
+    return out
+
+
+def column_label(field: str, mapping: dict[str, str]) -> str:
+    """The input column to name in an error about ``field``: its mapped column, else the field."""
+    return mapping.get(field, field)
