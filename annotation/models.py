@@ -1,7 +1,7 @@
 """The annotation database: typed SQLAlchemy 2 models.
 
 The rules the domain depends on live in the schema, so no code path can break them: one rating
-per (response, annotator, objective), scores 0–3, a status that is either ``draft`` or
+per (response, annotator, objective), non-negative scores (each protocol checks its own range), a status that is either ``draft`` or
 ``submitted``, unique annotator names, one response text per item.
 """
 from __future__ import annotations
@@ -59,6 +59,7 @@ class ProtocolRow(Base):
     title: Mapped[str] = mapped_column(Text)
     guidelines: Mapped[str] = mapped_column(Text)
     spec: Mapped[dict] = mapped_column(JSON)
+    version: Mapped[str | None] = mapped_column(String(40))  # the protocol file's ``version``
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     objectives: Mapped[list["ProtocolObjective"]] = relationship(
@@ -93,6 +94,9 @@ class Item(Base):
     protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
     query: Mapped[str] = mapped_column(Text)
     query_hash: Mapped[str] = mapped_column(String(64))
+    # raters wanted for this item (k); None: the protocol's, else DEFAULT_TARGET_ANNOTATORS
+    target_raters: Mapped[int | None] = mapped_column(Integer)
+    is_gold: Mapped[bool | None] = mapped_column(Boolean, default=False)
     added_by: Mapped[str | None] = mapped_column(String(200))  # account that sent it from the app; None: CLI import
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -113,17 +117,18 @@ class Response(Base):
     text_hash: Mapped[str] = mapped_column(String(64))
     source: Mapped[str | None] = mapped_column(String(400))
     position: Mapped[int] = mapped_column(Integer)
+    gold: Mapped[dict | None] = mapped_column(JSON)  # known scores {objective: score} of a gold item
 
     item: Mapped[Item] = relationship(back_populates="responses")
 
 
 class Rating(Base):
-    """One annotator's 0–3 score of one response on one objective."""
+    """One annotator's score of one response on one objective, under a protocol version."""
 
     __tablename__ = "ratings"
     __table_args__ = (
         UniqueConstraint("response_id", "annotator_id", "objective", name="uq_rating_response_annotator_objective"),
-        CheckConstraint("score BETWEEN 0 AND 3", name="ck_rating_score_0_3"),
+        CheckConstraint("score BETWEEN 0 AND 10", name="ck_rating_score_0_10"),
         CheckConstraint(f"status IN ('{DRAFT}', '{SUBMITTED}')", name="ck_rating_status"),
         Index("ix_ratings_annotator_status", "annotator_id", "status"),
     )
@@ -139,3 +144,61 @@ class Rating(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    protocol_version: Mapped[str | None] = mapped_column(String(40))
+
+
+class Assignment(Base):
+    """An item handed to a rater. Open assignments count towards the item's k raters for
+    ``ASSIGNMENT_TTL`` (store), so concurrent raters spread over items; submitted ones for good."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "annotator_id", name="uq_assignment_item_annotator"),
+                      Index("ix_assignments_annotator", "annotator_id", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | submitted
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Review(Base):
+    """An examiner's final score of one response on one objective, with the reason."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("response_id", "objective", name="uq_review_response_objective"),
+                      CheckConstraint("score BETWEEN 0 AND 10", name="ck_review_score_0_10"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
+    objective: Mapped[str] = mapped_column(String(200))
+    score: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    examiner_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    protocol_version: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RatingEvent(Base):
+    """The audit trail: one row per change of a rating or a final score (who, when, old -> new,
+    through which path). Rows are only ever added."""
+
+    __tablename__ = "rating_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))  # account name, or "operator" (command line)
+    path: Mapped[str] = mapped_column(String(60))  # app | import-ratings | import-ratings --overwrite | review
+    kind: Mapped[str] = mapped_column(String(16))  # rating | review
+    item_uid: Mapped[str] = mapped_column(String(200))
+    response_id: Mapped[int] = mapped_column(Integer)
+    rater: Mapped[str | None] = mapped_column(String(200))  # whose rating (None for a review)
+    objective: Mapped[str] = mapped_column(String(200))
+    old_score: Mapped[int | None] = mapped_column(Integer)
+    new_score: Mapped[int | None] = mapped_column(Integer)
+    old_status: Mapped[str | None] = mapped_column(String(16))
+    new_status: Mapped[str | None] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)  # the examiner's reason

@@ -40,6 +40,7 @@ from metaaligner_core.io import iter_records
 from metaaligner_core.objectives import normalize_key
 
 from . import agreement as agreement_mod
+from . import migrate
 from . import export as export_mod
 from .models import (DRAFT, SUBMITTED, Annotator, Base, Item, ProtocolObjective, ProtocolRow, Rating,
                      Response, SignIn, utcnow)
@@ -154,11 +155,22 @@ def engine_for(url: str) -> Engine:
             _configure_sqlite(engine)
         try:
             Base.metadata.create_all(engine)
+            migrate.upgrade(engine)  # columns added since a database was created
         except OperationalError as e:
             raise MetaAlignerError(f'--db "{url}": cannot open the database ({e.orig})') from None
         _ENGINES[url] = engine
         _WRITE_LOCKS[url] = threading.Lock() if sqlite else None
         return engine
+
+
+def dispose_engine(url: str) -> None:
+    """Close and forget this process's engine for ``url`` (e.g. before dropping the database)."""
+    url = normalize_db_url(url)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(url, None)
+        _WRITE_LOCKS.pop(url, None)
+    if engine is not None:
+        engine.dispose()
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -62,3 +62,57 @@ def embedded_dir() -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+# The annotation store's tests run on SQLite and on a real PostgreSQL server (tests/pg_server.py).
+
+def _pg_missing() -> str | None:
+    from pg_server import pg_bindir
+
+    if pg_bindir() is None:
+        return "PostgreSQL not installed (scripts/setup.sh --dev installs Debian's postgresql)"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg not installed (pip install -r requirements.txt)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session: skipped where absent, but a failure under CI."""
+    from pg_server import PgServer
+
+    missing = _pg_missing()
+    if missing:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI: {missing}")
+        pytest.skip(missing)
+    server = PgServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server; dropped after the test."""
+    name = pg_server.create_database()
+    url = pg_server.url(name)
+    try:
+        yield url
+    finally:
+        from annotation.store import dispose_engine
+
+        dispose_engine(url)
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The annotation store's URL, once per database: a SQLite file and a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ann.db'}"
+    return request.getfixturevalue("pg_url")
