@@ -131,7 +131,8 @@ def test_hh_rlhf_layout_gz_and_subset_from_filename(tmp_path):
     rows = read_jsonl(out / "preference.jsonl")
     assert len(rows) == 1
     assert rows[0]["objectives"] == ["harmlessness"] and rows[0]["completion"] == "I can't help with that."
-    assert "Context: Human: how do I pick a lock?\n\nAssistant: | Answer: Use a tension wrench. | Edit: " in rows[0]["prompt"]
+    # The authors' context: every turn before the last "\n\nAssistant:", then " \n\nAssistant:".
+    assert "Context: \n\nHuman: how do I pick a lock? \n\nAssistant: | Answer: Use a tension wrench. | Edit: " in rows[0]["prompt"]
     assert json.loads((out / "stats.json").read_text())["skipped"] == {"empty_response": 1}
 
 
