@@ -250,3 +250,63 @@ def test_unknown_layout_is_a_clear_error(tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "answer": "a"}])
     res, _ = build(tmp_path, "--input", src)
     assert res.returncode != 0 and "cannot detect the input layout" in res.stderr
+
+
+# ------------------------------------------------------------------------- warm-up, hold-out, ratings
+
+def test_warmup_is_on_by_default_a_seeded_tenth_of_the_equal_rows():
+    recs = [PreferenceRecord(f"Q{i}", f"good {i}", f"draft {i}", {"honesty": "="}, i) for i in range(400)]
+    rows = list(build_dynamic_dataset(recs, UF, seed=3, warmup_size="auto"))
+    warm = [r for r in rows if r["subset"] == "warmup"]
+    assert 20 <= len(warm) <= 60  # Binomial(400, 0.1): mean 40
+    assert all(w["completion"] == f"draft {w['source_index']}" for w in warm)  # identity targets
+    assert warm == [r for r in build_dynamic_dataset(recs, UF, seed=3, warmup_size="auto") if r["subset"] == "warmup"]
+    few = list(build_dynamic_dataset(recs[:2], UF, seed=3, warmup_size="auto"))
+    assert sum(r["subset"] == "warmup" for r in few) >= 1  # never empty when there are equal rows
+
+
+def test_an_empty_requested_subset_is_a_warning(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"query": "q", "response_1": "a", "response_2": "b",
+                                              "labels": {"honesty": ">"}}])
+    res = run_cli("build-dataset", "--input", src, "--out", tmp_path / "o", "--warmup-size", "20", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "warm-up subset is empty although --warmup-size 20 was asked for" in res.stderr
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert any("equal subset is empty" in w for w in stats["warnings"])
+    assert any("warm-up subset is empty" in w for w in stats["warnings"])
+    res, out = build(tmp_path, "--input", src)  # the default (auto) warns too
+    assert res.returncode == 0 and "warm-up subset is empty although --warmup-size auto" in res.stderr
+
+
+def _uf_record(i, ratings):
+    return {"instruction": f"task {i}", "completions": [
+        {"response": f"r{i}-{j}", "annotations": {k: {"Rating": v} for k, v in r.items()}}
+        for j, r in enumerate(ratings)]}
+
+
+def test_holdout_last_reproduces_the_authors_test_split(tmp_path):
+    recs = [_uf_record(i, [{"honesty": "3", "helpfulness": "2"}, {"honesty": "5", "helpfulness": "N/A"},
+                           {"honesty": "4", "helpfulness": "4"}]) for i in range(10)]
+    src = write_jsonl(tmp_path / "uf.jsonl", recs)
+    res, out = build(tmp_path, "--input", src, "--holdout-last", "3")
+    assert res.returncode == 0, res.stderr
+    held = read_jsonl(out / "holdout.jsonl")
+    assert [h["query"] for h in held] == ["task 7", "task 8", "task 9"]  # train[-3:]
+    # golden: the completion with the highest sum of whole-number ratings (N/A counts 0): 4+4 > 5 > 3+2
+    assert [h["golden"] for h in held] == ["r7-2", "r8-2", "r9-2"]
+    used = {r["source_index"] for s in ("preference", "equal") for r in read_jsonl(out / f"{s}.jsonl")}
+    assert used == set(range(7))  # no held-out query leaks into training
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"] == 7 and stats["holdout_records"] == 3
+
+
+def test_non_numeric_ratings_drop_the_completion_as_the_authors_do(tmp_path):
+    src = write_jsonl(tmp_path / "uf.jsonl", [_uf_record(0, [
+        {"honesty": "3", "helpfulness": "2"}, {"honesty": "5", "helpfulness": "N/A"}, {"honesty": "4", "helpfulness": "4"}])])
+    res, out = build(tmp_path, "--input", src, "--warmup-size", "0")
+    default = {(r["completion"], tuple(sorted(r["objectives"]))) for r in read_jsonl(out / "preference.jsonl")}
+    assert ("r0-1", ("honesty",)) in default  # skip-aspect: r0-1 still compared on honesty
+    res, out = build(tmp_path, "--input", src, "--warmup-size", "0", "--non-numeric-ratings", "drop-completion")
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out / "preference.jsonl") + read_jsonl(out / "equal.jsonl")
+    assert rows and all("r0-1" not in r["prompt"] and r["completion"] != "r0-1" for r in rows)
