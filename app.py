@@ -1,22 +1,32 @@
 """MetaAligner in the browser: ``python app.py`` (tabs Align, Annotate, Export; API endpoint ``align``).
 
 The UI is built by :func:`build_demo` and its events call
-:class:`metaaligner_core.app_service.AlignService`, which holds the shared models. Nothing heavy
+:class:`webapp.service.AlignService` (on :mod:`metaaligner_core.pipeline`), which holds the shared models. Nothing heavy
 happens at import: ``demo`` (the Gradio convention, e.g. for ``gradio app.py``) is built on first
 access, and models load in a background thread once the server is up, with their status on the page.
 
     python app.py [--policy MODEL] [--aligner MODEL] [--template NAME] [--db URL]
-                  [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS]
+                  [--allow-models MODEL,...] [--allow-any-model]
+                  [--host 127.0.0.1] [--port 7860] [--share] [--auth-file FILE]
+
+Every event handler is a public HTTP endpoint, so each one checks its inputs itself (model
+allow-list, length caps, sign-in and role for anything that writes): see :mod:`app_security`
+and docs/security.md.
 """
 # No `from __future__ import annotations`: gr.api reads align_api's type hints at runtime.
 import argparse
+import atexit
 import importlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import app_security as sec
 from annotation import DEFAULT_DB_URL as DEFAULT_DB
 from metaaligner_core.errors import MetaAlignerError
 
@@ -68,6 +78,10 @@ class AppConfig:
     preload: load the start-up models in the background right after launch.
     threads: CPU threads per generation (torch.set_num_threads); None keeps torch's default.
         On a CPU shared with other busy processes, 1 is often several times faster.
+    allow_models: further MODEL strings visitors may pick (besides policy, aligner and default).
+    allow_any_model: accept any MODEL string a visitor types (still never sends an API key to an
+        OpenAI-compatible endpoint the operator did not configure).
+    limits: input caps, queue size and upload limit (app_security.Limits).
     """
 
     policy: str = "default"
@@ -83,6 +97,9 @@ class AppConfig:
     max_models: int = 2
     preload: bool = True
     threads: int | None = None
+    allow_models: list[str] = field(default_factory=list)
+    allow_any_model: bool = False
+    limits: sec.Limits = sec.LIMITS
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -100,7 +117,14 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    p.add_argument("--auth", metavar="USER:PASS", help="require this login for the whole app")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login for the whole app (visible in `ps`: "
+                   f"prefer --auth-file or ${sec.AUTH_ENV})")
+    p.add_argument("--auth-file", metavar="FILE", help="read USER:PASS for the whole app from the first line of FILE")
+    p.add_argument("--allow-models", metavar="MODEL,...", action="append", default=[],
+                   help="further MODEL strings visitors may pick (comma-separated, repeatable); besides "
+                        "--policy, --aligner and default, nothing else is accepted")
+    p.add_argument("--allow-any-model", action="store_true",
+                   help="accept any MODEL string visitors type (API keys still go only to configured endpoints)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default generation length (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=1, help="generations running at once (default: %(default)s)")
     p.add_argument("--max-models", type=int, default=2, help="loaded models kept per kind (default: %(default)s)")
@@ -109,21 +133,24 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="load models on first use instead of right after start")
     a = p.parse_args(argv)
-    auth = None
-    if a.auth is not None:
-        user, sep, password = a.auth.partition(":")
-        if not sep or not user or not password:
-            p.error('--auth: expected "USER:PASS"')
-        auth = (user, password)
+    try:
+        auth = sec.read_auth(a.auth, a.auth_file)
+    except MetaAlignerError as e:
+        p.error(str(e))
+    if a.auth is not None and not a.auth_file and not os.environ.get(sec.AUTH_ENV):
+        log.warning("--auth USER:PASS is visible to every local user in the process list; "
+                    "use --auth-file FILE or $%s instead", sec.AUTH_ENV)
+    allow = [m.strip() for item in a.allow_models for m in item.split(",") if m.strip()]
     if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1 or (a.threads is not None and a.threads < 1):
         p.error("--concurrency, --max-models, --max-new-tokens and --threads must be >= 1")
     return AppConfig(policy=a.policy, aligner=a.aligner, template=a.template, db_url=a.db_url, host=a.host,
                      port=a.port, share=a.share, auth=auth, max_new_tokens=a.max_new_tokens,
-                     concurrency=a.concurrency, max_models=a.max_models, preload=a.preload, threads=a.threads)
+                     concurrency=a.concurrency, max_models=a.max_models, preload=a.preload, threads=a.threads,
+                     allow_models=allow, allow_any_model=a.allow_any_model)
 
 
 def make_service(config: AppConfig):
-    from metaaligner_core.app_service import AlignService, GenerationSettings, ModelRegistry
+    from webapp.service import AlignService, GenerationSettings, ModelRegistry
 
     return AlignService(ModelRegistry(max_models=config.max_models, threads=config.threads), policy=config.policy,
                         aligner=config.aligner, template=config.template,
@@ -135,8 +162,18 @@ def _user_error(e: Exception):
     """A toast for the user; never a stack trace. Library failures are logged with their trace."""
     import gradio as gr
 
+    try:
+        from metaaligner_core.backends.base import BackendError
+    except ImportError:  # pragma: no cover
+        BackendError = ()  # noqa: N806
+    if BackendError and isinstance(e, BackendError):
+        # A provider's error body can carry anything (the endpoint's own text, echoed input):
+        # the log keeps it (with the key masked by the backend), the visitor gets one plain line.
+        log.warning("model provider error: %s", sec.strip_credentials(str(e)))
+        return gr.Error("The model provider returned an error; the server log has the details.",
+                        print_exception=False)
     if isinstance(e, MetaAlignerError):
-        return gr.Error(str(e), print_exception=False)
+        return gr.Error(sec.plain(sec.strip_credentials(str(e)), 400), print_exception=False)
     log.error("request failed: %s", type(e).__name__, exc_info=e)
     return gr.Error(f"Something went wrong ({type(e).__name__}); the server log has the details.",
                     print_exception=False)
@@ -150,8 +187,9 @@ def annotation_protocols() -> list[str]:
     return builtin_protocols()
 
 
-def _annotation_tabs(db_url: str):
-    """The Annotate and Export tabs from :mod:`annotation.ui`, or a placeholder while absent."""
+def _annotation_tabs(db_url: str, first_run=None):
+    """The Annotate, Export and Accounts tabs, or placeholders while :mod:`annotation.ui` is
+    absent. Returns the ``gr.State`` holding the sign-in token (None without the annotation tools)."""
     import gradio as gr
 
     try:
@@ -171,38 +209,77 @@ def _annotation_tabs(db_url: str):
             gr.Markdown("The export tools are not part of this build (module `annotation.ui` is missing).")
         else:  # one sign-in for both tabs
             annotation_ui.build_export_tab(db_url, signed_in)
+    if signed_in is not None:
+        import app_accounts
+
+        with gr.Tab("Accounts", id="accounts"):
+            app_accounts.build_accounts_tab(db_url, signed_in, first_run)
+    return signed_in
 
 
-def build_demo(config: AppConfig | None = None, service=None):
+def build_demo(config: AppConfig | None = None, service=None, first_run=None):
     """Build the Blocks app. ``service`` defaults to one made from ``config``; it is kept as
-    ``demo.service`` so the launcher (and tests) can reach the shared models."""
+    ``demo.service`` so the launcher (and tests) can reach the shared models. ``first_run``
+    (annotation.accounts.FirstRun) enables creating the first admin in the browser."""
     import gradio as gr
 
-    from metaaligner_core.app_service import (AUTO_TEMPLATE, FAMILIES, FAMILY_INFO, FAMILY_TITLES,
-                                              GenerationSettings, collect_objectives, missing_api_key,
-                                              objective_choices)
-    from metaaligner_core.models import is_api_model
+    from webapp.service import (AUTO_TEMPLATE, FAMILIES, FAMILY_INFO, FAMILY_TITLES, GenerationSettings,
+                                collect_objectives, missing_api_key, objective_choices)
+    from metaaligner_core.models import display_name, is_api_model
     from metaaligner_core.templates import TEMPLATE_NAMES
 
     config = config or AppConfig()
     service = service or make_service(config)
+    limits = config.limits
+    allow = sec.ModelAllowList(policies=[config.policy, "default", *config.allow_models],
+                               aligners=[config.aligner, "default", *config.allow_models],
+                               allow_any=config.allow_any_model)
+    templates = {AUTO_TEMPLATE, *TEMPLATE_NAMES}
+    fam_choices = objective_choices()
+    fam_allowed = {fam: {v for _, v in choices} for fam, choices in fam_choices.items()}
+    protocols = annotation_protocols()
+    max_tokens_cap = max(limits.max_new_tokens, config.max_new_tokens)
 
-    def choices_with(choices, value):
-        return choices if any(v == value for _, v in choices) else [(value, value), *choices]
+    def picker(known, kind):
+        """The configured models of ``kind``, labelled from ``known`` where it has a label."""
+        labels = dict((v, lbl) for lbl, v in known)
+        return [(labels.get(v, sec.model_label(v)), v) for v in allow.configured(kind)]
 
     def policy_choices():
         """API policies whose key is missing say so in the picker itself."""
         out = []
-        for label, value in choices_with(POLICY_CHOICES, config.policy):
+        for label, value in picker(POLICY_CHOICES, "policy"):
             missing = missing_api_key(value)
             out.append((f"{label} — {missing.split(' is not set')[0]} not set" if missing else label, value))
         return out
 
+    # --- checks every handler runs (a raw request can send any value) ------------------------
+    def checked_models(policy, aligner, template):
+        policy = allow.check("policy", policy, limits)
+        aligner = allow.check("aligner", aligner, limits)
+        template = sec.check_text("template", template, limits.short) or AUTO_TEMPLATE
+        if template not in templates:
+            raise MetaAlignerError(f"template: expected one of {', '.join(sorted(templates))}")
+        return policy, aligner, template
+
+    def checked_objectives(uf, hh, imhi, unseen, new_text):
+        ticked = []
+        for fam, values in zip(FAMILIES, (uf, hh, imhi, unseen)):
+            ticked += sec.check_choices(FAMILY_TITLES[fam], values, fam_allowed[fam])
+        return ticked, sec.check_objective_lines(new_text, limits)
+
+    def checked_texts(query, draft):
+        return (sec.check_text("query", query, limits.query), sec.check_text("draft", draft, limits.draft))
+
+    def refusal(e: MetaAlignerError) -> str:
+        return "❌ " + sec.plain(sec.strip_credentials(str(e)), 300)
+
     # --- event functions (thin: the work is in the service) ---------------------------------
     def policy_note(policy: str) -> str:
-        policy = (policy or "").strip()
-        if not policy:
-            return ""
+        try:
+            policy = allow.check("policy", policy, limits)
+        except MetaAlignerError as e:
+            return refusal(e)
         missing = missing_api_key(policy)
         if missing:
             return f"❌ {missing}."
@@ -211,8 +288,11 @@ def build_demo(config: AppConfig | None = None, service=None):
         return ""
 
     def aligner_note(aligner: str, template: str) -> str:
-        aligner = (aligner or "").strip() or "default"
-        used = service.template_for(aligner, template)
+        try:
+            aligner = allow.check("aligner", aligner, limits)
+            used = service.template_for(aligner, template if template in templates else None)
+        except MetaAlignerError as e:
+            return refusal(e)
         how = "auto, from the aligner's name" if template in (None, "", AUTO_TEMPLATE) else "chosen"
         note = f"Prompt template: **{used}** ({how})."
         if is_api_model(aligner):
@@ -223,23 +303,52 @@ def build_demo(config: AppConfig | None = None, service=None):
 
     def preview(aligner, template, uf, hh, imhi, unseen, new_text, query, draft) -> str:
         try:
-            tpl = service.template_for((aligner or "").strip() or "default", template)
-            objectives = collect_objectives([*(uf or []), *(hh or []), *(imhi or []), *(unseen or [])], new_text, tpl)
+            _, aligner, template = checked_models(config.policy, aligner, template)
+            ticked, new_text = checked_objectives(uf, hh, imhi, unseen, new_text)
+            query, draft = checked_texts(query, draft)
+            tpl = service.template_for(aligner, template)
+            objectives = collect_objectives(ticked, new_text, tpl)
         except MetaAlignerError as e:
-            return f"(no prompt yet: {e})"
+            return f"(no prompt yet: {sec.plain(sec.strip_credentials(str(e)), 300)})"
         return service.preview(query, draft, objectives, tpl)
 
-    def status(*_):
+    def status_text(policy=None, aligner=None) -> str:
+        """Plain text: the operator's models, plus this session's own picks. Never another
+        visitor's model strings, never credentials."""
+        shown = {("policy", m) for m in allow.configured("policy")} | {("aligner", m) for m in allow.configured("aligner")}
+        mine = []
+        for kind, value in (("policy", policy), ("aligner", aligner)):
+            try:
+                if value is not None:
+                    mine.append((kind, allow.check(kind, value, limits)))
+            except MetaAlignerError:
+                pass
+        lines = []
+        for st in service.registry.statuses():
+            if (st.kind, st.name) not in shown and (st.kind, st.name) not in mine:
+                continue
+            label = sec.plain(sec.strip_credentials(display_name(st.name)), 80)
+            if st.state == "loading":
+                lines.append(f"{st.kind} {label}: loading… ({time.monotonic() - st.started:.0f} s)")
+            elif st.state == "ready":
+                lines.append(f"{st.kind} {label}: ready (loaded in {st.seconds:.1f} s)")
+            else:
+                lines.append(f"{st.kind} {label}: failed — {sec.plain(sec.strip_credentials(st.detail), 160)}")
+        return "Models — " + " · ".join(lines) if lines else "Models load on first use."
+
+    def status(policy=None, aligner=None):
         busy = service.registry.busy()
-        return service.registry.status_markdown(), gr.Timer(active=busy)
+        return status_text(policy, aligner), gr.Timer(active=busy)
 
     stops = StopSignals()
+    slots = sec.SessionSlots()
 
     def session_of(request: gr.Request | None) -> str:
         return getattr(request, "session_hash", None) or "anonymous"
 
     def arm_stop(request: gr.Request):
-        stops.arm(session_of(request))
+        if not slots.busy(session_of(request)):  # a second Align in a busy session must not re-arm the first
+            stops.arm(session_of(request))
 
     def request_stop(request: gr.Request):
         stops.stop(session_of(request))
@@ -247,12 +356,22 @@ def build_demo(config: AppConfig | None = None, service=None):
     def run_align(policy, aligner, template, uf, hh, imhi, unseen, new_text, query, draft,
                   max_new_tokens, temperature, top_p, repetition_penalty, request: gr.Request):
         session = session_of(request)
+        try:
+            slots.acquire(session)
+        except MetaAlignerError as e:
+            raise _user_error(e) from None
         stop = stops.current(session)
         stream = None
         try:
-            aligner = (aligner or "").strip() or "default"
+            policy, aligner, template = checked_models(policy, aligner, template)
+            ticked, new_text = checked_objectives(uf, hh, imhi, unseen, new_text)
+            query, draft = checked_texts(query, draft)
+            sec.check_number("max new tokens", max_new_tokens, 1, max_tokens_cap)
+            sec.check_number("temperature", temperature, 0.0, 1.5)
+            sec.check_number("top-p", top_p, 0.05, 1.0)
+            sec.check_number("repetition penalty", repetition_penalty, 1.0, 2.0)
             tpl = service.template_for(aligner, template)
-            objectives = collect_objectives([*(uf or []), *(hh or []), *(imhi or []), *(unseen or [])], new_text, tpl)
+            objectives = collect_objectives(ticked, new_text, tpl)
             settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           repetition_penalty=repetition_penalty)
             upd, start, aligning_at = None, time.monotonic(), None
@@ -282,13 +401,25 @@ def build_demo(config: AppConfig | None = None, service=None):
             if stream is not None:
                 stream.close()
             stops.release(session, stop)
+            slots.release(session)
 
-    def send(result, protocol):
+    def send(result, protocol, token):
+        """Queue the last result for rating: only a signed-in rater, examiner or admin may."""
         try:
-            if not result:
+            from annotation.accounts import require_role
+            from annotation.store import Store
+
+            store = Store(config.db_url)
+            with store._session() as s:  # the role check first: nothing happens for anyone else
+                me = require_role(s, token, "rater")
+                sender = me.name
+            if protocol not in protocols:
+                raise MetaAlignerError(f"protocol: expected one of {', '.join(protocols)}")
+            if not isinstance(result, dict) or not result:
                 raise MetaAlignerError("nothing to send yet: run Align first")
             item = service.send_to_annotation(result["query"], result["draft"], result["draft_source"],
                                               result["aligned"], result["aligner"], protocol)
+            _stamp_sender(store, item, sender)
         except Exception as e:
             raise _user_error(e) from None
         gr.Info(f"Queued for annotation under the {protocol} protocol (item {item}).")
@@ -298,29 +429,39 @@ def build_demo(config: AppConfig | None = None, service=None):
         items; draft: the answer to correct, empty to let the app's policy write it.
         Returns (draft, aligned)."""
         try:
+            query, draft = checked_texts(query, draft)
+            sec.check_text("objectives", objectives, limits.objectives)
             return service.align(query, objectives, draft)
         except Exception as e:
             raise _user_error(e) from None
 
     # --- layout ---------------------------------------------------------------------------
-    # analytics off: an offline research demo sends nothing to third parties.
-    with gr.Blocks(title="MetaAligner", analytics_enabled=False) as demo:
+    # analytics off: an offline research demo sends nothing to third parties. delete_cache: files
+    # Gradio serves (exports) or receives (uploads) are removed after 15 minutes and at shutdown.
+    with gr.Blocks(title="MetaAligner", analytics_enabled=False, delete_cache=(300, 900)) as demo:
         gr.Markdown("# MetaAligner\nCorrect any model's answer for the objectives you choose — including ones "
                     "the aligner never saw in training (arXiv 2403.17141).")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
-        status_md = gr.Markdown(service.registry.status_markdown(), elem_id="model-status")
+        # Plain text (a Textbox, not Markdown): nothing in it can render as a link or image.
+        status_md = gr.Textbox(status_text(), show_label=False, interactive=False, container=False, max_lines=3,
+                               elem_id="model-status")
         timer = gr.Timer(1.0, active=True)
 
         with gr.Tabs():
             with gr.Tab("Align", id="align"):
                 with gr.Row():
                     policy = gr.Dropdown(policy_choices(), value=config.policy,
-                                         label="Policy (writes the draft)", allow_custom_value=True,
-                                         info="embedded, a local directory or hub id, or openai:/anthropic:/"
-                                              "openai-compatible:NAME@URL", elem_id="policy")
-                    aligner = gr.Dropdown(choices_with(ALIGNER_CHOICES, config.aligner), value=config.aligner,
-                                          label="Aligner (writes the correction)", allow_custom_value=True,
-                                          info="embedded, a `train` output directory or a hub id", elem_id="aligner")
+                                         label="Policy (writes the draft)", allow_custom_value=config.allow_any_model,
+                                         info="the models this server offers" + (
+                                             "; or type embedded, a directory, a hub id, openai:/anthropic:/"
+                                             "openai-compatible:NAME@URL" if config.allow_any_model else ""),
+                                         elem_id="policy")
+                    aligner = gr.Dropdown(picker(ALIGNER_CHOICES, "aligner"), value=config.aligner,
+                                          label="Aligner (writes the correction)",
+                                          allow_custom_value=config.allow_any_model,
+                                          info="the aligners this server offers" + (
+                                              "; or type a `train` output directory or a hub id"
+                                              if config.allow_any_model else ""), elem_id="aligner")
                     template = gr.Dropdown([AUTO_TEMPLATE, *TEMPLATE_NAMES], value=config.template or AUTO_TEMPLATE,
                                            label="Prompt template", elem_id="template")
                 policy_md = gr.Markdown(policy_note(config.policy), elem_id="policy-note")
@@ -329,21 +470,24 @@ def build_demo(config: AppConfig | None = None, service=None):
                 with gr.Accordion("Objectives", open=True):
                     groups = {}
                     with gr.Row():
-                        for fam, choices in objective_choices().items():
+                        for fam, choices in fam_choices.items():
                             groups[fam] = gr.CheckboxGroup(choices, label=FAMILY_TITLES[fam], info=FAMILY_INFO[fam],
                                                            elem_id=f"objectives-{fam}")
                     new_objectives = gr.Textbox(label="New objectives", lines=2, elem_id="new-objectives",
+                                                max_length=limits.objectives,
                                                 placeholder="One per line, e.g.\nPoliteness: the response should be "
                                                             "courteous and respectful")
 
-                query = gr.Textbox(label="Query", lines=3, elem_id="query", placeholder="Ask something…")
+                query = gr.Textbox(label="Query", lines=3, elem_id="query", placeholder="Ask something…",
+                                   max_length=limits.query)
                 draft_in = gr.Textbox(label="Your own draft (optional)", lines=3, elem_id="draft-in",
+                                      max_length=limits.draft,
                                       placeholder="Paste an answer to correct; leave empty to let the policy write one")
                 with gr.Row():
                     align_btn = gr.Button("Align", variant="primary", elem_id="align-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
                     send_btn = gr.Button("Send to annotation", elem_id="send-btn")
-                    protocol = gr.Dropdown(annotation_protocols(), value="imhi", label="Annotation protocol",
+                    protocol = gr.Dropdown(protocols, value="imhi", label="Annotation protocol",
                                            show_label=False, container=False, min_width=120, elem_id="protocol")
                 run_md = gr.Markdown("", elem_id="run-status")
                 with gr.Row(equal_height=True):
@@ -356,7 +500,7 @@ def build_demo(config: AppConfig | None = None, service=None):
                                             elem_id="prompt-preview")
                 with gr.Accordion("Generation settings", open=False):
                     with gr.Row():
-                        max_new = gr.Slider(min(8, config.max_new_tokens), max(1024, config.max_new_tokens),
+                        max_new = gr.Slider(min(8, config.max_new_tokens), max_tokens_cap,
                                             value=config.max_new_tokens, step=8, label="Max new tokens",
                                             elem_id="max-new-tokens")
                         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -369,7 +513,9 @@ def build_demo(config: AppConfig | None = None, service=None):
                              for q, d, ticked, new in EXAMPLES],
                             inputs=[query, draft_in, *fam_inputs, new_objectives], label="Examples")
 
-            _annotation_tabs(config.db_url)
+            signed_in = _annotation_tabs(config.db_url, first_run)
+            if signed_in is None:  # no annotation tools: nobody can sign in, so nobody may send
+                signed_in = gr.State(None)
 
         # --- events -----------------------------------------------------------------------
         fast = dict(queue=False, api_visibility="private")
@@ -377,8 +523,8 @@ def build_demo(config: AppConfig | None = None, service=None):
         gr.on([c.change for c in preview_inputs], preview, preview_inputs, prompt_box, **fast)
         policy.change(policy_note, policy, policy_md, **fast)
         gr.on([aligner.change, template.change], aligner_note, [aligner, template], aligner_md, **fast)
-        timer.tick(status, None, [status_md, timer], **fast)
-        demo.load(status, None, [status_md, timer], **fast)
+        timer.tick(status, [policy, aligner], [status_md, timer], **fast)
+        demo.load(status, [policy, aligner], [status_md, timer], **fast)
         demo.load(preview, preview_inputs, prompt_box, **fast)
 
         # Stop is cooperative (see StopSignals): arming first means a Stop pressed while the run
@@ -390,13 +536,24 @@ def build_demo(config: AppConfig | None = None, service=None):
             api_name="align_stream", api_visibility="undocumented", concurrency_id="generation",
             concurrency_limit=config.concurrency, show_progress="minimal")
         align_event.then(aligner_note, [aligner, template], aligner_md, **fast)
-        align_event.then(status, None, [status_md, timer], **fast)
+        align_event.then(status, [policy, aligner], [status_md, timer], **fast)
         stop_btn.click(request_stop, None, None, **fast)
-        send_btn.click(send, [last_result, protocol], None, api_visibility="private")
+        send_btn.click(send, [last_result, protocol, signed_in], None, api_visibility="private")
         gr.api(align_api, api_name="align", concurrency_id="generation", concurrency_limit=config.concurrency)
 
     demo.service = service
+    demo.allow_list = allow
     return demo
+
+
+def _stamp_sender(store, uid: str, name: str) -> None:
+    """Record who sent an item from the app (kept when the same item is sent again)."""
+    from sqlalchemy import update
+
+    from annotation.models import Item
+
+    with store._session(write=True) as s:
+        s.execute(update(Item).where(Item.uid == uid, Item.added_by.is_(None)).values(added_by=name))
 
 
 class StopSignals:
@@ -435,13 +592,47 @@ class StopSignals:
                 del self._events[session]
 
 
+def private_temp_dir() -> str:
+    """A folder only this user can read (0700) for Gradio's uploads and served files, removed at
+    exit; set as GRADIO_TEMP_DIR before the Blocks are built (Gradio reads it then)."""
+    path = tempfile.mkdtemp(prefix="metaaligner-app-")
+    os.environ["GRADIO_TEMP_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def first_run_setup(config: AppConfig):
+    """A one-time set-up token when the annotation database has no admin yet (None otherwise);
+    the token is printed to the server log only."""
+    try:
+        from annotation.accounts import FirstRun, needs_first_admin
+        from annotation.store import Store
+    except ImportError:
+        return None
+    if not needs_first_admin(Store(config.db_url)):
+        return None
+    first = FirstRun()
+    log.warning("No admin account yet. Open the app's Accounts tab and create the first admin with this "
+                "one-time set-up token: %s", first.token)
+    return first
+
+
 def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
     """Build, serve and (unless ``config.preload`` is off) start loading the models in the
     background once the server answers. Returns the running demo."""
-    demo = build_demo(config)
-    demo.queue()  # generation has its own limit (concurrency_id "generation"); other events are quick
+    for warning in sec.launch_warnings(config.host, config.share, config.auth):
+        log.warning("%s", warning)
+        if quiet:  # the log may not be shown; the operator must still see this
+            print(f"app.py: warning: {warning}", file=sys.stderr)
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        private_temp_dir()
+    first_run = first_run_setup(config)
+    demo = build_demo(config, first_run=first_run)
+    # A bounded queue: requests beyond it are refused at once instead of piling up in memory.
+    # Generation has its own limit (concurrency_id "generation"); other events are quick.
+    demo.queue(max_size=config.limits.queue)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=config.auth,
-                prevent_thread_lock=True, quiet=quiet, show_error=False)
+                prevent_thread_lock=True, quiet=quiet, show_error=False, max_file_size=config.limits.upload)
     if config.preload:
         demo.service.registry.preload(policy=config.policy, aligner=config.aligner)
     if block:
