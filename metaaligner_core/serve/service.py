@@ -1,0 +1,373 @@
+"""The server's correction service: conversation → draft (upstream policy) → correction (aligner).
+
+This is the only module of :mod:`metaaligner_core.serve` that touches models; the HTTP layer
+(:mod:`.api`) only translates. Models come from the shared registry (one set of weights for a
+local policy and an aligner with the same MODEL string); every local model's generations go
+through its :class:`~.batcher.Batcher`, so concurrent requests decode together.
+
+The conversation and the aligner's query
+    The policy answers the whole conversation (its chat template for a local model; the
+    messages as sent for an OpenAI-compatible upstream). The aligner's template has one
+    *query* slot: the last user message when the conversation has a single user turn (system
+    messages go to the policy only); otherwise the user and assistant turns rendered as
+    ``User: ...`` / ``Assistant: ...`` paragraphs, so the aligner sees the context its draft
+    answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from ..errors import MetaAlignerError
+from ..models import display_name, is_api_model
+from ..objectives import Objective, builtin_objectives
+from ..pipeline import ModelRegistry, choose_template, parse_api_objectives, with_template
+from ..settings import GenerationSettings
+from .batcher import Batcher, Job
+
+log = logging.getLogger(__name__)
+
+_ALIAS = re.compile(r"^([A-Za-z0-9][\w.\-]*)=(.+)$")
+
+
+class RequestError(MetaAlignerError):
+    """A request the server refuses: ``status`` (HTTP), OpenAI error ``type``, ``code``, ``param``."""
+
+    def __init__(self, message: str, status: int = 400, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type, code, param
+
+
+def parse_policy(value: str) -> tuple[str, str]:
+    """``--policy`` value → ``(model id clients send, MODEL string)``; ``NAME=MODEL`` sets the id."""
+    m = _ALIAS.match(value.strip())
+    if m and not is_api_model(value.strip()):
+        return m.group(1), m.group(2).strip()
+    return value.strip(), value.strip()
+
+
+def conversation_query(messages: list[tuple[str, str]]) -> str:
+    """The aligner's query for a conversation of ``(role, text)`` (see the module docstring)."""
+    turns = [(r, t) for r, t in messages if r in ("user", "assistant")]
+    if not turns or turns[-1][0] != "user":
+        raise RequestError("messages: the last user or assistant message must be from the user", param="messages")
+    if len(turns) == 1:
+        return turns[0][1]
+    return "\n\n".join(f"{'User' if r == 'user' else 'Assistant'}: {t}" for r, t in turns)
+
+
+@dataclass
+class Draft:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Correction:
+    """Filled in while the correction streams; complete once the stream ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    seconds: float = 0.0
+    text: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+class TokenText:
+    """Token ids → text deltas; an incomplete multi-byte character is held back until complete."""
+
+    def __init__(self, tokenizer, skip_ids):
+        self.tokenizer, self.skip = tokenizer, set(skip_ids)
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        if token in self.skip:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return delta
+
+
+class Stripper:
+    """Deltas of the stripped whole: leading whitespace dropped, trailing held back until more text."""
+
+    def __init__(self):
+        self.started, self.pending = False, ""
+
+    def feed(self, d: str) -> str:
+        if not self.started:
+            d = d.lstrip()
+            if not d:
+                return ""
+            self.started = True
+        d = self.pending + d
+        body = d.rstrip()
+        self.pending = d[len(body):]
+        return body
+
+
+class CorrectionService:
+    """Loaded policies and aligner, objectives defaults, batchers; async draft and correction.
+
+    policies: ``--policy`` values (``MODEL`` or ``NAME=MODEL``); the first is listed first.
+    objectives: the server's default SPEC; None: every built-in objective of the template's family.
+    """
+
+    def __init__(self, *, policies: list[str], aligner: str = "default", template: str | None = None,
+                 objectives: str | None = None, max_new_tokens: int = 1024, batch_size: int = 16,
+                 window: float = 0.02, device: str | None = None, upstream_retries: int = 2,
+                 upstream_timeout: float = 120.0, registry_class=ModelRegistry):
+        self.policies: dict[str, str] = {}
+        for value in policies or ["default"]:
+            model_id, spec = parse_policy(value)
+            if model_id in self.policies:
+                raise MetaAlignerError(f'--policy: model id "{model_id}" given twice; name them with NAME=MODEL')
+            self.policies[model_id] = spec
+        self.aligner_name = aligner or "default"
+        self.template = choose_template(template, self.aligner_name)
+        self.default_spec = objectives
+        self.default_objectives = (self._parse(objectives, "--objectives", files=True) if objectives
+                                   else builtin_objectives(self.template))
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size, self.window = batch_size, window
+        # Holds every model the service uses (its LRU bound never drops one); API policies get the
+        # server's retry and timeout settings.
+        self.registry = registry_class(device=device, max_models=len(self.policies) + 1,
+                                       policy_options={"timeout": upstream_timeout, "max_retries": upstream_retries})
+        self._batchers: dict[int, Batcher] = {}
+        self.aligner = None
+
+    # -- models --------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the aligner and the local policies now (the server answers once they are ready)."""
+        self.aligner = with_template(self.registry.aligner(self.aligner_name), self.template)
+        if self.aligner.generator is not None:
+            self._batcher(self.aligner.generator)
+        for spec in self.policies.values():
+            backend = self.registry.policy(spec)
+            if getattr(backend, "generator", None) is not None:
+                self._batcher(backend.generator)
+
+    def _batcher(self, generator) -> Batcher:
+        b = self._batchers.get(id(generator))
+        if b is None:
+            b = self._batchers[id(generator)] = Batcher(generator, batch_size=self.batch_size, window=self.window,
+                                                       name=f"batcher-{len(self._batchers)}")
+        return b
+
+    def batch_sizes(self) -> list[int]:
+        """Rows per engine call so far, over every model (tests and benchmarks read it)."""
+        return [n for b in self._batchers.values() for n in b.batches]
+
+    def close(self) -> None:
+        for b in self._batchers.values():
+            b.stop()
+
+    def policy_spec(self, model_id: str) -> str:
+        spec = self.policies.get(model_id)
+        if spec is None:
+            raise RequestError(f"The model `{model_id}` does not exist on this server; GET /v1/models lists "
+                               f"the configured ones", 404, code="model_not_found", param="model")
+        return spec
+
+    # -- objectives ----------------------------------------------------------------------------
+    def parse_objectives(self, value, where: str = "metaaligner.objectives") -> list[Objective]:
+        """A SPEC string or a list of items; absent: the defaults; ``[]`` / ``""``: no correction."""
+        if value is None:
+            return list(self.default_objectives)
+        if not (value.strip() if isinstance(value, str) else value):
+            return []
+        return self._parse(value, where)
+
+    def _parse(self, value, where: str, files: bool = False) -> list[Objective]:
+        from ..objectives import parse_objectives
+
+        try:
+            return parse_objectives(value, family=self.template) if files else parse_api_objectives(value, self.template)
+        except MetaAlignerError as e:
+            raise RequestError(f"{where}: {e}", param=where) from None
+
+    # -- generation through the batchers ---------------------------------------------------------
+    async def _tokens(self, generator, ids: list[int], prefix_len: int, settings: GenerationSettings,
+                      group: str) -> AsyncIterator[tuple[str, object]]:
+        """``("token", id)`` items then ``("done", reason)``, decoded in a batch with other requests."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind, value):
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        job = Job(ids, prefix_len, settings, emit, group=group)
+        self._batcher(generator).submit(job)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "error":
+                    raise RequestError(f"generation failed ({type(value).__name__})", 500, type="server_error")
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            job.cancelled.set()  # a client that went away frees its row's output
+
+    # -- draft -----------------------------------------------------------------------------------
+    async def draft(self, model_id: str, messages: list[tuple[str, str]], settings: GenerationSettings) -> Draft:
+        spec = self.policy_spec(model_id)
+        start = time.monotonic()
+        try:
+            backend = await asyncio.to_thread(self.registry.policy, spec)
+        except MetaAlignerError as e:
+            raise RequestError(f"upstream model {model_id} unavailable: {e}", 502, type="upstream_error",
+                               code="upstream_unavailable") from None
+        if getattr(backend, "generator", None) is not None:
+            draft = await self._local_draft(backend.generator, messages, settings)
+        else:
+            draft = await asyncio.to_thread(self._api_draft, backend, model_id, messages, settings)
+        draft.seconds = time.monotonic() - start
+        return draft
+
+    async def _local_draft(self, gen, messages, settings: GenerationSettings) -> Draft:
+        tok = gen.tokenizer
+        chat = [{"role": "system" if r == "developer" else r, "content": t} for r, t in messages]
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = tok("\n\n".join(t for _, t in messages)).input_ids
+        budget = gen.max_length - settings.max_new_tokens
+        if len(ids) > budget:
+            raise RequestError(f"This conversation is {len(ids)} tokens; the policy's context of {gen.max_length} "
+                               f"tokens leaves {max(budget, 0)} after {settings.max_new_tokens} new tokens. "
+                               "Shorten the messages or lower max_tokens", code="context_length_exceeded",
+                               param="messages")
+        text = TokenText(tok, gen.eos_ids)
+        n = 0
+        async for kind, value in self._tokens(gen, ids, 0, settings, "draft"):
+            if kind == "token":
+                n += value not in gen.eos_ids
+                text.add(value)
+        return Draft(tok.decode(text.ids, skip_special_tokens=True).strip(), len(ids), n)
+
+    def _api_draft(self, backend, model_id: str, messages, settings: GenerationSettings) -> Draft:
+        from ..backends.base import BackendError
+
+        try:
+            if hasattr(backend, "client") and hasattr(backend.client, "chat"):  # OpenAI-compatible: the messages as sent
+                limit = ({"max_tokens": settings.max_new_tokens} if getattr(backend, "compatible", False)
+                         else {"max_completion_tokens": settings.max_new_tokens})
+                try:
+                    resp = backend.client.chat.completions.create(
+                        model=backend.model, messages=[{"role": r, "content": t} for r, t in messages],
+                        temperature=settings.temperature, **limit)
+                except backend._openai.OpenAIError as e:
+                    from ..backends.base import describe_api_error
+
+                    raise BackendError(describe_api_error(model_id, e, getattr(backend, "_key", None))) from None
+                text = (resp.choices[0].message.content or "") if resp.choices else ""
+                usage = resp.usage
+                return Draft(text.strip(), usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+            system = "\n\n".join(t for r, t in messages if r in ("system", "developer")) or None
+            turns = [(r, t) for r, t in messages if r not in ("system", "developer")]
+            done = backend.complete(conversation_query(turns), max_tokens=settings.max_new_tokens,
+                                    temperature=settings.temperature, system=system)
+            return Draft(done.text.strip(), done.usage.get("prompt_tokens", 0), done.usage.get("completion_tokens", 0))
+        except BackendError as e:
+            log.warning("upstream %s failed", model_id)
+            raise RequestError(f"upstream model {model_id} failed: {e}", 502, type="upstream_error",
+                               code="upstream_error") from None
+
+    # -- correction ------------------------------------------------------------------------------
+    def aligner_prompt(self, query: str, draft: str, objectives: list[Objective], settings: GenerationSettings):
+        """``(ids, shared prefix length)`` of a local aligner's prompt; a query too long is a 400."""
+        try:
+            ids, cut = self.aligner.encode(query, draft, objectives, settings.max_new_tokens)
+        except MetaAlignerError as e:
+            raise RequestError(str(e), code="context_length_exceeded", param="messages") from None
+        if cut:
+            log.warning("a draft was shortened to fit the aligner's context of %d tokens",
+                        self.aligner.generator.max_length)
+        return ids, self.aligner.shared_prefix_len(ids, objectives)
+
+    def check_query(self, query: str, objectives: list[Objective], settings: GenerationSettings) -> None:
+        """Refuse a query the local aligner cannot take before the policy is asked (a remote
+        aligner's server judges its own context)."""
+        if objectives and self.aligner.generator is not None:
+            self.aligner_prompt(query, "", objectives, settings)
+
+    async def correct(self, query: str, draft: str, objectives: list[Objective], settings: GenerationSettings,
+                      result: Correction) -> AsyncIterator[str]:
+        """Text deltas of the correction as it is generated; ``result`` holds the totals at the end."""
+        gen = self.aligner.generator
+        pieces: list[str] = []
+        if gen is None:  # a remote aligner (openai-compatible:NAME@URL): its server batches
+            async for d in self._remote_correct(query, draft, objectives, settings):
+                pieces.append(d)
+                yield d
+        else:
+            ids, prefix = self.aligner_prompt(query, draft, objectives, settings)
+            result.prompt_tokens = len(ids)
+            text, strip = TokenText(gen.tokenizer, gen.eos_ids), Stripper()
+            async for kind, value in self._tokens(gen, ids, prefix, settings, "correction"):
+                if kind == "token":
+                    result.completion_tokens += value not in gen.eos_ids
+                    d = strip.feed(text.add(value))
+                else:
+                    result.finish_reason = value
+                    d = strip.feed(text.finish())
+                if d:
+                    pieces.append(d)
+                    yield d
+        result.text = "".join(pieces)
+        result.seconds = time.monotonic() - result.started
+
+    async def _remote_correct(self, query, draft, objectives, settings: GenerationSettings) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def work():
+            try:
+                for d in self.aligner.stream(query, draft, objectives, **settings.aligner_kwargs()):
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, ("delta", d))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            except Exception as e:  # noqa: BLE001  (reported to the client as a 502)
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        threading.Thread(target=work, name="metaaligner-remote-aligner", daemon=True).start()
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise RequestError(f"the aligner failed: {value}" if isinstance(value, MetaAlignerError)
+                                       else f"the aligner failed ({type(value).__name__})", 502,
+                                       type="upstream_error", code="upstream_error")
+                yield value
+        finally:
+            stop.set()
+
+    def describe(self) -> dict:
+        return {"aligner": display_name(self.aligner_name), "template": self.template,
+                "policies": list(self.policies), "default_objectives": [o.text for o in self.default_objectives]}
