@@ -25,7 +25,7 @@ from metaaligner_core.evaluation import evaluate
 SECRET = "sk-test-do-not-log-4f1c"
 ENV = {"OPENAI_API_KEY": SECRET, "ANTHROPIC_API_KEY": SECRET}
 PAIR = re.compile(r"RESPONSE 1: (.*) \| RESPONSE 2: (.*)\. Consider the following aspect", re.S)
-SINGLE = re.compile(r"RESPONSE: (.*)\. Assign a score", re.S)
+SINGLE = re.compile(r"RESPONSE: (.*) Assign a score", re.S)
 
 # golden has two "+"; draft/aligned vary: per row the draft's and aligned's outcome vs golden.
 ROWS = [
@@ -216,7 +216,7 @@ def test_score_mode_means_medians_and_density_plots(tmp_path):
     assert r["mean_original"] == pytest.approx(2.8) and r["median_original"] == 2
     assert r["mean_aligned"] == pytest.approx(5.2) and r["median_aligned"] == 6
     assert r["n"] == 5 and r["advantage"] == pytest.approx(2.4)
-    assert sorted(report["plots"]) == ["score_density_brevity.png", "score_density_honesty.png"]
+    assert sorted(report["plots"]) == ["length_change.png", "score_density_brevity.png", "score_density_honesty.png"]
     for name in report["plots"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "Aligned mean" in (out / "report.md").read_text()
@@ -279,7 +279,9 @@ def test_a_judge_that_never_answers_1_2_or_0_gives_no_rate_and_no_plot(tmp_path)
     report = json.loads((out / "report.json").read_text())
     r = report["objectives"]["honesty"]
     assert r["n"] == 0 and r["win_rate_original"] is None and r["advantage"] is None
-    assert report["invalid"] == 4 and report["plots"] == [] and not (out / "win_rates.png").exists()
+    # no win-rate plot without a rate; the length-change plot needs no judge
+    assert report["invalid"] == 4 and report["plots"] == ["length_change.png"]
+    assert not (out / "win_rates.png").exists()
     assert "| Original win rate | – |" in (out / "report.md").read_text()
 
 

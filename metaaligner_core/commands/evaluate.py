@@ -6,23 +6,51 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="judge drafts and aligned answers against golden answers (win rates or 0-10 scores)",
-        description="Judge each row's draft and aligned answer per objective with an LLM judge. Pairwise mode "
-                    "(paper Algorithm 2) compares each with the golden answer, positions drawn with --seed; score "
-                    "mode gives 0-10 scores. Writes report.json, report.md, PNG plots and judgments.jsonl (a cache: "
-                    "a rerun makes no call that is already answered). Exit status 1 if any judgment failed.")
-    p.add_argument("--input", required=True, help='rows {"query", "golden", "draft", "aligned"} (.jsonl/.csv/.parquet)')
-    p.add_argument("--objectives", required=True, help="SPEC: built-in keys and/or \"Name: description\" items, or @file")
-    p.add_argument("--judge", required=True, metavar="PROVIDER:MODEL",
-                   help="openai:MODEL, anthropic:MODEL, openai-compatible:MODEL@URL, or a local model "
-                        "(default/dir/.gguf/hub id; a poor judge)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--base-url", help="API base URL (an OpenAI-compatible server such as vLLM or llama.cpp, or a proxy)")
+        "evaluate", help="judge drafts and corrections against golden answers (win rates or 0-10 scores)",
+        description="Judge each row's draft and its corrections per objective with one or more LLM judges. "
+                    "Pairwise mode (paper Algorithm 2) compares each with the golden answer, positions drawn with "
+                    "--seed; score mode gives 0-10 scores (Appendix E.1). Writes report.json, report.md, PNG plots "
+                    "and judgments.jsonl (a cache: a rerun makes no call that is already answered). Exit status 1 "
+                    "if any judgment failed, 3 if --max-calls stopped the run (rerun to continue).")
+    p.add_argument("--input", help='rows {"query", "golden", "draft", "aligned"} (.jsonl/.csv/.parquet)')
+    p.add_argument("--objectives", help="SPEC: built-in keys and/or \"Name: description\" items, or @file")
+    p.add_argument("--judge", action="append", metavar="PROVIDER:MODEL",
+                   help="openai:MODEL (OPENAI_API_KEY; with --base-url, an OpenAI-protocol proxy), anthropic:MODEL, "
+                        "openai-compatible:MODEL@URL (no key needed), or a local model (default/dir/.gguf/hub id; a "
+                        "poor judge). Repeat for several judges: agreement between them is reported")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--base-url", help="API base URL for openai:/anthropic: judges (a proxy or gateway speaking that "
+                                      "provider's protocol), or the URL of openai-compatible:MODEL")
     p.add_argument("--mode", choices=("pairwise", "score"), default="pairwise")
+    p.add_argument("--template", choices=("ultrafeedback", "hh-rlhf", "imhi"),
+                   help="wording of built-in objectives (hh-rlhf: its Helpfulness text) and, for imhi, the judge "
+                        "prompt; default: the rows' \"template\" field, else inferred from the objectives")
+    p.add_argument("--judge-prompt", default="auto",
+                   help="pairwise: paper (Appendix C.1) | imhi (the authors' IMHI script, psychologist system "
+                        "message, typos kept); score: paper (Appendix E.1) | script (the authors' "
+                        "UltraFeedback_GPT4_rate.py). Default auto: imhi for --template imhi in pairwise mode, "
+                        "else paper")
+    p.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="input columns for query/golden/draft/aligned, e.g. golden=goldens,draft=generated_text")
+    p.add_argument("--correctors", metavar="NAME=COLUMN,...",
+                   help="corrections to judge, e.g. metaaligner=aligned,self-refine=aligned_self_refine,"
+                        "pku-aligner=aligned_pku (default: those of these columns present in the first row)")
     p.add_argument("--seed", type=int, default=0, help="draws the golden answer's position per comparison (default 0)")
     p.add_argument("--concurrency", type=int, default=8, help="parallel judge calls (batch size for a local judge; default 8)")
     p.add_argument("--swap", action="store_true",
-                   help="pairwise: judge both positions; a win or loss counts only when both agree (else a tie)")
+                   help="pairwise: judge both positions; a win or loss counts only when both agree (else a tie); "
+                        "reports position consistency")
+    p.add_argument("--head-to-head", action="store_true",
+                   help="pairwise: also judge each correction against its own draft (loses-to-draft rate)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (>= 1000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--ratings-db", metavar="URL",
+                   help="annotation database (or a ratings export .jsonl/.csv): report judge-expert agreement")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the number of calls and a token estimate, make no call, write nothing")
+    p.add_argument("--max-calls", type=int, help="stop cleanly after N judge calls (rerun to continue)")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="put the reports of finished runs side by side (prints markdown; --out DIR writes compare.md)")
     p.add_argument("--max-rows", type=int, help="judge only the first N rows")
     p.add_argument("--max-tokens", type=int, default=32, help="longest judge reply (default 32)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per API request (default 60)")
@@ -34,24 +62,58 @@ def register(sub) -> None:
 def run(args) -> int:
     import logging
 
-    from ..evaluation import evaluate
+    from ..errors import MetaAlignerError
+    from ..evaluation import STOPPED_EXIT, evaluate
 
+    if args.compare:
+        from ..evaluation.report import compare
+
+        print(compare(args.compare, args.out), end="")
+        return 0
+    missing = [f"--{n.replace('_', '-')}" for n in ("input", "objectives", "judge", "out") if not getattr(args, n)]
+    if missing:
+        raise MetaAlignerError(f"evaluate needs {', '.join(missing)} (or --compare DIR DIR ...)")
     report = evaluate(args.input, args.objectives, args.judge, args.out, mode=args.mode, base_url=args.base_url,
                       seed=args.seed, concurrency=args.concurrency, swap=args.swap, max_rows=args.max_rows,
                       max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
-                      progress=sys.stderr.isatty() and logging.getLogger().level <= logging.INFO)
-    for key, v in report["objectives"].items():
-        if report["mode"] == "pairwise":
-            line = (f"{v['name']}: original {_pct(v['win_rate_original'])}, aligned {_pct(v['win_rate_aligned'])}, "
-                    f"advantage {_pct(v['advantage'], True)} (n={v['n']})")
-        else:
-            line = (f"{v['name']}: mean original {_num(v['mean_original'])}, aligned {_num(v['mean_aligned'])}, "
-                    f"advantage {_num(v['advantage'], True)} (n={v['n']})")
-        print(line)
+                      progress=sys.stderr.isatty() and logging.getLogger().level <= logging.INFO,
+                      columns=args.columns, correctors=args.correctors, template=args.template,
+                      judge_prompt_name=args.judge_prompt, head_to_head=args.head_to_head,
+                      bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed, ratings_db=args.ratings_db,
+                      dry_run=args.dry_run, max_calls=args.max_calls)
+    if report.get("dry_run"):
+        print(f"dry run: {report['calls']} judge calls to make ({report['cached']} already answered in the cache), "
+              f"about {report['prompt_tokens_estimate']} prompt tokens and at most {report['completion_tokens_max']} "
+              f"completion tokens; nothing was called or written")
+        for name, v in report["judges"].items():
+            print(f"  {name}: {v['calls']} calls, ~{v['prompt_tokens_estimate']} prompt tokens")
+        return 0
+    if report.get("stopped"):
+        print(f"metaaligner: stopped after {report['calls']} judge calls (--max-calls {report['max_calls']}); "
+              f"the answers are cached in {args.out}/judgments.jsonl; rerun the same command to continue",
+              file=sys.stderr)
+        return STOPPED_EXIT
+    multi = len(report["by_judge"]) > 1 or len(report["correctors"]) > 1
+    for judge, data in report["by_judge"].items():
+        for corrector, blocks in data["correctors"].items():
+            prefix = f"[{judge} / {corrector}] " if multi else ""
+            for v in blocks.values():
+                if report["mode"] == "pairwise":
+                    line = (f"{prefix}{v['name']}: original {_pct(v['win_rate_original'])}, aligned "
+                            f"{_pct(v['win_rate_aligned'])}, advantage {_pct(v['advantage'], True)}"
+                            f"{_ci(v['ci95']['advantage'])} (n={v['n']}); paper's rates: "
+                            f"{_pct(v['win_rate_original_paper'])} / {_pct(v['win_rate_aligned_paper'])}; "
+                            f"length-controlled advantage {_pct(v['lc_advantage'], True)}")
+                else:
+                    line = (f"{prefix}{v['name']}: mean original {_num(v['mean_original'])}, aligned "
+                            f"{_num(v['mean_aligned'])}, advantage {_num(v['advantage'], True)} (n={v['n']})")
+                print(line)
+    for flag in report.get("flags", []):
+        print(f"flag: {flag}")
     print(f"report: {args.out}/report.md")
     if report["invalid"]:
-        print(f"{report['invalid']} of {report['judgments']} judgments were invalid (no 1, 2 or 0 after a retry) "
-              "and are left out of n", file=sys.stderr)
+        print(f"{report['invalid']} of {report['judgments']} judgments were invalid (no 1, 2 or 0 after a retry): "
+              "left out of n, counted as non-wins in the paper's rates", file=sys.stderr)
     if report["failed"]:
         errors: dict[str, int] = {}
         for f in report["failures"]:
@@ -70,3 +132,8 @@ def _pct(x, sign=False) -> str:
 
 def _num(x, sign=False) -> str:
     return "–" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
+
+
+def _ci(iv) -> str:
+    return "" if not iv else f" [95% CI {iv[0] * 100:+.1f}, {iv[1] * 100:+.1f}]"
+

@@ -70,8 +70,10 @@ class JudgmentCache:
     the same with ``"error"`` instead of ``"reply"`` for a failed call (not reused).
     """
 
-    def __init__(self, path: str | Path, judge: str):
-        self.path, self.judge = Path(path), judge
+    def __init__(self, path: str | Path, judge: str, system: str | None = None):
+        # the system message is part of the key (the IMHI judge has one); without one the key
+        # is the same as before system messages existed, so older caches stay valid
+        self.path, self.judge, self.system = Path(path), judge, system
         self._answers: dict[str, dict] = {}
         self._lock = threading.Lock()
         if self.path.exists():
@@ -93,7 +95,8 @@ class JudgmentCache:
                 fh.write(b"\n")
 
     def key(self, prompt: str, attempt: int) -> str:
-        return hashlib.sha256(json.dumps([self.judge, attempt, prompt], ensure_ascii=False).encode()).hexdigest()
+        parts = [self.judge, attempt, prompt] + ([self.system] if self.system else [])
+        return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, prompt: str, attempt: int) -> dict | None:
         return self._answers.get(self.key(prompt, attempt))
@@ -130,7 +133,14 @@ class Judge:
     max_tokens: int = 32
     concurrency: int = 8
     progress: bool = False
+    system: str | None = None
+    max_calls: int | None = None    # stop cleanly after this many calls (None: no limit)
     usage: Usage = field(default_factory=Usage)
+    stopped: bool = False           # the call budget ran out before every prompt was answered
+
+    def pending(self, prompts) -> list[str]:
+        """The prompts without a cached first answer (what a run would ask first)."""
+        return [p for p in prompts if self.cache.get(p, 0) is None]
 
     def judge_all(self, prompts: dict[str, dict]) -> dict[str, Verdict]:
         """Judge each prompt (deduplicated; the value is context recorded with the answer)."""
@@ -144,6 +154,9 @@ class Judge:
                     verdicts[prompt] = Verdict("failed", error=failed[prompt])
                     continue
                 rec = self.cache.get(prompt, attempt)
+                if rec is None:  # left unasked: the call budget ran out
+                    verdicts[prompt] = Verdict("failed", error="not asked: --max-calls reached")
+                    continue
                 value = self.parse(rec["reply"])
                 if value is not None:
                     verdicts[prompt] = Verdict("ok", value, rec["reply"])
@@ -160,6 +173,13 @@ class Judge:
         self.usage.cached += len(prompts) - len(missing)
         if not missing:
             return {}
+        if self.max_calls is not None:
+            room = max(0, self.max_calls - self.usage.calls)
+            if len(missing) > room:
+                self.stopped = True
+                missing = missing[:room]
+                if not missing:
+                    return {}
         if attempt > 0:
             self.usage.retries += len(missing)
         failed: dict[str, str] = {}
@@ -183,7 +203,8 @@ class Judge:
     def _ask_threads(self, missing, attempt, context, failed, bar) -> None:
         def call(prompt):
             start = time.perf_counter()
-            completion = self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0)
+            completion = self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0,
+                                               system=self.system)
             return completion, time.perf_counter() - start
 
         pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="judge")
@@ -210,7 +231,7 @@ class Judge:
             start = time.perf_counter()
             try:
                 completions = self.backend.complete_batch(chunk, max_tokens=self.max_tokens, temperature=0.0,
-                                                          batch_size=size)
+                                                          system=self.system, batch_size=size)
             except Exception as e:  # noqa: BLE001
                 for prompt in chunk:
                     failed[prompt] = _describe(e)

@@ -11,10 +11,16 @@ outcome for the response is:
 - ``invalid`` — the reply was not 1, 2 or 0 (after one retry),
 - ``failed``  — the judge could not be reached (after the client's retries).
 
-``win_rate = wins / n`` where ``n`` counts the rows whose draft *and* aligned judgments are both
-valid, so the two rates are over the same rows and ``advantage = win_rate_aligned −
-win_rate_original`` compares like with like. Invalid and failed judgments are counted, never
-turned into a win, loss or tie.
+Two win-rate definitions are reported side by side:
+
+- *valid-only* (``win_rate_original``, ``win_rate_aligned``, ``advantage``, ``n``):
+  ``wins / n`` where ``n`` counts the rows whose draft *and* aligned judgments are both valid,
+  so the two rates are over the same rows and the advantage compares like with like. Invalid
+  and failed judgments are counted, never turned into a win, loss or tie.
+- *paper* (``win_rate_original_paper``, ``win_rate_aligned_paper``, ``advantage_paper``,
+  ``n_paper``): Algorithm 2 divides the wins by all judgments (``len(W)``), so an invalid
+  reply counts as a non-win. ``n_paper`` counts the rows where neither side's call *failed*
+  (a failed call is no judgment at all and is retried by the next run).
 """
 from __future__ import annotations
 
@@ -148,11 +154,18 @@ def win_rates(original: list[str], aligned: list[str]) -> dict:
     kept_o, kept_a = count(o for o, _ in paired), count(a for _, a in paired)
     all_o, all_a = count(original), count(aligned)
     wr_o, wr_a = _rate(kept_o.wins, n), _rate(kept_a.wins, n)
+    judged = [(o, a) for o, a in zip(original, aligned) if FAILED not in (o, a)]
+    n_paper = len(judged)
+    po, pa = _rate(sum(o == WIN for o, _ in judged), n_paper), _rate(sum(a == WIN for _, a in judged), n_paper)
     return {
         "win_rate_original": wr_o,
         "win_rate_aligned": wr_a,
         "advantage": None if n == 0 else wr_a - wr_o,
         "n": n,
+        "win_rate_original_paper": po,
+        "win_rate_aligned_paper": pa,
+        "advantage_paper": None if n_paper == 0 else pa - po,
+        "n_paper": n_paper,
         "rows": len(original),
         "original": {"wins": kept_o.wins, "ties": kept_o.ties, "losses": kept_o.losses,
                      "invalid": all_o.invalid, "failed": all_o.failed},
@@ -187,4 +200,84 @@ def score_summary(original: list, aligned: list) -> dict:
         "aligned": {"invalid": sum(x == INVALID for x in aligned), "failed": sum(x == FAILED for x in aligned)},
         "scores_original": so,
         "scores_aligned": sa,
+    }
+
+
+def outcome_rates(outcomes: list[str]) -> dict:
+    """Head-to-head summary of one list of outcomes (e.g. the correction against its own draft):
+    counts, ``win_rate`` and ``loss_rate`` over the valid ones."""
+    t = count(outcomes)
+    n = t.wins + t.ties + t.losses
+    return {"wins": t.wins, "ties": t.ties, "losses": t.losses, "invalid": t.invalid, "failed": t.failed,
+            "n": n, "win_rate": _rate(t.wins, n), "loss_rate": _rate(t.losses, n)}
+
+
+def position_consistency(pairs) -> dict:
+    """How often the two orders of a comparison agree (``--swap``).
+
+    ``pairs`` holds ``(outcome with the golden answer at 1, outcome with it at 2)`` for one
+    response, both read for the response (so a judge that always answers "1" gives a win and
+    a loss: inconsistent). Over the pairs where both orders are valid.
+    """
+    valid = [(a, b) for a, b in pairs if a in VALID and b in VALID]
+    agree = sum(a == b for a, b in valid)
+    return {"consistent": agree, "n": len(valid), "rate": _rate(agree, len(valid))}
+
+
+def normalise_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def words(text: str) -> int:
+    """Length in words (whitespace-separated tokens): the unit of every length figure."""
+    return len(text.split())
+
+
+def edit_size(draft: str, aligned: str) -> float:
+    """Share of the words changed: ``1 - difflib ratio`` of the two word sequences (0 = copy)."""
+    from difflib import SequenceMatcher
+
+    a, b = draft.split(), aligned.split()
+    if not a and not b:
+        return 0.0
+    return 1.0 - SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+EDIT_BINS = (0.0, 1e-12, 0.1, 0.25, 0.5, 0.75, 1.0 + 1e-9)
+EDIT_BIN_LABELS = ("0 (copy)", "(0, 0.1)", "[0.1, 0.25)", "[0.25, 0.5)", "[0.5, 0.75)", "[0.75, 1]")
+
+
+def correction_behaviour(drafts: list[str], corrections: list[str], goldens: list[str]) -> dict:
+    """Copy rate, edit-size distribution and length change of one corrector over all rows."""
+    n = len(drafts)
+    if not n:
+        return {"rows": 0, "copy_rate": None}
+    copies = sum(normalise_whitespace(d) == normalise_whitespace(c) for d, c in zip(drafts, corrections))
+    edits = sorted(edit_size(d, c) for d, c in zip(drafts, corrections))
+    hist = [0] * len(EDIT_BIN_LABELS)
+    for e in edits:
+        for j in range(len(EDIT_BIN_LABELS)):
+            if EDIT_BINS[j] <= e < EDIT_BINS[j + 1]:
+                hist[j] += 1
+                break
+    change = [words(c) - words(d) for d, c in zip(drafts, corrections)]
+
+    def q(p):
+        return statistics.quantiles(edits, n=4, method="inclusive")[p] if len(edits) > 1 else edits[0]
+
+    return {
+        "rows": n,
+        "copies": copies,
+        "copy_rate": copies / n,
+        "edit_size": {"unit": "share of words changed (1 - difflib word ratio)",
+                      "mean": statistics.fmean(edits), "min": edits[0], "q1": q(0), "median": q(1),
+                      "q3": q(2), "max": edits[-1],
+                      "histogram": dict(zip(EDIT_BIN_LABELS, hist))},
+        "length": {"unit": "words",
+                   "mean_draft": statistics.fmean(words(d) for d in drafts),
+                   "mean_aligned": statistics.fmean(words(c) for c in corrections),
+                   "mean_golden": statistics.fmean(words(g) for g in goldens) if goldens else None,
+                   "mean_change": statistics.fmean(change),
+                   "median_change": statistics.median(change)},
+        "length_changes": change,
     }
