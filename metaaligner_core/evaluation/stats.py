@@ -23,9 +23,9 @@ AlpacaEval 2, on purpose: its length coefficient is per model against one baseli
 an instruction-difficulty term estimated from many models; here the sides are responses to
 the same queries judged by the same judge, so one length coefficient (the judge's length
 preference) is shared by all sides — which keeps it identifiable when every correction is
-longer than the golden answer — and there is no difficulty term. A small L2 penalty
-(``l2``, default 0.01, on alpha and beta) keeps the fit finite when a judge separates wins and
-losses perfectly by length. Ties count as non-wins, as in the raw win rate.
+longer than the golden answer — and there is no difficulty term. An L2 penalty on beta
+(``l2``, default 1, negligible with hundreds of judgments) keeps the fit finite when a judge
+separates wins and losses perfectly by length. Ties count as non-wins, as in the raw win rate.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def length_controlled_win_rates(data: dict[str, tuple], l2: float = 0.01, max_iter: int = 100) -> dict:
+def length_controlled_win_rates(data: dict[str, tuple], l2: float = 1.0, max_iter: int = 100) -> dict:
     """Fit the shared-length-coefficient logistic model (module docstring) and return
     ``{"win_rates": {side: rate or None}, "beta": float or None, "sd": float or None, "n": int}``.
 
@@ -153,10 +153,14 @@ def length_controlled_win_rates(data: dict[str, tuple], l2: float = 0.01, max_it
         pos += m
     x[:, k] = np.tanh(d / sd)
     w = np.zeros(k + 1)
+    # the length coefficient carries the penalty; the intercepts only a tiny one, which keeps a
+    # side with wins only (or losses only) finite without pulling the others towards 50 %
+    penalty = np.full(k + 1, 1e-6)
+    penalty[k] = l2
     for _ in range(max_iter):  # Newton-Raphson on the penalised log-likelihood (concave: converges)
-        p = _sigmoid(x @ w)
-        grad = x.T @ (y - p) - l2 * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(k + 1)
+        p = _sigmoid(np.clip(x @ w, -500, 500))
+        grad = x.T @ (y - p) - penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
         step = np.linalg.solve(hess, grad)
         w += step
         if np.max(np.abs(step)) < 1e-10:

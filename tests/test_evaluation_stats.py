@@ -1,0 +1,138 @@
+"""Bootstrap, length control, agreement and correction behaviour: pure functions, no model, no network."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from metaaligner_core.evaluation import metrics, stats
+from metaaligner_core.evaluation.metrics import FAILED, INVALID, LOSS, TIE, WIN
+
+
+def test_vectorised_bootstrap_equals_the_plain_loop():
+    rng = random.Random(3)
+    cols = [[rng.random() < 0.3 for _ in range(57)], [rng.random() < 0.6 for _ in range(57)]]
+    fast = stats.bootstrap_means(cols, 1000, seed=11, chunk=97)  # a chunk size that does not divide 1000
+    slow = np.array(stats.bootstrap_means_loop(cols, 1000, seed=11))
+    assert fast.shape == (1000, 2)
+    assert np.allclose(fast, slow)
+    assert not np.allclose(fast, stats.bootstrap_means(cols, 1000, seed=12))
+
+
+def test_percentile_interval_of_a_known_sample():
+    assert stats.percentile_interval(list(range(101))) == pytest.approx([2.5, 97.5])
+    assert stats.percentile_interval([]) is None
+
+
+def test_paired_interval_covers_the_true_rate_in_a_seeded_simulation():
+    """200 simulated evaluations of 300 queries with known rates: the 95 % intervals of both
+    rates and of the advantage cover the true values about 95 % of the time."""
+    rng = np.random.default_rng(2024)
+    p_orig, p_aligned = 0.35, 0.55
+    covered = {"win_rate_original": 0, "win_rate_aligned": 0, "advantage": 0}
+    truth = {"win_rate_original": p_orig, "win_rate_aligned": p_aligned, "advantage": p_aligned - p_orig}
+    runs = 200
+    for r in range(runs):
+        o = (rng.random(300) < p_orig).astype(float)
+        a = (rng.random(300) < p_aligned).astype(float)
+        ci = stats.paired_intervals(o, a, 1000, seed=r)
+        for k, (lo, hi) in ci.items():
+            covered[k] += lo <= truth[k] <= hi
+    for k, c in covered.items():
+        assert 0.90 <= c / runs <= 0.99, (k, c)
+
+
+def test_paired_resampling_keeps_the_pair_together():
+    # identical columns: every resample has the same mean in both, so the advantage is exactly 0
+    x = [1, 0, 1, 1, 0, 0, 1]
+    ci = stats.paired_intervals(x, x, 1000, seed=0)
+    assert ci["advantage"] == [0.0, 0.0]
+    assert ci["win_rate_original"] == ci["win_rate_aligned"]
+    assert stats.paired_intervals([], [], 1000)["advantage"] is None
+
+
+def test_length_control_recovers_a_known_logistic_model():
+    rng = np.random.default_rng(5)
+    alpha = {"original": -0.8, "aligned": 0.4}
+    beta, n = 1.5, 20000
+    data = {}
+    for side, a in alpha.items():
+        d = rng.normal(0, 40, n)
+        sd_all = 40.0  # close to the pooled sd the fit uses
+        p = 1 / (1 + np.exp(-(a + beta * np.tanh(d / sd_all))))
+        data[side] = ((rng.random(n) < p).astype(float), d)
+    fit = stats.length_controlled_win_rates(data)
+    assert fit["beta"] == pytest.approx(beta, abs=0.15)
+    for side, a in alpha.items():
+        assert fit["win_rates"][side] == pytest.approx(1 / (1 + math.exp(-a)), abs=0.02)
+
+
+def test_length_control_equals_the_raw_rate_when_lengths_match():
+    wins = [1, 0, 0, 1, 1, 0, 0, 0]
+    fit = stats.length_controlled_win_rates({"original": (wins, [0] * 8), "aligned": ([1] * 6 + [0] * 2, [0] * 8)})
+    assert fit["win_rates"]["original"] == pytest.approx(3 / 8, abs=0.01)
+    assert fit["win_rates"]["aligned"] == pytest.approx(6 / 8, abs=0.01)
+    assert stats.length_controlled_win_rates({"original": ([], [])})["win_rates"] == {"original": None}
+
+
+def test_length_control_removes_a_pure_length_preference():
+    """A judge that prefers whatever is longer: drafts are mostly shorter than the golden answer,
+    corrections mostly longer. Raw: a large advantage; length-controlled: close to none."""
+    rng = np.random.default_rng(0)
+    d_orig = rng.normal(-20, 30, 400)
+    d_aligned = rng.normal(+20, 30, 400)
+    data = {"original": ((d_orig > 0).astype(float), d_orig), "aligned": ((d_aligned > 0).astype(float), d_aligned)}
+    raw = data["aligned"][0].mean() - data["original"][0].mean()
+    fit = stats.length_controlled_win_rates(data)
+    lc = fit["win_rates"]["aligned"] - fit["win_rates"]["original"]
+    assert raw > 0.4 and abs(lc) < 0.1 and fit["beta"] > 5
+
+
+def test_spearman_and_ranks_with_ties():
+    assert list(stats.rankdata([10, 20, 20, 5])) == [2, 3.5, 3.5, 1]
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # hand computation: ranks x = 1,2,3,4,5 ; y = 2,1,4,3,5 -> rho = 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*4/120
+    assert stats.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert stats.spearman([1], [2]) is None and stats.spearman([1, 1], [2, 3]) is None
+
+
+def test_krippendorff_alpha_and_percent_agreement():
+    assert stats.krippendorff_alpha([[0, 1, 2, 2], [0, 1, 2, 2]]) == pytest.approx(1)
+    assert stats.krippendorff_alpha([[1, 1], [1, 1]]) is None  # no variation: undefined
+    assert stats.krippendorff_alpha([[0, np.nan], [np.nan, 1]]) is None  # no unit coded twice
+    assert stats.percent_agreement([0, 1, 2, None], [0, 2, 2, 1]) == pytest.approx(2 / 3)
+
+
+def test_win_rates_both_ways():
+    original = [WIN, LOSS, INVALID, TIE, FAILED, WIN]
+    aligned = [WIN, WIN, WIN, INVALID, WIN, LOSS]
+    r = metrics.win_rates(original, aligned)
+    # valid-only: rows 0, 1, 5 -> original 2/3, aligned 2/3
+    assert r["n"] == 3 and r["win_rate_original"] == pytest.approx(2 / 3) and r["win_rate_aligned"] == pytest.approx(2 / 3)
+    # paper: every row with no failed call (0,1,2,3,5) in the denominator, invalid = non-win
+    assert r["n_paper"] == 5
+    assert r["win_rate_original_paper"] == pytest.approx(2 / 5) and r["win_rate_aligned_paper"] == pytest.approx(3 / 5)
+    assert r["advantage_paper"] == pytest.approx(1 / 5)
+
+
+def test_position_consistency_and_head_to_head_rates():
+    pc = metrics.position_consistency([(WIN, LOSS), (WIN, WIN), (TIE, TIE), (INVALID, WIN), (LOSS, LOSS)])
+    assert pc == {"consistent": 3, "n": 4, "rate": 0.75}
+    hh = metrics.outcome_rates([WIN, LOSS, LOSS, TIE, INVALID, FAILED])
+    assert (hh["wins"], hh["losses"], hh["n"], hh["loss_rate"]) == (1, 2, 4, 0.5)
+
+
+def test_correction_behaviour_copy_edit_length():
+    drafts = ["a b c d", "one two", "x  y\n", "keep this"]
+    fixed = ["a b c d e f", "one two", "x y", "totally new words here"]
+    b = metrics.correction_behaviour(drafts, fixed, ["g g g"] * 4)
+    assert b["copies"] == 2 and b["copy_rate"] == 0.5  # whitespace-only change counts as a copy
+    assert b["length_changes"] == [2, 0, 0, 2]
+    assert b["length"]["mean_change"] == 1 and b["length"]["mean_golden"] == 3
+    # difflib word ratio: 2*4/(4+6) = 0.8 -> 0.2 changed ; copies 0 ; disjoint -> 1
+    assert metrics.edit_size("a b c d", "a b c d e f") == pytest.approx(0.2)
+    assert b["edit_size"]["max"] == 1.0 and b["edit_size"]["min"] == 0.0
+    assert b["edit_size"]["histogram"]["0 (copy)"] == 2 and b["edit_size"]["histogram"]["[0.75, 1]"] == 1
