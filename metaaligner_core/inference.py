@@ -10,6 +10,10 @@ no chat template) encoded by :func:`encode_aligner_prompt`: the tokenizer's own 
 BOS in front. A prompt longer than the aligner's context loses the end of its *draft*; the
 instruction, the objectives and the query are kept whole.
 
+:class:`RemoteAligner` is the same interface over an OpenAI-compatible ``/v1/completions`` server
+(``openai-compatible:NAME@URL``: vLLM, SGLang, TGI, a llama.cpp server) that serves a released
+checkpoint: it sends the same raw template prompt, many requests in flight for a batch.
+
 ``Aligner.load("default")`` is the embedded SmolLM2-135M-Instruct *base* model prompted with the
 template, not a trained MetaAligner (``is_base_model`` is True): it runs anywhere, offline, but its
 corrections are illustrative only.
@@ -19,9 +23,10 @@ from __future__ import annotations
 import logging
 from typing import Iterator, Sequence
 
-from .backends.hf import LocalGenerator, Sampling, strip_stream
+from .backends.hf import LocalGenerator, strip_stream
 from .errors import MetaAlignerError
-from .models import is_api_model, is_default
+from .models import is_api_model, is_default, parse_model
+from .settings import GenerationSettings
 from .objectives import Objective, parse_objectives
 from .templates import build_prompt, check_template, prompt_parts, template_for_model
 
@@ -69,8 +74,9 @@ class Aligner:
         (HH-RLHF / UltraFeedback / IMHI), else ``ultrafeedback``.
         """
         if is_api_model(model):
-            raise MetaAlignerError(f'"{model}" is an API model; the aligner must be a local model '
-                                   "(a Hugging Face id, a directory, a .gguf file or default)")
+            raise MetaAlignerError(f'"{model}" is an API model; Aligner.load takes a local model (a Hugging Face '
+                                   "id, a directory, a .gguf file or default); for a completions server use "
+                                   "openai-compatible:NAME@URL through load_aligner or RemoteAligner")
         generator = LocalGenerator.load(model, device=device, dtype=dtype, attn=attn, max_length=max_length)
         return cls.from_generator(generator, model, template=template)
 
@@ -161,7 +167,7 @@ class Aligner:
         """
         if len(queries) != len(drafts):
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
-        sampling = Sampling.from_kwargs(**gen)
+        sampling = GenerationSettings.from_kwargs(**gen)
         per_row = _per_row_objectives(objectives, len(queries), self.objectives)  # parsed once, not per row
         encoded, prefix_lens, shortened = [], [], 0
         for q, d, o in zip(queries, drafts, per_row):
@@ -179,12 +185,135 @@ class Aligner:
 
     def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
         """Text deltas of the correction as it is generated; joined, they equal :meth:`align`."""
-        sampling = Sampling.from_kwargs(**gen)
+        sampling = GenerationSettings.from_kwargs(**gen)
         objectives = self.objectives(objectives)
         ids, cut = self.encode(query, draft, objectives, sampling.max_new_tokens)
         if cut:
             log.warning("the draft was shortened to fit the aligner's context of %d tokens", self.generator.max_length)
         yield from strip_stream(self.generator.stream(ids, sampling, self.shared_prefix_len(ids, objectives)))
+
+
+def load_aligner(model: str = "default", **kwargs):
+    """:class:`Aligner` for a local MODEL, :class:`RemoteAligner` for ``openai-compatible:NAME@URL``.
+
+    Local loads take ``template``, ``device``, ``dtype``, ``attn``, ``max_length``; remote ones
+    ``template``, ``timeout``, ``max_retries``, ``concurrency``, ``api_key``.
+    """
+    if parse_model(model).provider == "openai-compatible":
+        keep = ("template", "timeout", "max_retries", "concurrency", "api_key")
+        return RemoteAligner.load(model, **{k: v for k, v in kwargs.items() if k in keep})
+    keep = ("template", "device", "dtype", "attn", "max_length")
+    return Aligner.load(model, **{k: v for k, v in kwargs.items() if k in keep})
+
+
+class RemoteAligner:
+    """An aligner served by an OpenAI-compatible ``/v1/completions`` endpoint.
+
+    The prompt is the same raw template text a local :class:`Aligner` reads (the server's
+    tokenizer adds BOS, as the released Llama tokenizers do); no chat template. A batch keeps up
+    to ``concurrency`` requests in flight (the server batches them). Greedy unless a temperature
+    is given; ``repetition_penalty`` is sent as the vLLM/SGLang extra field when it is not 1.
+    Drafts are not shortened here: a prompt longer than the server's context is its error.
+    The key is ``METAALIGNER_COMPAT_API_KEY`` (never ``OPENAI_API_KEY``).
+    """
+
+    is_base_model = False
+    generator = None  # nothing local: the registry shares no weights with it
+
+    def __init__(self, model: str, base_url: str, *, name: str | None = None, template: str = "ultrafeedback",
+                 timeout: float = 300.0, max_retries: int = 5, concurrency: int = 32, api_key: str | None = None):
+        import openai
+
+        from .backends.openai_backend import DUMMY_KEY
+        from .models import compat_api_key
+
+        self.model, self.base_url = model, base_url
+        self.name = name or f"openai-compatible:{model}@{base_url}"
+        self.template = check_template(template)
+        self.concurrency = max(1, int(concurrency))
+        self._key = api_key or compat_api_key() or DUMMY_KEY
+        self._openai = openai
+        self.client = openai.OpenAI(api_key=self._key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
+
+    @classmethod
+    def load(cls, spec: str, *, template: str | None = None, **kwargs) -> "RemoteAligner":
+        m = parse_model(spec)
+        if m.provider != "openai-compatible":
+            raise MetaAlignerError(f'"{spec}": a remote aligner is given as openai-compatible:NAME@URL')
+        return cls(m.name, m.url, name=m.spec, template=template or template_for_model(m.name), **kwargs)
+
+    objectives = Aligner.objectives
+    prompt = Aligner.prompt
+
+    def _request(self, prompt: str, s: GenerationSettings, stream: bool = False) -> dict:
+        req = {"model": self.model, "prompt": prompt, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
+               "stream": stream}
+        if s.temperature > 0 and s.top_p < 1:
+            req["top_p"] = s.top_p
+        if s.seed is not None:
+            req["seed"] = s.seed
+        if s.repetition_penalty != 1.0:
+            req["extra_body"] = {"repetition_penalty": s.repetition_penalty}
+        return req
+
+    def _error(self, e: Exception) -> MetaAlignerError:
+        from .backends.base import BackendError, describe_api_error
+
+        return BackendError(describe_api_error(self.name, e, self._key))
+
+    def _complete(self, prompt: str, s: GenerationSettings) -> str:
+        try:
+            resp = self.client.completions.create(**self._request(prompt, s))
+        except self._openai.OpenAIError as e:
+            raise self._error(e) from None
+        if resp.usage is not None:
+            self.stats["prompt_tokens"] += resp.usage.prompt_tokens or 0
+            self.stats["generated_tokens"] += resp.usage.completion_tokens or 0
+        return (resp.choices[0].text or "").strip() if resp.choices else ""
+
+    def align(self, query: str, draft: str, objectives: Objectives, **gen) -> str:
+        return self._complete(self.prompt(query, draft, objectives), GenerationSettings.from_kwargs(**gen))
+
+    def align_batch(self, queries: list[str], drafts: list[str], objectives, *, batch_size: int = 16,
+                    progress=False, **gen) -> list[str]:
+        """Corrections of many rows, up to ``concurrency`` requests in flight, in input order.
+        ``batch_size`` is ignored: the server forms its own batches."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        if len(queries) != len(drafts):
+            raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
+        s = GenerationSettings.from_kwargs(**gen)
+        per_row = _per_row_objectives(objectives, len(queries), self.objectives)
+        prompts = [self.prompt(q, d, o) for q, d, o in zip(queries, drafts, per_row)]
+        if not prompts:
+            return []
+        if hasattr(progress, "update"):
+            bar, own = progress, False
+        else:
+            bar, own = tqdm(total=len(prompts), desc="aligning", unit="row", disable=not progress, leave=False), True
+
+        def one(prompt):
+            out = self._complete(prompt, s)
+            bar.update(1)
+            return out
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+                return list(pool.map(one, prompts))
+        finally:
+            if own:
+                bar.close()
+
+    def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
+        s = GenerationSettings.from_kwargs(**gen)
+        try:
+            chunks = self.client.completions.create(**self._request(self.prompt(query, draft, objectives), s, True))
+            yield from strip_stream(c.choices[0].text for c in chunks if c.choices and c.choices[0].text)
+        except self._openai.OpenAIError as e:
+            raise self._error(e) from None
 
 
 def _per_row_objectives(objectives, n: int, resolve) -> list:

@@ -1,4 +1,14 @@
-"""One loader for every local MODEL string: ``default``, a directory, a ``.gguf`` file, a hub id.
+"""The MODEL-string grammar (one parser for every caller) and the loader for local models.
+
+MODEL strings (:func:`parse_model`):
+
+- ``default``: the embedded SmolLM2-135M-Instruct;
+- a local directory (``config.json`` inside), a ``.gguf`` file, or a Hugging Face id;
+- ``openai:NAME`` (key ``OPENAI_API_KEY``), ``anthropic:NAME`` (key ``ANTHROPIC_API_KEY``);
+- ``openai-compatible:NAME@URL``: any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp).
+  It never sends ``OPENAI_API_KEY`` (that key belongs to OpenAI, not to a third-party server):
+  its key is read from ``METAALIGNER_COMPAT_API_KEY``, or from the environment variable the
+  operator names in ``METAALIGNER_COMPAT_API_KEY_ENV``; without one a placeholder is sent.
 
 Device, dtype and attention are chosen automatically: CUDA → MPS → CPU; bf16 on CUDA, fp32
 elsewhere; ``flash_attention_2`` when flash-attn is importable on CUDA, else PyTorch SDPA.
@@ -9,7 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .embedded import DISPLAY_NAME, embedded_model_dir
@@ -20,13 +32,82 @@ log = logging.getLogger(__name__)
 API_PREFIXES = ("openai:", "anthropic:", "openai-compatible:")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
+# Environment variable each provider's key is read from.
+API_KEY_VARS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+COMPAT_KEY_VAR = "METAALIGNER_COMPAT_API_KEY"
+COMPAT_KEY_ENV_VAR = "METAALIGNER_COMPAT_API_KEY_ENV"  # names another variable holding the key
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed MODEL string. ``provider``: ``local`` (``default`` included), ``openai``,
+    ``anthropic`` or ``openai-compatible``; ``name``: the model name (the spec itself for local
+    models); ``url``: the server of an ``openai-compatible`` model."""
+
+    spec: str
+    provider: str
+    name: str
+    url: str | None = None
+
+    @property
+    def is_api(self) -> bool:
+        return self.provider != "local"
+
+    @property
+    def is_default(self) -> bool:
+        return self.provider == "local" and self.name == "default"
+
+
+def canonical(spec: str | None) -> str:
+    """The MODEL string with surrounding blanks removed; empty means ``default``."""
+    return (str(spec) if spec is not None else "").strip() or "default"
+
+
+def parse_compatible(rest: str) -> tuple[str, str]:
+    """``NAME@URL`` -> ``(NAME, URL)``; the URL starts at the ``@http`` (a NAME may contain ``@``)."""
+    at = max(rest.rfind("@http://"), rest.rfind("@https://"))
+    if at <= 0:
+        raise MetaAlignerError(f'"openai-compatible:{rest}": expected openai-compatible:NAME@URL '
+                               '(e.g. openai-compatible:llama3@http://localhost:8000/v1)')
+    return rest[:at], rest[at + 1:]
+
+
+def parse_model(spec: str | None) -> ModelSpec:
+    """Parse a MODEL string (see the module docstring); API specs are checked, local ones are
+    resolved only when loaded (:func:`resolve_pretrained`)."""
+    spec = canonical(spec)
+    provider, sep, rest = spec.partition(":")
+    if sep and provider == "openai-compatible":
+        name, url = parse_compatible(rest)
+        return ModelSpec(spec, provider, name, url)
+    if sep and provider in API_KEY_VARS:
+        if not rest.strip():
+            raise MetaAlignerError(f'"{spec}": the model name after the colon is empty')
+        return ModelSpec(spec, provider, rest.strip())
+    return ModelSpec(spec, "local", spec)
+
 
 def is_api_model(spec: str) -> bool:
     return str(spec).startswith(API_PREFIXES)
 
 
 def is_default(spec: str | None) -> bool:
-    return spec in (None, "", "default")
+    return spec is None or canonical(spec) == "default"
+
+
+def compat_api_key() -> str | None:
+    """The key sent to ``openai-compatible:`` servers: never ``OPENAI_API_KEY``."""
+    var = os.environ.get(COMPAT_KEY_ENV_VAR, "").strip() or COMPAT_KEY_VAR
+    return os.environ.get(var) or None
+
+
+def missing_api_key(spec: str) -> str | None:
+    """The message to show when an API model cannot be used because its key is not set."""
+    provider = str(spec).partition(":")[0]
+    var = API_KEY_VARS.get(provider) if ":" in str(spec) else None
+    if var and not os.environ.get(var):
+        return f"{var} is not set on the server, so {spec} cannot be used; set it and restart"
+    return None
 
 
 def display_name(spec: str | None) -> str:

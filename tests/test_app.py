@@ -16,7 +16,7 @@ import pytest
 
 from api_server import FakeProvider
 from conftest import ROOT, require_chromium
-from metaaligner_core.app_service import GenerationSettings, collect_objectives
+from webapp.service import GenerationSettings, collect_objectives
 from metaaligner_core.errors import MetaAlignerError
 
 sys.path.insert(0, str(ROOT))

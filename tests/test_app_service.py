@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from metaaligner_core.app_service import (GenerationSettings, ModelRegistry, collect_objectives,
-                                          missing_api_key, objective_choices, parse_api_objectives,
-                                          parse_new_objectives, resolve_template, with_template)
+from webapp.service import (GenerationSettings, ModelRegistry, collect_objectives, missing_api_key,
+                            objective_choices, parse_api_objectives, parse_new_objectives, resolve_template,
+                            with_template)
 from metaaligner_core.errors import MetaAlignerError
 from metaaligner_core.objectives import builtin_objectives
 from metaaligner_core.templates import build_prompt
@@ -66,6 +66,14 @@ def test_api_spec_parsing_and_file_specs_refused(tmp_path):
 
 
 def test_template_resolution():
+    from metaaligner_core.pipeline import choose_template
+
+    # One rule: explicit > the aligner's name > the data's name > ultrafeedback.
+    assert choose_template(None, "default", "../shared/data/policy-outputs/hh-rlhf/gpt-3.5-turbo.csv") == "hh-rlhf"
+    assert choose_template("auto", "MetaAligner/MetaAligner-IMHI-7B", "hf:Anthropic/hh-rlhf") == "imhi"
+    assert choose_template("ultrafeedback", "MetaAligner/MetaAligner-IMHI-7B", "hh-rlhf.csv") == "ultrafeedback"
+    assert choose_template(None, "openai-compatible:MetaAligner-HH-RLHF-7B@http://h:8000/v1") == "hh-rlhf"
+    assert choose_template(None, "out/my-aligner", "rows.jsonl") == "ultrafeedback"
     assert resolve_template("auto", "MetaAligner/MetaAligner-HH-RLHF-1.1B") == "hh-rlhf"
     assert resolve_template("", "MetaAligner/MetaAligner-IMHI-7B") == "imhi"
     assert resolve_template("auto", "default") == "ultrafeedback"
@@ -87,13 +95,24 @@ def test_template_view_shares_the_model():
 
 def test_generation_settings_validate():
     s = GenerationSettings(max_new_tokens=24.0, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
-    assert s.aligner_kwargs() == {"max_new_tokens": 24, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+    assert s.aligner_kwargs() == {"max_new_tokens": 24, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1,
+                                  "seed": None}
     assert s.policy_kwargs() == {"max_tokens": 24, "temperature": 0.7}
     assert s.policy_kwargs(local=True) == {"max_tokens": 24, "temperature": 0.7, "top_p": 0.9,
-                                           "repetition_penalty": 1.1}
-    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"repetition_penalty": 0}):
+                                           "repetition_penalty": 1.1, "seed": None}
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"repetition_penalty": 0},
+                {"max_new_tokens": "many"}):
         with pytest.raises(MetaAlignerError):
             GenerationSettings(**bad)
+    with pytest.raises(TypeError, match="unknown generation settings: top_k"):
+        GenerationSettings.from_kwargs(top_k=5)
+    # One class for the engine, the pipeline and the app; `align` and the server default to the
+    # authors' 1024 new tokens, the app to a shorter interactive length.
+    from metaaligner_core.backends import hf
+    from metaaligner_core import pipeline
+    assert hf.GenerationSettings is pipeline.GenerationSettings is GenerationSettings
+    assert GenerationSettings().max_new_tokens == 1024
+    assert app.make_service(app.AppConfig()).settings.max_new_tokens == 256
 
 
 def test_missing_api_key_message(monkeypatch):
@@ -108,6 +127,8 @@ def test_missing_api_key_message(monkeypatch):
         reg.policy("openai:gpt-4o-mini")
     with pytest.raises(MetaAlignerError, match="can only be a policy"):
         reg.aligner("anthropic:claude-3-5-haiku-latest")
+    with pytest.raises(MetaAlignerError, match="can only be a policy"):
+        reg.aligner("openai:gpt-4o-mini")
     assert reg.loaded("policy", "openai:gpt-4o-mini") is None
 
 
@@ -129,6 +150,21 @@ def test_flags():
         "openai:gpt-4o", "out/aligner", "imhi", "sqlite:////tmp/x.db", "0.0.0.0", 8000, True, ("ann", "pa:ss"))
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "nopassword"])
+
+
+def test_core_holds_no_app_code():
+    """The core never imports the annotation package or the app side, and holds no UI strings."""
+    code = ("import sys, metaaligner_core.pipeline, metaaligner_core.commands.align, metaaligner_core.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('annotation', 'webapp', 'gradio')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pipeline_modules = ["pipeline.py", "inference.py", "models.py", "settings.py", "commands/align.py",
+                        *(f"backends/{p.name}" for p in (ROOT / "metaaligner_core" / "backends").rglob("*.py"))]
+    core = "\n".join((ROOT / "metaaligner_core" / p).read_text() for p in pipeline_modules)
+    for needle in ("import annotation\n", "import annotation.", "from annotation", "**ready**",
+                   "Waiting for a free generation slot"):
+        assert needle not in core
 
 
 def test_import_is_light():

@@ -168,11 +168,11 @@ def test_an_api_model_is_not_an_aligner():
 @pytest.mark.slow
 def test_plain_cache_fallback_matches_the_buffered_path(aligner):
     """Models with sliding-window layers decode through transformers' own cache; same tokens."""
-    from metaaligner_core.backends.hf import Sampling
+    from metaaligner_core.settings import GenerationSettings
 
     g = aligner.generator
     prompts = [aligner.encode(q, d, OBJ, 10)[0] for q, d in zip(QUERIES[:3], DRAFTS[:3])]
-    sampling = Sampling(max_new_tokens=10)
+    sampling = GenerationSettings(max_new_tokens=10)
     rows = {i: [] for i in range(3)}
     for ids, tokens, _ in g._decode_plain(prompts, sampling):
         for i, t in zip(ids, tokens):
@@ -232,7 +232,7 @@ def test_chunked_decode_attention_gives_the_same_tokens(aligner, monkeypatch):
 def test_shared_prefix_is_found_for_every_template_of_one_aligner(aligner):
     """Template views of one aligner (the app's template picker) share its caches; each still
     finds its own instruction + objectives prefix."""
-    from metaaligner_core.app_service import with_template
+    from metaaligner_core.pipeline import with_template
 
     fresh = {}
     for template in ("ultrafeedback", "hh-rlhf", "imhi"):

@@ -30,41 +30,7 @@ from .base import Completion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass
-class Sampling:
-    """Decoding settings.
-
-    max_new_tokens: most tokens generated per row.
-    temperature: 0 means greedy (the default); above 0, sampling from the softmax at that temperature.
-    top_p: nucleus sampling mass (sampling only).
-    repetition_penalty: > 1 discourages tokens already in the prompt or the output (1 = off).
-    seed: makes sampling reproducible.
-    """
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def from_kwargs(cls, **gen) -> "Sampling":
-        unknown = set(gen) - {"max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"}
-        if unknown:
-            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        s = cls(**{k: v for k, v in gen.items() if v is not None})
-        if s.max_new_tokens < 1:
-            raise MetaAlignerError(f"max_new_tokens must be at least 1 (got {s.max_new_tokens})")
-        if s.temperature < 0:
-            raise MetaAlignerError(f"temperature must be >= 0 (got {s.temperature})")
-        if not 0 < s.top_p <= 1:
-            raise MetaAlignerError(f"top_p must be in (0, 1] (got {s.top_p})")
-        if s.repetition_penalty <= 0:
-            raise MetaAlignerError(f"repetition_penalty must be > 0 (got {s.repetition_penalty})")
-        return s
+from ..settings import DEFAULT_MAX_NEW_TOKENS, GenerationSettings  # noqa: F401  (re-exported)
 
 
 def _buffered_layer_class():
@@ -281,7 +247,7 @@ class LocalGenerator:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling, *, batch_size: int = 16,
+    def generate(self, prompts: list[list[int]], sampling: GenerationSettings, *, batch_size: int = 16,
                  progress=False, desc: str = "generating", prefix_lens: list[int] | None = None) -> list[list[int]]:
         """Continuations of ``prompts`` (lists of token ids), in input order.
 
@@ -323,7 +289,7 @@ class LocalGenerator:
                 bar.close()
         return out  # type: ignore[return-value]
 
-    def stream(self, prompt: list[int], sampling: Sampling, prefix_len: int = 0) -> Iterator[str]:
+    def stream(self, prompt: list[int], sampling: GenerationSettings, prefix_len: int = 0) -> Iterator[str]:
         """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``."""
         ids: list[int] = []
         sent = ""
@@ -408,7 +374,7 @@ class LocalGenerator:
                 logits[r] = out.logits[j, -1]
         return kv, torch.stack(logits)
 
-    def _decode_steps(self, prompts: list[list[int]], sampling: Sampling, prefix_len: int = 0,
+    def _decode_steps(self, prompts: list[list[int]], sampling: GenerationSettings, prefix_len: int = 0,
                       batch_size: int | None = None) -> Iterator[tuple[list[int], list[int], list[int]]]:
         """The decoding loop over ``prompts`` (longest first), at most ``batch_size`` in flight.
 
@@ -545,7 +511,7 @@ class LocalGenerator:
                     _PLAN.chunks = None
                 logits = out.logits[:, -1, :]
 
-    def _decode_plain(self, prompts: list[list[int]], sampling: Sampling):
+    def _decode_plain(self, prompts: list[list[int]], sampling: GenerationSettings):
         """One padded batch through transformers' own cache (models whose layers are not all full attention)."""
         import torch
 
@@ -605,7 +571,7 @@ def _repetition_penalty(logits, seen, penalty: float):
     return logits.scatter(1, seen, score)
 
 
-def _pick(logits, sampling: Sampling, generator):
+def _pick(logits, sampling: GenerationSettings, generator):
     import torch
 
     if sampling.temperature <= 0:
@@ -659,7 +625,7 @@ class HFChatBackend:
     def complete_batch(self, prompts: list[str], *, max_tokens: int = 512, temperature: float = 0.0,
                        system: str | None = None, batch_size: int = 16, progress: bool = False,
                        **gen) -> list[Completion]:
-        sampling = Sampling.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
+        sampling = GenerationSettings.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
         encoded = [self.encode(p, system, max_tokens) for p in prompts]
         outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress, desc="drafts")
         return [Completion(self.generator.decode(o).strip(), {"prompt_tokens": len(e), "completion_tokens": len(o)})
@@ -667,7 +633,7 @@ class HFChatBackend:
 
     def stream(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0,
                system: str | None = None, **gen) -> Iterator[str]:
-        sampling = Sampling.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
+        sampling = GenerationSettings.from_kwargs(max_new_tokens=max_tokens, temperature=temperature, **gen)
         yield from strip_stream(self.generator.stream(self.encode(prompt, system, max_tokens), sampling))
 
 

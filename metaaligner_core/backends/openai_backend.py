@@ -1,5 +1,9 @@
 """OpenAI and any OpenAI-compatible server (vLLM, llama.cpp server, TGI, …) through the official client.
 
+``openai:NAME`` sends ``OPENAI_API_KEY``. ``openai-compatible:NAME@URL`` never does (a third-party
+server must not receive the OpenAI key): it sends ``METAALIGNER_COMPAT_API_KEY`` (or the variable
+named by ``METAALIGNER_COMPAT_API_KEY_ENV``), else a placeholder.
+
 The client retries 429, 5xx, connection errors and timeouts itself with exponential back-off
 (honouring ``Retry-After``); ``max_retries`` sets how often. A call that still fails becomes a
 :class:`~metaaligner_core.backends.base.BackendError`.
@@ -23,11 +27,14 @@ class OpenAIBackend(APIBackend):
                  timeout: float = 60.0, max_retries: int = 5, concurrency: int = 8, api_key: str | None = None):
         import openai
 
-        key = api_key or os.environ.get(KEY_VAR)
-        if not key:
-            if not compatible:
+        if compatible:
+            from ..models import compat_api_key
+
+            key = api_key or compat_api_key() or DUMMY_KEY
+        else:
+            key = api_key or os.environ.get(KEY_VAR)
+            if not key:
                 raise MetaAlignerError(f"openai:{model}: no API key; set the environment variable {KEY_VAR}")
-            key = DUMMY_KEY
         self.model = model
         self.compatible = compatible
         self.name = f"openai-compatible:{model}@{base_url}" if compatible else f"openai:{model}"

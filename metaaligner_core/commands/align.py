@@ -103,7 +103,7 @@ def resumed_rows(out: Path, rows: list[tuple[int, dict]]) -> list[dict]:
 
 
 def run(args) -> int:
-    from ..backends.hf import Sampling
+    from ..settings import GenerationSettings
     from ..models import is_default
     from ..objectives import parse_objectives
     from ..templates import template_for_model
@@ -135,7 +135,7 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                repetition_penalty=args.repetition_penalty, seed=args.seed)
-    Sampling.from_kwargs(**gen)  # bad settings fail here, before any model loads or paid API call
+    GenerationSettings.from_kwargs(**gen)  # bad settings fail here, before any model loads or paid API call
     aligner, policy = _load_models(args, template, any(not has_draft(rows[i][1]) for i in [*redo, *todo]))
     if aligner.is_base_model:
         log.warning("note: %s", _base_warning())
