@@ -260,7 +260,8 @@ def _context(plan, rows) -> dict[str, dict]:
         for prompt, g in entries:
             extra = {} if g is None else ({"golden_position": g} if kind == "golden" else
                                           {"kind": "head_to_head", "draft_position": g})
-            context.setdefault(prompt, {"row": i, "line": rows[i][0], "objective": key, "side": side, **extra})
+            label = "aligned" if side == "metaaligner" else side  # as in failures and the report's blocks
+            context.setdefault(prompt, {"row": i, "line": rows[i][0], "objective": key, "side": label, **extra})
     return context
 
 
