@@ -115,19 +115,22 @@ def test_length_preferring_judge_loses_its_advantage_under_length_control(tmp_pa
 
 
 def test_raw_and_length_controlled_disagreement_is_flagged(tmp_path):
-    """The correction wins a little more often raw, but only because it is longer: the judge
-    prefers the golden answer whenever lengths are equal and the correction is shorter..."""
+    """The judge picks the longer response when lengths differ by more than 3 words, else the one
+    with more "+". Drafts are as long as the golden answer and win 2 rows in 5 on content; the
+    corrections lose on content when as long as the golden answer and win only when twice as
+    long. Raw, the correction is ahead (50 % vs 40 %); at equal length (length-controlled) it is
+    behind: the report must flag it."""
+    words10 = " ".join(["w"] * 9)
     rows = []
-    for i in range(80):
-        # drafts: same length as golden (judge picks by "+" then); corrections: longer, never better
-        rows.append({"query": f"q{i}", "golden": "g g g g g +" if i % 2 else "g g g g g",
-                     "draft": "d d d d d +" if i % 4 == 0 else "d d d d d",
-                     "aligned": "a a a a a a a a"})
+    for i in range(40):
+        rows.append({"query": f"q{i}", "golden": words10 + " ++",
+                     "draft": words10 + (" +++" if i % 5 in (0, 1) else " +"),
+                     "aligned": (words10 + " x") if i % 2 == 0 else " ".join(["a"] * 20)})
 
     def rule(body):
         a, b = _pair(body)
         la, lb = len(a.split()), len(b.split())
-        if la != lb:
+        if abs(la - lb) > 3:
             return "1" if la > lb else "2"
         pa, pb = a.count("+"), b.count("+")
         return "0" if pa == pb else ("1" if pa > pb else "2")
@@ -136,12 +139,12 @@ def test_raw_and_length_controlled_disagreement_is_flagged(tmp_path):
         report = evaluate(write_jsonl(tmp_path / "rows.jsonl", rows), "honesty", "openai:r", tmp_path / "out",
                           base_url=_url(server))
     r = report["objectives"]["honesty"]
-    assert r["advantage"] > 0  # every correction is longer than the golden answer: it always wins raw
-    assert r["lc_advantage"] is not None
-    if (r["advantage"] > 0) != (r["lc_advantage"] > 0):
-        assert r["lc_disagrees"] and any("disagree" in f for f in report["flags"])
-    else:
-        assert not r["lc_disagrees"] and not report["flags"]
+    assert (r["win_rate_original"], r["win_rate_aligned"]) == (0.4, 0.5)
+    assert r["lc_advantage"] < 0 < r["advantage"]
+    assert r["lc_disagrees"] is True
+    assert report["flags"] == [f"openai:r / metaaligner / honesty: raw and length-controlled results disagree: "
+                               f"advantage +0.100 raw, {r['lc_advantage']:+.3f} length-controlled"]
+    assert "⚠" in (tmp_path / "out" / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------- random judge

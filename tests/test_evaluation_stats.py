@@ -119,8 +119,8 @@ def test_win_rates_both_ways():
 
 
 def test_position_consistency_and_head_to_head_rates():
-    pc = metrics.position_consistency([(WIN, LOSS), (WIN, WIN), (TIE, TIE), (INVALID, WIN), (LOSS, LOSS)])
-    assert pc == {"consistent": 3, "n": 4, "rate": 0.75}
+    pc = metrics.position_consistency([(WIN, LOSS), (WIN, WIN), (TIE, TIE), (INVALID, WIN), (LOSS, LOSS), (WIN, TIE)])
+    assert pc == {"consistent": 3, "n": 5, "rate": 0.6}
     hh = metrics.outcome_rates([WIN, LOSS, LOSS, TIE, INVALID, FAILED])
     assert (hh["wins"], hh["losses"], hh["n"], hh["loss_rate"]) == (1, 2, 4, 0.5)
 
