@@ -182,13 +182,14 @@ class RewardScorer:
     """One loaded reward model; :meth:`score` gives raw rewards for (query, response) rows."""
 
     def __init__(self, rm: RewardModelSpec, device: str | None = None, batch_size: int = 16,
-                 dtype: str | None = None):
+                 dtype: str | None = None, max_batch_tokens: int = 8192):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from .models import resolve_pretrained
 
         self.rm, self.batch_size = rm, max(1, int(batch_size))
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.device = _auto_device(device)
         # The authors load reward models in bf16 (on GPUs); a CPU runs fp32.
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
@@ -217,12 +218,13 @@ class RewardScorer:
         self.max_length = min(int(self.tokenizer.model_max_length), MAX_LENGTH)
         self.model.to(self.device).eval()
 
-    def _encode(self, queries: Sequence[str], responses: Sequence[str], padding: bool):
+    def _encode(self, queries: Sequence[str], responses: Sequence[str], padding: bool, tensors: bool = True):
+        pt = "pt" if tensors else None
         if self.rm.response_only:
             return self.tokenizer(list(responses), truncation=True, max_length=self.max_length,
-                                  padding=padding, return_tensors="pt")
+                                  padding=padding, return_tensors=pt)
         return self.tokenizer(list(queries), list(responses), truncation=True, max_length=self.max_length,
-                              padding=padding, return_tensors="pt")
+                              padding=padding, return_tensors=pt)
 
     def score_one(self, query: str, response: str) -> float:
         """One row as the authors score it: one encoding, one forward pass, no padding."""
@@ -233,29 +235,43 @@ class RewardScorer:
             return float(self.model(**inputs).logits[0][self.rm.logit_index].float())
 
     def score(self, queries: Sequence[str], responses: Sequence[str], progress: bool = False) -> list[float]:
-        """Raw rewards, in input order; rows are batched by token length to keep padding low."""
+        """Raw rewards, in input order.
+
+        Every row is encoded once, exactly as :meth:`score_one` encodes it; rows are sorted by
+        token count and cut into batches of at most ``batch_size`` rows and ``max_batch_tokens``
+        padded tokens, so long rows do not drag a large padded batch through attention and short
+        rows share one forward pass. Right padding, so positions are those of the unpadded row.
+        """
         import torch
 
         if len(queries) != len(responses):
             raise ValueError("queries and responses differ in length")
-        texts = responses if self.rm.response_only else [q + "\x00" + r for q, r in zip(queries, responses)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[float] = [0.0] * len(texts)
+        enc = self._encode(queries, responses, padding=False, tensors=False)
+        ids = enc["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[float] = [0.0] * len(ids)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(order), desc=f"reward {self.rm.key}", unit=" resp", mininterval=1.0)
+        start = 0
         with torch.no_grad():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                inputs = self._encode([queries[i] for i in idx], [responses[i] for i in idx],
-                                      padding=True).to(self.device)
-                logits = self.model(**inputs).logits[:, self.rm.logit_index].float().cpu().tolist()
+            while start < len(order):
+                end = start + 1
+                # sorted ascending: the batch's last row is its longest, so padded size = rows x that length
+                while (end < len(order) and end - start < self.batch_size
+                       and (end - start + 1) * len(ids[order[end]]) <= self.max_batch_tokens):
+                    end += 1
+                idx = order[start:end]
+                batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, padding=True,
+                                           return_tensors="pt").to(self.device)
+                logits = self.model(**batch).logits[:, self.rm.logit_index].float().cpu().tolist()
                 for i, v in zip(idx, logits):
                     out[i] = v
                 if bar is not None:
                     bar.update(len(idx))
+                start = end
         if bar is not None:
             bar.close()
         return out
