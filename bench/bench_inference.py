@@ -9,11 +9,17 @@
    the ratio (target >= 4x at batch 16), and how many batched rows equal their one-by-one
    output. The batched job (all rows at once) is timed between the two halves of the one-by-one
    run, so a load change on a shared machine biases neither side.
-3. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs batch ``--gpu-batch`` (64), over
+3. *engines* (``--engines``): our decoding engine (``LocalGenerator``, continuous batching over a
+   buffered KV cache) against transformers' own continuous batching (``model.generate_batch``),
+   the same prompts (``--engine-rows`` drafts, ``--engine-new-tokens`` new tokens, greedy) in the
+   same run, in the order ours / transformers / transformers / ours so a load change biases
+   neither. Prints tokens/s of each, the ratio, and how many rows give the same tokens.
+4. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs batch ``--gpu-batch`` (64), over
    2 x 64 drafts.
 
     .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 256] [--dtype bf16]
         [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--hf-baseline] [--gpu]
+        [--engines [--engine-rows 16] [--engine-new-tokens 64]]
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "policy-outputs"
-from metaaligner_core.backends.hf import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+from metaaligner_core.settings import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 
 OBJECTIVES = {"hh-rlhf": "harmlessness,helpfulness", "ultrafeedback": "honesty,helpfulness", "imhi": "correctness,informative"}
 
@@ -154,12 +160,71 @@ def bench_align(args, device=None, dtype=None, batch_size=None, label="cpu fp32"
           f"batched == one-by-one on {same}/{len(queries)} rows")
 
 
+def bench_engines(args) -> None:
+    """Ours vs transformers' continuous batching (``generate_batch``) on the same encoded prompts."""
+    import logging
+
+    import torch
+    from transformers import GenerationConfig
+
+    from metaaligner_core.inference import Aligner
+    from metaaligner_core.settings import GenerationSettings
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    queries, drafts, family = load_rows(args.data, args.engine_rows)
+    objectives = OBJECTIVES[family]
+    n_new = args.engine_new_tokens
+    aligner = Aligner.load("default", template=family, dtype=args.dtype)
+    gen = aligner.generator
+    prompts = [aligner.encode(q, d, objectives, n_new)[0] for q, d in zip(queries, drafts)]
+    prefix_lens = [aligner.shared_prefix_len(p, objectives) for p in prompts]
+    settings = GenerationSettings(max_new_tokens=n_new)
+    model = gen.model
+    ours_attn = model.config._attn_implementation
+    eos = sorted(gen.eos_ids)
+    config = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=gen.pad_id)
+
+    def run_ours():
+        model.set_attn_implementation(ours_attn)
+        return gen.generate(prompts, settings, batch_size=args.batch_size, prefix_lens=prefix_lens)
+
+    def run_hf():
+        # transformers' manager refuses custom attention functions: plain sdpa for its run.
+        model.set_attn_implementation("sdpa")
+        res = model.generate_batch(prompts, generation_config=config, max_new_tokens=n_new, progress_bar=False)
+        by_id = {r.request_id: r for r in res.values()}
+        return [[t for t in by_id[f"req_{i}"].generated_tokens if t not in gen.eos_ids] for i in range(len(prompts))]
+
+    print(f"engines ({torch.get_num_threads()} threads): {len(prompts)} prompts from {args.data}, "
+          f"{n_new} new tokens, greedy, batch {args.batch_size}")
+    run_ours()  # warm-up of both (allocator, prefix cache, the manager's first start)
+    run_hf()
+    seconds = {"ours": 0.0, "transformers": 0.0}
+    tokens = {"ours": 0, "transformers": 0}
+    outs = {}
+    for name in ("ours", "transformers", "transformers", "ours"):
+        t = time.perf_counter()
+        out = run_ours() if name == "ours" else run_hf()
+        dt = time.perf_counter() - t
+        seconds[name] += dt
+        tokens[name] += sum(len(o) for o in out)
+        outs[name] = out
+        print(f"  {name:12s}: {sum(len(o) for o in out)} tokens in {dt:.1f} s [load avg {loadavg()}]")
+    model.set_attn_implementation(ours_attn)
+    rate = {k: tokens[k] / seconds[k] for k in seconds}
+    same = sum(a == b for a, b in zip(outs["ours"], outs["transformers"]))
+    print(f"  ours:         {rate['ours']:.1f} tokens/s")
+    print(f"  transformers: {rate['transformers']:.1f} tokens/s (model.generate_batch, continuous batching)")
+    print(f"  ratio transformers/ours: {rate['transformers'] / rate['ours']:.2f} (>= 0.80 means: use transformers'); "
+          f"same tokens on {same}/{len(prompts)} rows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                    help=f"most tokens per correction (default {DEFAULT_MAX_NEW_TOKENS}, as metaaligner align)")
+    ap.add_argument("--max-new-tokens", type=int, default=256,
+                    help=f"most tokens per correction (default 256; metaaligner align uses {DEFAULT_MAX_NEW_TOKENS})")
     ap.add_argument("--dtype", default=None, help="fp32 (the CPU default) or bf16 (fast on CPUs with AMX)")
     ap.add_argument("--data", default="hh-rlhf/gpt-3.5-turbo.csv",
                     help="CSV under ../shared/data/policy-outputs with query and generated_text columns")
@@ -168,6 +233,10 @@ def main() -> None:
     ap.add_argument("--skip-align", action="store_true")
     ap.add_argument("--hf-baseline", action="store_true",
                     help="also time plain transformers generate() one by one (first half of the rows)")
+    ap.add_argument("--engines", action="store_true",
+                    help="compare our engine with transformers' continuous batching (model.generate_batch)")
+    ap.add_argument("--engine-rows", type=int, default=16)
+    ap.add_argument("--engine-new-tokens", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="also run the job on CUDA in bf16, batch 1 vs --gpu-batch")
     ap.add_argument("--gpu-batch", type=int, default=64)
     args = ap.parse_args()
@@ -180,6 +249,8 @@ def main() -> None:
         bench_start()
     if not args.skip_align:
         bench_align(args)
+    if args.engines:
+        bench_engines(args)
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device")

@@ -183,6 +183,18 @@ class Aligner:
                                        desc="aligning", prefix_lens=prefix_lens)
         return [self.generator.decode(o).strip() for o in outs]
 
+    def complete_raw(self, prompts: list[str], *, batch_size: int = 16, progress=False, **gen) -> list[str]:
+        """Continuations of raw text prompts (another corrector's template, e.g. the PKU Aligner's),
+        encoded like aligner prompts; a prompt too long for the context keeps its end."""
+        sampling = GenerationSettings.from_kwargs(**gen)
+        budget = self.generator.max_length - sampling.max_new_tokens
+        if budget < 1:
+            raise MetaAlignerError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
+                                   f"context of {self.generator.max_length} tokens")
+        encoded = [encode_aligner_prompt(self.generator.tokenizer, p)[-budget:] for p in prompts]
+        outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress, desc="correcting")
+        return [self.generator.decode(o).strip() for o in outs]
+
     def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
         """Text deltas of the correction as it is generated; joined, they equal :meth:`align`."""
         sampling = GenerationSettings.from_kwargs(**gen)
@@ -279,15 +291,19 @@ class RemoteAligner:
                     progress=False, **gen) -> list[str]:
         """Corrections of many rows, up to ``concurrency`` requests in flight, in input order.
         ``batch_size`` is ignored: the server forms its own batches."""
+        if len(queries) != len(drafts):
+            raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
+        per_row = _per_row_objectives(objectives, len(queries), self.objectives)
+        prompts = [self.prompt(q, d, o) for q, d, o in zip(queries, drafts, per_row)]
+        return self.complete_raw(prompts, progress=progress, **gen)
+
+    def complete_raw(self, prompts: list[str], *, batch_size: int = 16, progress=False, **gen) -> list[str]:
+        """Continuations of raw text prompts, up to ``concurrency`` requests in flight, in order."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
-        if len(queries) != len(drafts):
-            raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
         s = GenerationSettings.from_kwargs(**gen)
-        per_row = _per_row_objectives(objectives, len(queries), self.objectives)
-        prompts = [self.prompt(q, d, o) for q, d, o in zip(queries, drafts, per_row)]
         if not prompts:
             return []
         if hasattr(progress, "update"):

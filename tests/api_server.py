@@ -5,8 +5,10 @@ client path runs: HTTP, JSON, status codes, retries. What it answers is decided 
 ``reply(request) -> str`` (a fixed rule, or the embedded model), optional ``faults`` (status
 codes returned, in order, before normal answers: 429 and 5xx exercise retries) and ``delay``.
 
-Endpoints: ``POST /v1/chat/completions`` (OpenAI, with ``stream: true`` as SSE chunks) and
-``POST /v1/messages`` (Anthropic, non-streamed and streamed).
+Endpoints: ``POST /v1/chat/completions`` (OpenAI, with ``stream: true`` as SSE chunks),
+``POST /v1/completions`` (OpenAI-compatible text completions, as vLLM/SGLang/TGI/llama.cpp serve a
+raw-prompt model; streamed too) and ``POST /v1/messages`` (Anthropic, non-streamed and streamed).
+``max_in_flight`` records the most requests answered at once (concurrency checks).
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ class Call:
 
 
 def prompt_text(body: dict) -> str:
-    """The text of the last user message of an OpenAI or Anthropic request body."""
+    """The text of the last user message of an OpenAI or Anthropic request body (the raw
+    ``prompt`` of a text completion)."""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
     msgs = body.get("messages") or []
     if not msgs:
         return ""
@@ -43,9 +48,11 @@ class FakeProvider:
     faults: list[int] = field(default_factory=list)
     delay: float = 0.0
     calls: list[Call] = field(default_factory=list)
+    max_in_flight: int = 0
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._in_flight = 0
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +71,15 @@ class FakeProvider:
                 with provider._lock:
                     status = provider.faults.pop(0) if provider.faults else 200
                     provider.calls.append(Call(self.path, body, dict(self.headers), status))
+                    provider._in_flight += 1
+                    provider.max_in_flight = max(provider.max_in_flight, provider._in_flight)
+                try:
+                    self._answer(body, status)
+                finally:
+                    with provider._lock:
+                        provider._in_flight -= 1
+
+            def _answer(self, body, status):
                 if provider.delay:
                     time.sleep(provider.delay)
                 if status != 200:
@@ -73,6 +89,8 @@ class FakeProvider:
                 text = provider.reply(body)
                 if self.path.rstrip("/").endswith("/chat/completions"):
                     return self._openai(body, text)
+                if self.path.rstrip("/").endswith("/completions"):
+                    return self._completion(body, text)
                 if self.path.rstrip("/").endswith("/messages"):
                     return self._anthropic(body, text)
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
@@ -116,6 +134,22 @@ class FakeProvider:
                     return self._sse(events)
                 return self._json(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": model,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                     "finish_reason": "stop"}], "usage": usage})
+
+            def _completion(self, body, text):
+                model = body.get("model", "fake")
+                usage = {"prompt_tokens": len(prompt_text(body).split()), "completion_tokens": len(text.split())}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                if body.get("stream"):
+                    words = text.split(" ")
+                    events = [(None, json.dumps({"id": "t1", "object": "text_completion", "created": 0, "model": model,
+                                                  "choices": [{"index": 0, "text": w if i == 0 else " " + w,
+                                                               "logprobs": None, "finish_reason": None}]}))
+                              for i, w in enumerate(words)]
+                    events.append((None, "[DONE]"))
+                    return self._sse(events)
+                return self._json(200, {"id": "t1", "object": "text_completion", "created": 0, "model": model,
+                                        "choices": [{"index": 0, "text": text, "logprobs": None,
                                                      "finish_reason": "stop"}], "usage": usage})
 
             def _anthropic(self, body, text):

@@ -1,7 +1,13 @@
-"""``metaaligner align``: drafts from a policy (when missing), corrections from the aligner.
+"""``metaaligner align``: corrections of given drafts (or of drafts a named policy writes).
 
-Input rows ``{"query", "draft"?, ...}``; output rows keep every input field and add ``draft`` and
-``aligned`` (and ``error`` for a row whose policy call failed after its retries), in input order.
+Input rows ``{"query", "draft"?, ...}`` (other column names through ``--columns``, queries from
+another file through ``--queries``); output rows keep every input field and add ``draft``,
+``draft_source`` (``"input"`` or the policy's MODEL string), ``template``, ``correctors`` and one
+column per corrector (``aligned``; ``aligned_self_refine``, ``aligned_pku`` for the baselines),
+plus ``error`` for a row whose API call failed after its retries, in input order.
+
+A draft is never invented silently: a row without one is an error naming the file, line and
+column, unless ``--policy`` is given, which then writes drafts for exactly those rows.
 
 The output file is rewritten atomically after every chunk of rows, so it always holds a
 complete prefix of the input; ``--resume`` keeps the rows already there (matched to the input by
@@ -19,39 +25,62 @@ from ..templates import TEMPLATE_NAMES
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_NEW_TOKENS = 256
 CHUNK_ROWS = 128  # rows per checkpoint of the output file
+FIELDS = ("query", "draft", "golden", "id")  # what --columns can map
+INPUT_SOURCE = "input"
 
 
 def register(sub) -> None:
+    from ..baselines import CORRECTORS
+    from ..settings import DEFAULT_MAX_NEW_TOKENS
+
     p = sub.add_parser(
-        "align", help="correct drafts (made by a policy model when missing) for a list of objectives",
-        description="Correct each row's draft for the objectives. Rows without a draft get one from --policy. "
-                    "Output rows keep every input field and add \"draft\" and \"aligned\".")
-    p.add_argument("--input", required=True, help="JSONL/CSV/Parquet file or hf:<dataset id>[:split] with a query column")
+        "align", help="correct drafts for a list of objectives (drafts come with the input, or from --policy)",
+        description="Correct each row's draft for the objectives. Rows without a draft are an error unless "
+                    "--policy names a model to write them. Output rows keep every input field and add "
+                    "\"draft\", \"draft_source\", \"template\", \"correctors\" and \"aligned\" (plus one column per "
+                    "baseline corrector).")
+    p.add_argument("--input", required=True, help="JSONL/CSV/Parquet file or hf:<dataset id>[:split]")
     p.add_argument("--out", required=True, help="output JSONL file (written atomically)")
-    p.add_argument("--objectives", required=True, help="SPEC: comma-separated keys and/or \"Name: description\" items, or @file")
+    p.add_argument("--objectives", required=True,
+                   help="SPEC: keys and/or \"Name: description\" items separated by commas, or @file")
+    p.add_argument("--columns", default=None, metavar="FIELD=COLUMN[,...]",
+                   help=f"input columns holding the fields {', '.join(FIELDS)} when named otherwise, e.g. "
+                        "draft=generated_text,golden=goldens (the authors' released outputs)")
+    p.add_argument("--queries", default=None, metavar="FILE",
+                   help="take each row's query from row i of FILE (its query column): for outputs without a query "
+                        "column such as the IMHI ones; an input covering only the first rows is allowed, with a warning")
     p.add_argument("--aligner", default="default",
                    help="aligner MODEL: a Hugging Face id (e.g. MetaAligner/MetaAligner-UltraFeedback-1.1B), a directory "
-                        "written by `metaaligner train`, a .gguf file, or default (the embedded base model; illustrative only)")
-    p.add_argument("--policy", default="default",
-                   help="policy MODEL for rows without a draft: default, a local model, openai:NAME, anthropic:NAME, "
-                        "openai-compatible:NAME@URL")
+                        "written by `metaaligner train`, a .gguf file, openai-compatible:NAME@URL (a /v1/completions "
+                        "server such as vLLM serving a released checkpoint), or default (the embedded base model; "
+                        "illustrative only)")
+    p.add_argument("--policy", default=None,
+                   help="policy MODEL that writes drafts for rows without one (and revises them for self-refine): "
+                        "default, a local model, openai:NAME, anthropic:NAME, openai-compatible:NAME@URL. "
+                        "Without it every row must carry a draft")
     p.add_argument("--policy-base-url", default=None, help="base URL for an openai:/anthropic: policy (any compatible server)")
+    p.add_argument("--correctors", default="metaaligner", metavar="LIST",
+                   help=f"comma-separated correctors to run: {', '.join(CORRECTORS)} (default metaaligner); "
+                        "self-refine asks --policy to revise its draft, pku-aligner runs --pku-aligner")
+    p.add_argument("--pku-aligner", default=None, metavar="MODEL",
+                   help="model for the pku-aligner corrector (e.g. aligner/aligner-7b-v1.0, or openai-compatible:NAME@URL)")
     p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
-                   help="aligner prompt template (default: from the aligner's name, else ultrafeedback)")
+                   help="aligner prompt template (default: from the aligner's name, else from the input's name, "
+                        "else ultrafeedback); objective keys take this template's wording")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"rows per batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"most tokens per correction (default {DEFAULT_MAX_NEW_TOKENS})")
+                   help=f"most tokens per correction (default {DEFAULT_MAX_NEW_TOKENS}, as the authors' inference)")
     p.add_argument("--policy-max-new-tokens", type=int, default=None, help="most tokens per draft (default: --max-new-tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--max-length", type=int, default=None,
-                   help="aligner context in tokens (default: the model's); longer prompts lose the end of the draft")
+                   help="context of local models in tokens (default: the model's); longer prompts lose the end of the draft")
     p.add_argument("--resume", action="store_true", help="keep rows already in --out and do only the rest")
-    p.add_argument("--concurrency", type=int, default=8, help="parallel requests to an API policy (default 8)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight to an API policy or a remote aligner (default 8)")
     p.add_argument("--max-retries", type=int, default=5, help="retries per API request on 429/5xx/timeouts (default 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per API request (default 60)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
@@ -60,24 +89,51 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def read_rows(path: str) -> list[tuple[int, dict]]:
-    """Input rows with their line numbers; every row must have a non-empty string ``query``."""
-    from ..io import iter_records
+def read_rows(path: str, columns: dict[str, str] | None = None, queries: str | None = None) -> list[tuple[int, dict]]:
+    """Input rows with their line numbers, the ``--columns`` mapping applied and, with ``queries``,
+    each row's query taken from that file's row of the same index. Every row must end up with
+    a non-empty string ``query``; a ``draft`` must be a string when present."""
+    from ..io import apply_columns, column_label, iter_records
 
+    columns = columns or {}
+    qs = _read_queries(queries, columns) if queries else None
     rows = []
-    for line, rec in iter_records(path):
+    for i, (line, rec) in enumerate(iter_records(path)):
+        rec = apply_columns(rec, columns)
+        if qs is not None:
+            if i >= len(qs):
+                raise InputError(path, line, None, f"row {i + 1} has no query: {queries} has only {len(qs)} rows "
+                                 "(the input must be row-aligned with --queries)")
+            rec["query"] = qs[i]
         q = rec.get("query")
         if q is None:
-            raise InputError(path, line, "query", "missing")
+            raise InputError(path, line, column_label("query", columns),
+                             "missing (map another column with --columns query=COLUMN, or give --queries FILE)")
         if not isinstance(q, str) or not q.strip():
-            raise InputError(path, line, "query", "expected a non-empty string")
+            raise InputError(path, line, column_label("query", columns), "expected a non-empty string")
         d = rec.get("draft")
         if d is not None and not isinstance(d, str):
-            raise InputError(path, line, "draft", f"expected a string, got {type(d).__name__}")
+            raise InputError(path, line, column_label("draft", columns), f"expected a string, got {type(d).__name__}")
         rows.append((line, rec))
     if not rows:
         raise MetaAlignerError(f"{path}: no records (empty input file)")
+    if qs is not None and len(rows) < len(qs):
+        log.warning("%s has %d rows, %s has %d queries: only the first %d queries are aligned", path, len(rows),
+                    queries, len(qs), len(rows))
     return rows
+
+
+def _read_queries(path: str, columns: dict[str, str]) -> list[str]:
+    from ..io import iter_records
+
+    column = columns.get("query", "query")
+    out = []
+    for line, rec in iter_records(path):
+        q = rec.get(column)
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(path, line, column, "missing or empty (the --queries file needs a query column)")
+        out.append(q)
+    return out
 
 
 def has_draft(rec: dict) -> bool:
@@ -102,12 +158,7 @@ def resumed_rows(out: Path, rows: list[tuple[int, dict]]) -> list[dict]:
     return kept
 
 
-def run(args) -> int:
-    from ..settings import GenerationSettings
-    from ..models import is_default
-    from ..objectives import parse_objectives
-    from ..templates import template_for_model
-
+def _check_args(args) -> None:
     if args.batch_size < 1:
         raise MetaAlignerError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.max_new_tokens < 1:
@@ -116,9 +167,41 @@ def run(args) -> int:
                         ("--concurrency", args.concurrency)):
         if value is not None and value < 1:
             raise MetaAlignerError(f"{flag} must be at least 1 (got {value})")
-    template = args.template or template_for_model(None if is_default(args.aligner) else args.aligner)
+
+
+def parse_correctors(spec: str) -> list[str]:
+    from ..baselines import check_corrector
+
+    names = []
+    for item in (spec or "").split(","):
+        if item.strip():
+            name = check_corrector(item.strip())
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise MetaAlignerError("--correctors: empty (valid: metaaligner, self-refine, pku-aligner)")
+    return names
+
+
+def run(args) -> int:
+    from ..io import column_label, parse_columns
+    from ..objectives import parse_objectives
+    from ..pipeline import choose_template
+    from ..settings import GenerationSettings
+
+    _check_args(args)
+    columns = parse_columns(args.columns, FIELDS)
+    correctors = parse_correctors(args.correctors)
+    template = choose_template(args.template, args.aligner, args.input)
     objectives = parse_objectives(args.objectives, family=template)
-    rows = read_rows(args.input)
+    settings = GenerationSettings.from_kwargs(  # bad settings fail here, before any model loads or paid call
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if "pku-aligner" in correctors and not args.pku_aligner:
+        raise MetaAlignerError("--correctors pku-aligner needs --pku-aligner MODEL (e.g. aligner/aligner-7b-v1.0)")
+    if "self-refine" in correctors and not args.policy:
+        raise MetaAlignerError("--correctors self-refine needs --policy: the model that revises its own draft")
+    rows = read_rows(args.input, columns, args.queries)
     out = Path(args.out)
 
     done: list[dict] = []
@@ -127,25 +210,36 @@ def run(args) -> int:
         while done and done[-1].get("error"):  # failed rows at the end are redone
             done.pop()
         log.info("resuming: %d of %d rows already in %s", len(done), len(rows), out)
-    redo = {i for i, rec in enumerate(done) if rec.get("error")}
-    todo = [i for i in range(len(done), len(rows))]
-    if not todo and not redo:
+    redo = sorted(i for i, rec in enumerate(done) if rec.get("error"))
+    todo = list(range(len(done), len(rows)))
+    work = [*redo, *todo]
+    need_draft = [i for i in work if not has_draft(rows[i][1])]
+    if need_draft and not args.policy:
+        line, _ = rows[need_draft[0]]
+        raise InputError(args.input, line, column_label("draft", columns),
+                         f"missing or empty ({len(need_draft)} of {len(rows)} rows); drafts are never invented: "
+                         "map the draft column with --columns draft=COLUMN, or name --policy MODEL to write drafts "
+                         "for these rows")
+    if args.policy and not need_draft and "self-refine" not in correctors and work:
+        log.warning("--policy %s: no row lacks a draft, so the policy writes none", args.policy)
+    if not work:
         log.info("nothing to do: all %d rows are in %s", len(rows), out)
         return 0
 
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-               repetition_penalty=args.repetition_penalty, seed=args.seed)
-    GenerationSettings.from_kwargs(**gen)  # bad settings fail here, before any model loads or paid API call
-    aligner, policy = _load_models(args, template, any(not has_draft(rows[i][1]) for i in [*redo, *todo]))
-    if aligner.is_base_model:
-        log.warning("note: %s", _base_warning())
-    log.info("aligner %s (template %s), objectives: %s", aligner.name, aligner.template,
-             ", ".join(o.key for o in objectives))
+    pipe = _pipeline(args, template, settings)
+    if "metaaligner" in correctors:
+        aligner = pipe.aligner(args.aligner, template)
+        if aligner.is_base_model:
+            log.warning("note: %s", _base_warning())
+        log.info("aligner %s (template %s), objectives: %s", aligner.name, template,
+                 ", ".join(o.key for o in objectives))
+    if need_draft:
+        log.info("policy %s writes the drafts of %d rows", args.policy, len(need_draft))
 
+    job = _Job(args, pipe, template, objectives, correctors)
     results: list[dict] = list(done)
     if redo:
-        fixed = _process(sorted(redo), rows, aligner, policy, objectives, gen, args)
-        for i, rec in zip(sorted(redo), fixed):
+        for i, rec in zip(redo, job.process(redo, rows)):
             results[i] = rec
     from tqdm.auto import tqdm
 
@@ -153,7 +247,7 @@ def run(args) -> int:
     try:
         for start in range(0, len(todo), CHUNK_ROWS):
             chunk = todo[start:start + CHUNK_ROWS]
-            results.extend(_process(chunk, rows, aligner, policy, objectives, gen, args, bar))
+            results.extend(job.process(chunk, rows, bar))
             _write(out, results)
     finally:
         bar.close()
@@ -176,65 +270,88 @@ def _base_warning() -> str:
     return BASE_MODEL_WARNING
 
 
-def _load_models(args, template: str, need_policy: bool):
-    """The aligner and, when some row lacks a draft, the policy (sharing the embedded model if both use it)."""
-    from ..backends import load_backend
-    from ..backends.hf import HFChatBackend, LocalGenerator
-    from ..inference import Aligner
-    from ..models import is_api_model, is_default
+def _pipeline(args, template: str, settings):
+    """The shared pipeline: API keys are checked before any local model loads."""
+    from ..models import missing_api_key, parse_model
+    from ..pipeline import ModelRegistry, Pipeline
 
-    policy = None
-    if need_policy and is_api_model(args.policy):  # first: a missing API key fails before any model loads
-        policy = load_backend(args.policy, base_url=args.policy_base_url, timeout=args.timeout,
-                              max_retries=args.max_retries, concurrency=args.concurrency)
-    aligner = Aligner.load(args.aligner, template=template, device=args.device, dtype=args.dtype,
-                           max_length=args.max_length)
-    if not need_policy:
-        return aligner, None
-    if policy is None and ((is_default(args.policy) and is_default(args.aligner)) or args.policy == args.aligner):
-        # One model in memory serves both roles; the policy gets its own context length.
-        g = aligner.generator
-        policy = HFChatBackend(LocalGenerator(g.model, g.tokenizer, g.name), name=args.policy or "default")
-    elif policy is None:
-        policy = load_backend(args.policy, device=args.device, dtype=args.dtype)
-    log.info("policy %s writes the missing drafts", policy.name)
-    return aligner, policy
+    if args.policy:
+        parse_model(args.policy)  # a malformed MODEL string fails before any load
+        missing = missing_api_key(args.policy)
+        if missing:
+            raise MetaAlignerError(missing.replace(" on the server", "").replace("; set it and restart", "; set it"))
+    registry = ModelRegistry(
+        device=args.device, max_models=3,
+        policy_options={"base_url": args.policy_base_url, "timeout": args.timeout, "max_retries": args.max_retries,
+                        "concurrency": args.concurrency},
+        local_options={"dtype": args.dtype, "max_length": args.max_length})
+    return Pipeline(registry, policy=args.policy, aligner=args.aligner, template=template, settings=settings)
 
 
-def _process(indices: list[int], rows, aligner, policy, objectives, gen: dict, args, bar=None) -> list[dict]:
-    """Output records for ``rows[i]`` (i in ``indices``): drafts where missing, then corrections."""
-    from ..backends.base import APIBackend, BackendError
+class _Job:
+    """Drafts where missing, then every corrector, for chunks of rows."""
 
-    recs = [dict(rows[i][1]) for i in indices]
-    for rec in recs:
-        rec.pop("error", None)
-    need = [k for k, rec in enumerate(recs) if not has_draft(rec)]
-    if need:
-        queries = [recs[k]["query"] for k in need]
-        max_tokens = args.policy_max_new_tokens or args.max_new_tokens
-        if isinstance(policy, APIBackend):  # per-row errors: a failed row is kept, marked, redone on --resume
-            answers = [(None, str(r)) if isinstance(r, BackendError) else (r.text, None)
-                       for r in policy.complete_each(queries, max_tokens=max_tokens, temperature=args.temperature)]
-        else:
-            comps = policy.complete_batch(queries, max_tokens=max_tokens, temperature=args.temperature,
-                                          batch_size=args.batch_size, seed=args.seed,
-                                          progress=not args.no_progress,
-                                          repetition_penalty=args.repetition_penalty, top_p=args.top_p)
-            answers = [(c.text, None) for c in comps]
-        for k, (text, err) in zip(need, answers):
-            recs[k]["draft"] = text
-            if err:
-                recs[k]["error"] = err
-                recs[k]["aligned"] = None
-    ok = [k for k, rec in enumerate(recs) if not rec.get("error")]
-    if bar is not None:
-        bar.update(len(recs) - len(ok))  # failed rows are finished too
-    if ok:
-        aligned = aligner.align_batch([recs[k]["query"] for k in ok], [recs[k]["draft"] for k in ok], objectives,
-                                      batch_size=args.batch_size, progress=bar if bar is not None else False, **gen)
-        for k, text in zip(ok, aligned):
-            recs[k]["aligned"] = text
-    return recs
+    def __init__(self, args, pipe, template, objectives, correctors):
+        from ..baselines import output_column
+
+        self.args, self.pipe, self.template, self.objectives = args, pipe, template, objectives
+        self.correctors = correctors
+        self.columns = {c: output_column(c) for c in correctors}
+        self.draft_settings = pipe.settings.replace(max_new_tokens=args.policy_max_new_tokens or args.max_new_tokens)
+
+    def process(self, indices: list[int], rows, bar=None) -> list[dict]:
+        """Output records for ``rows[i]`` (i in ``indices``)."""
+        from ..baselines import pku_aligner_prompt, self_refine_prompt
+
+        args = self.args
+        recs = [dict(rows[i][1]) for i in indices]
+        for rec in recs:
+            rec.pop("error", None)
+            rec["draft_source"] = INPUT_SOURCE if has_draft(rec) else args.policy
+            rec["template"] = self.template
+            rec["correctors"] = list(self.correctors)
+        need = [k for k, rec in enumerate(recs) if not has_draft(rec)]
+        if need:
+            answers = self.pipe.draft_batch([recs[k]["query"] for k in need], policy=args.policy,
+                                            settings=self.draft_settings, batch_size=args.batch_size,
+                                            progress=not args.no_progress)
+            for k, (text, err) in zip(need, answers):
+                recs[k]["draft"] = text
+                if err:
+                    recs[k]["error"] = err
+        ok = [k for k, rec in enumerate(recs) if not rec.get("error")]
+        advanced = 0  # rows the last corrector's progress already counted
+        for name in self.correctors:
+            column = self.columns[name]
+            for rec in recs:
+                rec.setdefault(column, None)
+            ok = [k for k in ok if not recs[k].get("error")]
+            if not ok:
+                continue
+            queries, drafts = [recs[k]["query"] for k in ok], [recs[k]["draft"] for k in ok]
+            progress = bar if (bar is not None and name == self.correctors[-1] and name != "self-refine") else False
+            if progress is not False:
+                advanced = len(ok)
+            if name == "metaaligner":
+                outs = [(t, None) for t in self.pipe.correct_batch(
+                    queries, drafts, self.objectives, aligner=args.aligner, template=self.template,
+                    batch_size=args.batch_size, progress=progress)]
+            elif name == "self-refine":
+                prompts = [self_refine_prompt(q, d, self.objectives) for q, d in zip(queries, drafts)]
+                outs = self.pipe.ask_batch(prompts, policy=args.policy, settings=self.pipe.settings,
+                                           batch_size=args.batch_size)
+            else:  # pku-aligner: a causal LM reading its own raw prompt
+                model = self.pipe.registry.aligner(args.pku_aligner)
+                outs = [(t, None) for t in model.complete_raw(
+                    [pku_aligner_prompt(q, d) for q, d in zip(queries, drafts)], batch_size=args.batch_size,
+                    progress=progress, **self.pipe.settings.aligner_kwargs())]
+            for k, (text, err) in zip(ok, outs):
+                recs[k][column] = text
+                if err:
+                    recs[k]["error"] = err
+        if bar is not None:
+            bar.update(len(recs) - advanced)
+        return recs
 
 
 def _write(out: Path, results: list[dict]) -> None:
