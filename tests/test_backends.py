@@ -122,3 +122,39 @@ def test_complete_batch_keeps_the_order_of_concurrent_calls(keys, make):
 def test_empty_model_name_is_an_error(keys):
     with pytest.raises(MetaAlignerError, match="empty"):
         load_backend("openai:")
+
+
+def _auth(call) -> str:
+    return next(v for k, v in call.headers.items() if k.lower() == "authorization")
+
+
+def test_openai_compatible_never_sends_the_openai_key(monkeypatch):
+    """A third-party server gets its own key (METAALIGNER_COMPAT_API_KEY, or the variable the
+    operator names in METAALIGNER_COMPAT_API_KEY_ENV), never OPENAI_API_KEY."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("METAALIGNER_COMPAT_API_KEY", raising=False)
+    monkeypatch.delenv("METAALIGNER_COMPAT_API_KEY_ENV", raising=False)
+    with FakeProvider(reply=echo) as server:
+        spec = f"openai-compatible:m@{server.base_url}/v1"
+        load_backend(spec).complete("a")
+        monkeypatch.setenv("METAALIGNER_COMPAT_API_KEY", "compat-1")
+        load_backend(spec).complete("b")
+        monkeypatch.setenv("VLLM_KEY", "vllm-2")
+        monkeypatch.setenv("METAALIGNER_COMPAT_API_KEY_ENV", "VLLM_KEY")
+        load_backend(spec).complete("c")
+    assert [_auth(c) for c in server.calls] == ["Bearer not-needed", "Bearer compat-1", "Bearer vllm-2"]
+    assert all(KEY not in str(c.headers) for c in server.calls)
+
+
+def test_model_grammar_is_one_parser():
+    from metaaligner_core.models import parse_model
+
+    m = parse_model(" openai-compatible:org/Meta@Aligner@https://h:8000/v1 ")
+    assert (m.provider, m.name, m.url, m.is_api) == ("openai-compatible", "org/Meta@Aligner", "https://h:8000/v1", True)
+    assert (parse_model("anthropic: claude-x").provider, parse_model("anthropic: claude-x").name) == ("anthropic",
+                                                                                                    "claude-x")
+    assert parse_model("").is_default and parse_model(None).spec == "default"
+    local = parse_model("MetaAligner/MetaAligner-HH-RLHF-7B")
+    assert (local.provider, local.name, local.is_api) == ("local", "MetaAligner/MetaAligner-HH-RLHF-7B", False)
+    with pytest.raises(MetaAlignerError, match="empty"):
+        parse_model("anthropic:  ")
