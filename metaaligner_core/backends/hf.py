@@ -229,6 +229,7 @@ class LocalGenerator:
         self.row_prefill = model.device.type == "cpu"
         self.chunked = _use_chunked_attention(model)
         self._lock = threading.Lock()
+        self._cache_name: str | None = None
 
     @classmethod
     def load(cls, spec: str = "default", *, device=None, dtype=None, attn=None,
@@ -241,6 +242,16 @@ class LocalGenerator:
     @property
     def device(self):
         return self.model.device
+
+    def _cache_kw(self, cache) -> dict:
+        """The cache argument under the name this model's ``forward`` takes: ``cache`` in
+        transformers >= 5.24 (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+        if self._cache_name is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_name: cache}
 
     # -- text ------------------------------------------------------------------------------
     def decode(self, ids: list[int]) -> str:
@@ -321,7 +332,7 @@ class LocalGenerator:
         cache = _new_cache(self.model.config)
         ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self._cache_kw(cache))
         kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         with self._lock:
             self._prefix_kv[prefix] = kv
@@ -363,7 +374,8 @@ class LocalGenerator:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
             padded = bool((mask == 0).any())
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev) if padded else None,
-                             position_ids=positions.to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             position_ids=positions.to(dev), use_cache=True, logits_to_keep=1,
+                             **self._cache_kw(cache))
             if not kv:
                 kv = [[None] * n for _ in cache.layers]
             for li, layer in enumerate(cache.layers):
@@ -506,7 +518,7 @@ class LocalGenerator:
                     _PLAN.chunks = [(a, b, w + shift) for a, b, w in plan] if len(plan) > 1 else None
                 try:
                     out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True)
+                                     use_cache=True, **self._cache_kw(cache))
                 finally:
                     _PLAN.chunks = None
                 logits = out.logits[:, -1, :]
@@ -533,7 +545,7 @@ class LocalGenerator:
         finished = [False] * n
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **self._cache_kw(cache))
             for step in range(sampling.max_new_tokens):
                 logits = out.logits[:, -1, :].float()
                 if sampling.repetition_penalty != 1.0:
@@ -551,7 +563,8 @@ class LocalGenerator:
                     return
                 mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
                 out = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                                 position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
+                                 position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
+                                 **self._cache_kw(cache))
 
 
 def _pad_rows(rows: list[list[int]], device):
