@@ -453,3 +453,21 @@ def test_openai_with_base_url_needs_a_key_openai_compatible_does_not(tmp_path, m
         assert len(server.calls) == 2  # the second run was answered from the cache (same judge name)
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["judge"] == f"openai-compatible:m@{_url(server)}"
+
+
+def test_adding_a_corrector_or_a_judge_re_judges_nothing_already_judged(tmp_path):
+    rows = [{"query": f"q{i}", "golden": "gold ++", "draft": "draft +", "aligned": "aligned +++"} for i in range(4)]
+    out = tmp_path / "out"
+    with FakeProvider(reply=plus_rule) as a, FakeProvider(reply=plus_rule) as b:
+        ja, jb = f"openai-compatible:a@{_url(a)}", f"openai-compatible:b@{_url(b)}"
+        first = evaluate(write_jsonl(tmp_path / "one.jsonl", rows), "honesty", ja, out)
+        assert len(a.calls) == 8 and first["correctors"] == {"metaaligner": {"column": "aligned"}}
+        more = [dict(r, aligned_self_refine="refined ++") for r in rows]
+        second = evaluate(write_jsonl(tmp_path / "two.jsonl", more), "honesty", [ja, jb], out)
+        # judge a: only the 4 new self-refine comparisons; judge b: everything (12)
+        assert len(a.calls) == 8 + 4 and len(b.calls) == 12
+    assert second["by_judge"][ja]["calls"] == {"calls": 4, "cached": 8, "retries_after_invalid": 0,
+                                               "prompt_tokens": second["by_judge"][ja]["calls"]["prompt_tokens"],
+                                               "completion_tokens": 4}
+    assert second["by_judge"][ja]["correctors"]["metaaligner"] == first["objectives"]
+    assert second["by_judge"][ja]["correctors"]["self-refine"]["honesty"]["aligned"]["ties"] == 4
