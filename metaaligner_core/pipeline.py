@@ -329,7 +329,8 @@ class Pipeline:
             raise MetaAlignerError("no objectives given")
         settings = settings or self.settings
         draft = (draft or "").strip()
-        policy = canonical(policy or self.policy_name) if not draft else None
+        policy = policy or self.policy_name
+        policy = canonical(policy) if (policy and not draft) else None
         if not draft and policy is None:
             raise MetaAlignerError("no draft given and no policy configured to write one")
         upd = self.update_class(query=query, draft=draft, aligned="", phase="drafting",
