@@ -1,13 +1,17 @@
-"""Exports: ratings as JSONL/CSV, and preference pairs in the generic format of build-dataset.
+"""Exports: ratings and final labels as JSONL/CSV, and preference pairs in the generic format
+of build-dataset.
 
 Pure functions over plain records (the store does the querying). Pairs follow DESIGN.md: for
 every item, every pair of its responses in import order (``response_1`` is the earlier) and
-every objective both responses were rated on, the mean submitted score decides ``>``, ``<``
-or ``=``.
+every objective both responses were rated on, the examiner's final score where the item was
+reviewed, else the mean submitted score, decides ``>``, ``<`` or ``=``. Every pair carries
+``"objectives": {key: "Name: description"}`` (the protocol's text of each labelled objective),
+so ``build-dataset`` needs no ``--objectives`` for a custom protocol.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -18,7 +22,10 @@ from typing import Iterable, Iterator, Sequence
 from metaaligner_core.errors import MetaAlignerError
 from metaaligner_core.io import atomic_write, write_jsonl
 
-RATING_FIELDS = ("item_id", "query", "response", "source", "annotator", "objective", "score", "note", "seconds")
+RATING_FIELDS = ("item_id", "query", "response", "source", "annotator", "objective", "score", "note", "seconds",
+                 "protocol", "protocol_version", "gold")
+FINAL_FIELDS = ("item_id", "query", "response", "source", "objective", "ratings", "notes", "final_score",
+                "decided_by", "reason", "protocol", "protocol_version", "gold")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -31,7 +38,8 @@ def neutralise_cell(value) -> str:
     return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
-def write_ratings(path: str | os.PathLike, records: Iterable[dict]) -> int:
+def write_ratings(path: str | os.PathLike, records: Iterable[dict], fields=RATING_FIELDS,
+                  what: str = "ratings") -> int:
     """Write rating records to ``.jsonl`` or ``.csv`` (by suffix), atomically; returns the count."""
     path = Path(path)
     suffix = path.name.lower()
@@ -41,13 +49,19 @@ def write_ratings(path: str | os.PathLike, records: Iterable[dict]) -> int:
     elif suffix.endswith(".csv"):
         with atomic_write(path) as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(RATING_FIELDS)
+            writer.writerow(fields)
             for rec in records:
-                writer.writerow([neutralise_cell(rec.get(f)) for f in RATING_FIELDS])
+                writer.writerow([neutralise_cell(json.dumps(v, ensure_ascii=False) if isinstance(v, dict) else v)
+                                 for v in (rec.get(f) for f in fields)])
                 n += 1
     else:
-        raise MetaAlignerError(f"{path}: ratings export must end in .jsonl or .csv")
+        raise MetaAlignerError(f"{path}: {what} export must end in .jsonl or .csv")
     return n
+
+
+def write_final(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Final labels (one row per item, response and objective) to ``.jsonl`` or ``.csv``."""
+    return write_ratings(path, records, FINAL_FIELDS, "final labels")
 
 
 @dataclass
@@ -84,6 +98,26 @@ def derive_pairs(items: Iterable[ScoredItem], objectives: Sequence[str] = ()) ->
             labels = {k: compare_means(r1.scores[k], r2.scores[k]) for k in common}
             yield {"query": item.query, "response_1": r1.text, "response_2": r2.text,
                    "labels": labels, "item_id": item.item_id}
+
+
+def pairs_from_scores(items, objectives: Sequence[str] = ()) -> Iterator[dict]:
+    """Pairs from :class:`annotation.workflow.ItemScores`: per objective the examiner's final
+    score where reviewed, else the mean submitted score; each pair carries the objectives' texts."""
+    from .workflow import pair_score
+
+    order = {k: i for i, k in enumerate(objectives)}
+    for item in items:
+        texts = {o.key: o.text for o in item.protocol.objectives}
+        for r1, r2 in combinations(item.responses, 2):
+            labels = {}
+            for key in sorted(texts, key=lambda k: order.get(k, len(order))):
+                a, b = pair_score(r1, key), pair_score(r2, key)
+                if a is None or b is None:
+                    continue
+                labels[key] = ">" if a > b else "<" if a < b else "="
+            if labels:
+                yield {"query": item.query, "response_1": r1.text, "response_2": r2.text, "labels": labels,
+                       "objectives": {k: texts[k] for k in labels}, "item_id": item.uid}
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[dict]) -> int:

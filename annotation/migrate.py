@@ -37,10 +37,10 @@ def _default_sql(column, dialect) -> str | None:
 
 def upgrade(engine: Engine) -> list[str]:
     """Add missing columns and backfill new tables; returns ``table.column`` names added."""
-    insp = inspect(engine)
-    tables = set(insp.get_table_names())
     added: list[str] = []
     with engine.begin() as conn:
+        insp = inspect(conn)  # on this connection: an in-memory database has only one
+        tables = set(insp.get_table_names())
         prep = engine.dialect.identifier_preparer
         for table in Base.metadata.sorted_tables:
             if table.name not in tables:

@@ -17,22 +17,19 @@ timeout instead of failing on a lock upgrade. Any other SQLAlchemy URL works too
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import logging
 import os
-import secrets
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from sqlalchemy import case, create_engine, distinct, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from metaaligner_core.errors import InputError, MetaAlignerError
@@ -40,62 +37,20 @@ from metaaligner_core.io import iter_records
 from metaaligner_core.objectives import normalize_key
 
 from . import agreement as agreement_mod
+from . import workflow
 from . import migrate
 from . import export as export_mod
-from .models import (DRAFT, SUBMITTED, Annotator, Base, Item, ProtocolObjective, ProtocolRow, Rating,
-                     Response, SignIn, utcnow)
+from .models import (DRAFT, SUBMITTED, Annotator, Assignment, Base, Item, ProtocolObjective, ProtocolRow, Rating,
+                     RatingEvent, Response, Review, SignIn, utcnow)
 from . import DEFAULT_DB_URL, DEFAULT_TARGET_ANNOTATORS  # noqa: F401  (re-exported)
 from .protocols import SCORES, Protocol, load_protocol
+from . import accounts
+# Accounts, passwords, sign-in and roles live in .accounts; these names stay importable from here.
+from .accounts import (MIN_PASSWORD_LENGTH, OPERATOR, SCRYPT_N, SCRYPT_P, SCRYPT_R, SIGN_IN_TTL,  # noqa: F401
+                       Account, AccessDenied, Operator, hash_password, verify_password)
+from .safety import database_error, prepare_sqlite_file
 
 log = logging.getLogger(__name__)
-
-MIN_PASSWORD_LENGTH = 8
-SIGN_IN_TTL = timedelta(hours=12)
-# scrypt cost: 16 MiB and ~50 ms per hash on one core; the salt is per password.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
-
-
-class AccessDenied(MetaAlignerError, PermissionError):
-    """The caller is not signed in, or not allowed to do this (e.g. a non-admin exporting)."""
-
-
-class Operator:
-    """The local command line: full access, since its user can open the database file anyway."""
-
-    def __repr__(self) -> str:
-        return "OPERATOR"
-
-
-OPERATOR = Operator()
-
-
-# ----------------------------------------------------------------------------- passwords
-
-def hash_password(password: str) -> str:
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
-                            maxmem=64 * 1024 * 1024, dklen=32)
-    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(digest)}"
-
-
-def verify_password(password: str, stored: str | None) -> bool:
-    if not stored:
-        return False
-    try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r),
-                                p=int(p), maxmem=64 * 1024 * 1024, dklen=len(expected))
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(actual, expected)
-
-
-_DUMMY_HASH = None  # compared against for unknown names, so timing does not reveal which names exist
-
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -118,6 +73,17 @@ def normalize_db_url(url: str | os.PathLike | None) -> str:
     return url
 
 
+def _check_url(url: str) -> None:
+    """A bad URL or a missing driver fails at once, before any file is made."""
+    try:
+        make_url(url).get_dialect()
+    except Exception as e:
+        raise MetaAlignerError(f'--db "{url}": not a usable SQLAlchemy database URL ({e}); '
+                               f'e.g. {DEFAULT_DB_URL} or postgresql://user@host/db') from None
+
+
+# How long a SQLite writer waits for another process's lock before the one-line "locked" error.
+SQLITE_BUSY_TIMEOUT_S = 60.0
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 # SQLite has one writer at a time. Threads of this process queue on a lock (woken at once)
@@ -141,8 +107,8 @@ def engine_for(url: str) -> Engine:
         if sqlite:
             db = parsed.database or ""
             if db and db != ":memory:" and not db.startswith("file:"):
-                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+                prepare_sqlite_file(db)  # owner-only file and folders, before SQLite creates them
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
             if db in ("", ":memory:"):  # one connection, or every thread would see its own empty database
                 from sqlalchemy.pool import StaticPool
 
@@ -156,8 +122,9 @@ def engine_for(url: str) -> Engine:
         try:
             Base.metadata.create_all(engine)
             migrate.upgrade(engine)  # columns added since a database was created
-        except OperationalError as e:
-            raise MetaAlignerError(f'--db "{url}": cannot open the database ({e.orig})') from None
+        except DBAPIError as e:  # locked, corrupt, read-only, disk full, server down
+            engine.dispose()
+            raise database_error(url, e) from None
         _ENGINES[url] = engine
         _WRITE_LOCKS[url] = threading.Lock() if sqlite else None
         return engine
@@ -181,7 +148,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -192,12 +159,6 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 # ----------------------------------------------------------------------------- views
-
-@dataclass(frozen=True)
-class Account:
-    name: str
-    is_admin: bool
-
 
 @dataclass(frozen=True)
 class ResponseView:
@@ -234,6 +195,7 @@ class ImportResult:
     responses_added: int = 0
     ratings: int = 0
     annotators_added: tuple[str, ...] = ()
+    overwritten: int = 0  # submitted scores replaced (import-ratings --overwrite)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -243,124 +205,118 @@ class Store:
 
     def __init__(self, url: str | None = None):
         self.url = normalize_db_url(url)
-        self.engine = engine_for(self.url)
-        self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(self.engine.execution_options(ma_write=True), expire_on_commit=False)
-        self._write_lock = _WRITE_LOCKS.get(self.url)
+        _check_url(self.url)
+        # The engine (and a SQLite file) is made on first use, so a command that fails on its
+        # input before touching the database leaves no empty database file behind.
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            engine = engine_for(self.url)
+            self._reader = sessionmaker(engine, expire_on_commit=False)
+            self._writer = sessionmaker(engine.execution_options(ma_write=True), expire_on_commit=False)
+            self._write_lock = _WRITE_LOCKS.get(self.url)
+            self._engine = engine
+        return self._engine
 
     @contextmanager
     def _session(self, write: bool = False) -> Iterator[Session]:
+        self.engine  # noqa: B018 (creates the engine and session factories on first use)
         lock = self._write_lock if write else None
         try:
             if lock is not None:
                 lock.acquire()
             with (self._writer if write else self._reader)() as session, session.begin():
                 yield session
-        except OperationalError as e:
-            if "locked" in str(e.orig).lower() or "busy" in str(e.orig).lower():
-                raise MetaAlignerError(f"{self.url}: the database stayed locked by another writer; try again") from None
-            raise
+        except DBAPIError as e:  # disk full, locked past the timeout, read-only, corrupt: one line
+            if isinstance(e, IntegrityError):
+                raise  # a constraint race the caller retries
+            raise database_error(self.url, e) from None
         finally:
             if lock is not None:
                 lock.release()
 
-    # --------------------------------------------------------------- accounts
+    # --------------------------------------------------------------- accounts (see .accounts)
 
-    def add_annotator(self, name: str, password: str | None, admin: bool = False, update: bool = False) -> None:
-        """Create an account (or, with ``update``, set its password and admin flag)."""
-        name = (name or "").strip()
-        if not name or len(name) > 200:
-            raise MetaAlignerError("annotator name: expected 1-200 characters")
-        if password is not None and len(password) < MIN_PASSWORD_LENGTH:
-            raise MetaAlignerError(f"password: expected at least {MIN_PASSWORD_LENGTH} characters")
-        hashed = hash_password(password) if password is not None else None
-        with self._session(write=True) as s:
-            row = s.scalar(select(Annotator).where(Annotator.name == name))
-            if row is None:
-                s.add(Annotator(name=name, password_hash=hashed, is_admin=admin))
-            elif not update:
-                raise MetaAlignerError(f'annotator "{name}" already exists (use --update to change it)')
-            else:
-                if hashed is not None:
-                    row.password_hash = hashed
-                    s.execute(SignIn.__table__.delete().where(SignIn.annotator_id == row.id))
-                row.is_admin = admin
-        log.debug("annotator %s %s%s", name, "updated" if update else "added", " (admin)" if admin else "")
+    def add_annotator(self, name: str, password: str | None, admin: bool = False, update: bool = False,
+                      role: str | None = None) -> None:
+        """Create an account (or, with ``update``, set its password and role); the operator's path.
+        ``role`` (rater, examiner, admin) wins over ``admin``."""
+        accounts.upsert_account(self, name, password, role or ("admin" if admin else "rater"), update=update)
 
-    def sign_in(self, name: str, password: str) -> str:
-        """A session token for the annotator; raises AccessDenied on a wrong name or password."""
-        global _DUMMY_HASH
-        with self._session() as s:
-            row = s.execute(select(Annotator.id, Annotator.password_hash)
-                            .where(Annotator.name == (name or "").strip())).first()
-        # The password check (scrypt, ~50 ms) runs outside the write lock: sign-in attempts,
-        # wrong ones included, never hold up other annotators' saves.
-        if row is None or not row.password_hash:
-            _DUMMY_HASH = _DUMMY_HASH or hash_password(secrets.token_hex(8))
-            verify_password(password or "", _DUMMY_HASH)
-            raise AccessDenied("wrong name or password")
-        if not verify_password(password or "", row.password_hash):
-            raise AccessDenied("wrong name or password")
-        with self._session(write=True) as s:
-            if s.scalar(select(Annotator.password_hash).where(Annotator.id == row.id)) != row.password_hash:
-                raise AccessDenied("wrong name or password")  # the password changed meanwhile
-            s.execute(SignIn.__table__.delete().where(SignIn.created_at < utcnow() - SIGN_IN_TTL))
-            token = secrets.token_urlsafe(32)
-            s.add(SignIn(token_hash=_sha(token), annotator_id=row.id))
-            return token
+    def sign_in(self, name: str, password: str, client: str | None = None) -> str:
+        """A session token; AccessDenied on a wrong name or password, a disabled account, or
+        while failed attempts from this account or client address are being throttled."""
+        return accounts.sign_in(self, name, password, client)
 
     def sign_out(self, token: str | None) -> None:
-        if token:
-            with self._session(write=True) as s:
-                s.execute(SignIn.__table__.delete().where(SignIn.token_hash == _sha(token)))
+        accounts.sign_out(self, token)
 
     def whoami(self, token: str | None) -> Account:
-        with self._session() as s:
-            me = self._annotator(s, token)
-            return Account(me.name, me.is_admin)
+        return accounts.whoami(self, token)
 
     def _annotator(self, s: Session, token) -> Annotator:
-        if not isinstance(token, str) or not token:
-            raise AccessDenied("not signed in")
-        row = s.execute(select(Annotator, SignIn.created_at).join(SignIn, SignIn.annotator_id == Annotator.id)
-                        .where(SignIn.token_hash == _sha(token))).first()
-        if row is None or _aware(row[1]) + SIGN_IN_TTL < utcnow():
-            raise AccessDenied("not signed in (or the sign-in expired): sign in again")
-        return row[0]
+        return accounts.current(s, token)
+
+    def _require_role(self, s: Session, actor, role: str):
+        """``actor`` (token or OPERATOR) with at least ``role`` (rater < examiner < admin)."""
+        return accounts.require_role(s, actor, role)
 
     def _require_admin(self, s: Session, actor) -> None:
-        if actor is OPERATOR:
-            return
-        if not self._annotator(s, actor).is_admin:
-            raise AccessDenied("admins only: exports, agreement and other annotators' progress need an admin account")
+        accounts.require_role(s, actor, "admin")
 
     # --------------------------------------------------------------- protocols
 
     def _protocol_row(self, s: Session, protocol: Protocol) -> ProtocolRow:
+        """The stored protocol of this name; a new ``version`` replaces the stored definition
+        (ratings keep the version they were made under), a changed definition under the same
+        version is refused."""
         row = s.scalar(select(ProtocolRow).where(ProtocolRow.name == protocol.name))
         spec = _jsonable(protocol.to_dict())
         if row is None:
-            row = ProtocolRow(name=protocol.name, title=protocol.title, guidelines=protocol.guidelines, spec=spec)
+            row = ProtocolRow(name=protocol.name, title=protocol.title, guidelines=protocol.guidelines, spec=spec,
+                              version=protocol.version)
             row.objectives = [ProtocolObjective(key=o.key, name=o.name, description=o.description, position=i,
                                                 levels=[_jsonable(lv.__dict__) for lv in o.levels])
                               for i, o in enumerate(protocol.objectives)]
             s.add(row)
             s.flush()
         elif row.spec != spec:
-            raise MetaAlignerError(f'protocol "{protocol.name}" is already in the database with a different '
-                                   f'definition; give the changed protocol a new name')
+            if (row.version or "") == protocol.version:
+                raise MetaAlignerError(f'protocol "{protocol.name}" version {protocol.version} is already in the '
+                                       f'database with a different definition; give the changed protocol a new '
+                                       f'"version:" (or a new name)')
+            log.info("protocol %s: version %s replaces %s", protocol.name, protocol.version, row.version or "unversioned")
+            row.spec, row.version, row.title, row.guidelines = spec, protocol.version, protocol.title, protocol.guidelines
+            existing = {o.key: o for o in row.objectives}
+            for i, o in enumerate(protocol.objectives):
+                levels = [_jsonable(lv.__dict__) for lv in o.levels]
+                if o.key in existing:
+                    po = existing.pop(o.key)
+                    po.name, po.description, po.position, po.levels = o.name, o.description, i, levels
+                else:
+                    row.objectives.append(ProtocolObjective(key=o.key, name=o.name, description=o.description,
+                                                            position=i, levels=levels))
+            for po in existing.values():
+                row.objectives.remove(po)
+            s.flush()
         return row
 
     # --------------------------------------------------------------- items
 
-    def import_items(self, path: str | os.PathLike, protocol: str | Protocol = "imhi") -> ImportResult:
-        """Items from JSONL (``{"query","responses":[{"text","source"?}],"item_id"?}``) or CSV
+    def import_items(self, path: str | os.PathLike, protocol: str | Protocol = "imhi",
+                     raters: int | None = None) -> ImportResult:
+        """Items from JSONL (``{"query","responses":[{"text","source"?,"gold"?}],"item_id"?}``) or CSV
         (``query,response,source``; rows with the same query form one item). Idempotent: items
-        and responses already stored are kept, new responses are appended."""
+        and responses already stored are kept, new responses are appended. ``raters`` (k) sets
+        how many raters each item of this import wants (default: the protocol's, else 2); a
+        response's ``gold`` (``{objective: score}``) makes its item a gold item."""
         proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
-        items = _read_items(path)
+        _check_raters(raters)
+        items = _read_items(path, proto)
         with self._session(write=True) as s:
-            return self._add_items(s, proto, items, path)
+            return self._add_items(s, proto, items, path, raters)
 
     def enqueue_item(self, query: str, responses: Sequence[tuple[str, str | None]],
                      protocol: str | Protocol = "imhi", item_id: str | None = None) -> str:
@@ -372,23 +328,27 @@ class Store:
         if not resp:
             raise MetaAlignerError("responses: at least one non-empty response is needed")
         with self._session(write=True) as s:
-            self._add_items(s, proto, [_ItemIn(0, item_id, query, resp)], "<enqueue>")
+            self._add_items(s, proto, [_ItemIn(0, item_id, query, [(t, src, None) for t, src in resp])], "<enqueue>")
             return _item_uid(proto, item_id, query)
 
-    def _add_items(self, s: Session, proto: Protocol, items: list["_ItemIn"], path) -> ImportResult:
+    def _add_items(self, s: Session, proto: Protocol, items: list["_ItemIn"], path,
+                   raters: int | None = None) -> ImportResult:
         prow = self._protocol_row(s, proto)
         added = existing = r_added = 0
         for it in _progress_bar(items, "items"):
-            item, new = self._get_or_create_item(s, prow, proto, it.item_id, it.query, path, it.line)
+            item, new = self._get_or_create_item(s, prow, proto, it.item_id, it.query, path, it.line, raters)
             added += new
             existing += not new
-            for text, source in it.responses:
-                _, created = self._get_or_create_response(s, item, text, source)
+            for text, source, gold in it.responses:
+                resp, created = self._get_or_create_response(s, item, text, source)
                 r_added += created
+                if gold is not None:
+                    resp.gold, item.is_gold = gold, True
         log.debug("items: %d added, %d already present, %d new responses", added, existing, r_added)
         return ImportResult(items_added=added, items_existing=existing, responses_added=r_added)
 
-    def _get_or_create_item(self, s: Session, prow: ProtocolRow, proto: Protocol, item_id, query, path, line):
+    def _get_or_create_item(self, s: Session, prow: ProtocolRow, proto: Protocol, item_id, query, path, line,
+                            raters: int | None = None):
         uid = _item_uid(proto, item_id, query)
         item = s.scalar(select(Item).where(Item.uid == uid))
         if item is not None:
@@ -396,8 +356,11 @@ class Store:
                 raise InputError(path, line, "item_id", f'item "{uid}" is already stored with a different query')
             if item.protocol_id != prow.id:
                 raise InputError(path, line, "item_id", f'item "{uid}" is already stored under another protocol')
+            if raters is not None:
+                item.target_raters = raters
             return item, False
-        item = Item(uid=uid, protocol_id=prow.id, query=query, query_hash=_sha(query))
+        item = Item(uid=uid, protocol_id=prow.id, query=query, query_hash=_sha(query),
+                    target_raters=raters or proto.raters, is_gold=False)
         s.add(item)
         s.flush()
         return item, True
@@ -417,19 +380,33 @@ class Store:
 
     # --------------------------------------------------------------- ratings import
 
-    def import_ratings(self, path: str | os.PathLike, protocol: str | Protocol = "imhi") -> ImportResult:
-        """One submitted rating per row (``query, response, annotator, objective, score``,
-        optional ``item_id, source, note``). Every row is checked before anything is stored;
-        one bad row rejects the whole file. Unknown annotators are created without a password
-        (they cannot sign in until ``add-annotator --update`` gives them one)."""
+    def import_ratings(self, path: str | os.PathLike, protocol: str | Protocol = "imhi", *,
+                       overwrite: bool = False, mapping: dict | None = None, raters: int | None = None,
+                       actor=None) -> ImportResult:
+        """Submitted ratings made elsewhere. Every row is checked before anything is stored; one
+        bad row rejects the whole file. Unknown annotators are created without a password (they
+        cannot sign in until an admin gives them one).
+
+        Shapes (see :mod:`annotation.rating_files`): one rating per row (``query, response,
+        annotator, objective, score``, optional ``item_id, source, note``), or, with ``mapping``,
+        a column per aspect holding every rater's scores as a list, or a column per rater.
+
+        A rating that is already submitted with a different score is refused, naming the line,
+        unless ``overwrite``; every change is recorded in the audit trail.
+        """
+        from .rating_files import read_rating_file
+
         proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
-        rows = _read_ratings(path, proto)
+        _check_raters(raters)
+        rows = read_rating_file(path, proto, mapping)
+        who = workflow.actor_name(actor)
+        via = "import-ratings --overwrite" if overwrite else "import-ratings"
         with self._session(write=True) as s:
             prow = self._protocol_row(s, proto)
             people: dict[str, Annotator] = {}
             new_people: list[str] = []
             items: dict[tuple, Item] = {}
-            added = existing = r_added = 0
+            added = existing = r_added = changed = 0
             for r in _progress_bar(rows, "ratings"):
                 if r.annotator not in people:
                     a = s.scalar(select(Annotator).where(Annotator.name == r.annotator))
@@ -452,31 +429,48 @@ class Store:
                         if item is not None:
                             existing += 1
                     if item is None:
-                        item, new = self._get_or_create_item(s, prow, proto, r.item_id, r.query, path, r.line)
+                        item, new = self._get_or_create_item(s, prow, proto, r.item_id, r.query, path, r.line, raters)
                         added += new
                         existing += not new
                     items[key] = item
-                resp, created = self._get_or_create_response(s, items[key], r.response, r.source)
+                item = items[key]
+                resp, created = self._get_or_create_response(s, item, r.response, r.source)
                 r_added += created
-                self._upsert(s, resp.id, people[r.annotator].id, r.objective, r.score, r.note, None, SUBMITTED)
+                row = s.scalar(select(Rating).where(Rating.response_id == resp.id,
+                                                    Rating.annotator_id == people[r.annotator].id,
+                                                    Rating.objective == r.objective))
+                if row is not None and row.status == SUBMITTED and row.score != r.score and not overwrite:
+                    raise InputError(path, r.line, "score",
+                                     f"{r.annotator} already submitted {row.score} for this response on "
+                                     f"{r.objective}; this file says {r.score} (pass --overwrite to replace "
+                                     "submitted scores; replacements are logged)")
+                changed += row is not None and row.score != r.score
+                self._upsert(s, resp.id, people[r.annotator].id, r.objective, r.score, r.note, None, SUBMITTED,
+                             row=row, version=proto.version, audit=(who, via, item.uid, r.annotator))
+                workflow.assign(s, item.id, people[r.annotator].id, submitted=True)
+        if changed:
+            log.warning("import-ratings: %d submitted scores replaced (--overwrite); see the audit trail", changed)
         log.debug("ratings: %d stored (%d new items, %d new responses, %d new annotators)",
-                 len(rows), added, r_added, len(new_people))
+                  len(rows), added, r_added, len(new_people))
         return ImportResult(items_added=added, items_existing=existing, responses_added=r_added,
-                            ratings=len(rows), annotators_added=tuple(new_people))
+                            ratings=len(rows), annotators_added=tuple(new_people), overwritten=changed)
 
     @staticmethod
     def _upsert(s: Session, response_id: int, annotator_id: int, objective: str, score: int,
-                note: str | None, seconds: float | None, status: str, row: Rating | None | bool = True) -> None:
+                note: str | None, seconds: float | None, status: str, row: Rating | None | bool = True,
+                version: str | None = None, audit: tuple[str, str, str, str] | None = None) -> None:
         """Insert or update one rating; ``row`` is the existing rating (or None) when the caller
-        already loaded it, True to look it up."""
+        already loaded it, True to look it up. ``audit`` = (actor, path, item uid, rater name):
+        a change of score or status is recorded."""
         now = utcnow()
         if row is True:
             row = s.scalar(select(Rating).where(Rating.response_id == response_id, Rating.annotator_id == annotator_id,
                                                 Rating.objective == objective))
+        old_score, old_status = (None, None) if row is None else (row.score, row.status)
         if row is None:
             s.add(Rating(response_id=response_id, annotator_id=annotator_id, objective=objective, score=score,
                          note=note or None, seconds=seconds, status=status, created_at=now, updated_at=now,
-                         submitted_at=now if status == SUBMITTED else None))
+                         submitted_at=now if status == SUBMITTED else None, protocol_version=version))
         else:
             row.score = score
             row.note = note if note is not None else row.note
@@ -485,35 +479,33 @@ class Store:
             if status == SUBMITTED:
                 row.status, row.submitted_at = SUBMITTED, now
             row.updated_at = now
+            row.protocol_version = version or row.protocol_version
+        if audit is not None:
+            actor, path, uid, rater = audit
+            workflow.record(s, actor=actor, path=path, kind="rating", item_uid=uid, response_id=response_id,
+                            objective=objective, rater=rater, old_score=old_score, new_score=score,
+                            old_status=old_status, new_status=SUBMITTED if status == SUBMITTED else
+                            (old_status if old_status == SUBMITTED else status))
 
     # --------------------------------------------------------------- annotating
 
-    def next_item(self, token: str, target: int | None = DEFAULT_TARGET_ANNOTATORS,
-                  exclude: Iterable[str] = ()) -> ItemView | None:
-        """The next item for this annotator: one they have drafts on first, then items they have
-        not submitted, fewest annotators who submitted first, skipping items that already
-        have ``target`` annotators (None: no limit) and the uids in ``exclude``."""
+    def next_item(self, token: str, target: int | None = None, exclude: Iterable[str] = ()) -> ItemView | None:
+        """The next item for this rater: their open items (drafts) first, a gold item every
+        few items, then items still short of their k raters, least-assigned first (``target``
+        overrides every item's k). The item is assigned to the rater, so concurrent raters
+        spread over items. The view carries only this rater's own scores."""
         exclude = list(exclude)
         with self._session() as s:
             me = self._annotator(s, token)
-            mine_submitted = (select(Response.item_id).join(Rating, Rating.response_id == Response.id)
-                              .where(Rating.annotator_id == me.id, Rating.status == SUBMITTED))
-            mine_draft = (select(Response.item_id).join(Rating, Rating.response_id == Response.id)
-                          .where(Rating.annotator_id == me.id, Rating.status == DRAFT))
-            done = (select(Response.item_id.label("item_id"), func.count(distinct(Rating.annotator_id)).label("n"))
-                    .join(Rating, Rating.response_id == Response.id).where(Rating.status == SUBMITTED)
-                    .group_by(Response.item_id).subquery())
-            n = func.coalesce(done.c.n, 0)
-            has_draft = Item.id.in_(mine_draft)
-            q = (select(Item.id).outerjoin(done, done.c.item_id == Item.id)
-                 .where(Item.id.not_in(mine_submitted)))
-            if exclude:
-                q = q.where(Item.uid.not_in(exclude))
-            if target is not None:
-                q = q.where((n < target) | has_draft)
-            q = q.order_by(case((has_draft, 0), else_=1), n, Item.id).limit(1)
-            item_id = s.scalar(q)
-            return None if item_id is None else self._view(s, me, s.get(Item, item_id))
+            item_id, new = workflow.pick_next(s, me.id, target, exclude)
+            if item_id is None:
+                return None
+            if not new:
+                return self._view(s, me, s.get(Item, item_id))
+        with self._session(write=True) as s:
+            me = self._annotator(s, token)
+            workflow.assign(s, item_id, me.id)
+            return self._view(s, me, s.get(Item, item_id))
 
     def item_view(self, token: str, uid: str) -> ItemView:
         with self._session() as s:
@@ -539,24 +531,26 @@ class Store:
         return view
 
     def save(self, token: str, uid: str, scores: dict[tuple[int, str], int | None],
-             notes: dict[int, str] | None = None, submit: bool = False, seconds: float | None = None) -> ItemView:
-        """Store this annotator's scores for one item: a draft, or (``submit``) final ratings.
+             notes: dict[int, str] | None = None, submit: bool = False, seconds: float | None = None,
+             path: str = "app") -> ItemView:
+        """Store this rater's scores for one item: a draft, or (``submit``) final ratings.
 
-        ``scores`` maps (response id, objective key) to 0–3; None entries are ignored. A
-        submission must cover every response on every objective (together with ratings
-        already stored). A draft cannot overwrite submitted ratings: submit again to change them.
-        ``seconds`` (time spent since the last save) is spread over the ratings saved.
+        ``scores`` maps (response id, objective key) to a score of the protocol's scale; None
+        entries are ignored. A submission must cover every response on every objective
+        (together with ratings already stored). A draft cannot overwrite submitted ratings:
+        submit again to change them. ``seconds`` (time spent since the last save) is spread over
+        the ratings saved. Every rating carries the protocol's version; changes are audited.
         """
         for attempt in (1, 2):
             try:
-                return self._save(token, uid, scores, notes or {}, submit, seconds)
+                return self._save(token, uid, scores, notes or {}, submit, seconds, path)
             except IntegrityError:
                 # Another session inserted the same rating first (possible on servers without
                 # SQLite's up-front write lock): the second attempt updates it instead.
                 if attempt == 2:
                     raise
 
-    def _save(self, token, uid, scores, notes, submit, seconds) -> ItemView:
+    def _save(self, token, uid, scores, notes, submit, seconds, path="app") -> ItemView:
         with self._session(write=True) as s:
             me = self._annotator(s, token)
             item = s.scalar(select(Item).where(Item.uid == uid))
@@ -570,8 +564,8 @@ class Store:
                     continue
                 if rid not in response_ids:
                     raise MetaAlignerError(f"response {rid} does not belong to item {uid}")
-                key = proto.objective(objective).key
-                clean[(rid, key)] = _check_score(score)
+                obj = proto.objective(objective)
+                clean[(rid, obj.key)] = _check_score(score, obj.scores)
             for rid in notes:
                 if rid not in response_ids:
                     raise MetaAlignerError(f"response {rid} does not belong to item {uid}")
@@ -587,39 +581,48 @@ class Store:
                 raise MetaAlignerError("these ratings are already submitted: submit again to change them")
             status = SUBMITTED if submit else DRAFT
             per = (seconds / len(clean)) if seconds and clean else None
+            audit = (me.name, path, item.uid, me.name)
             for (rid, key), score in clean.items():
-                self._upsert(s, rid, me.id, key, score, notes.get(rid), per, status, row=own.get((rid, key)))
+                self._upsert(s, rid, me.id, key, score, notes.get(rid), per, status, row=own.get((rid, key)),
+                             version=proto.version, audit=audit)
             if submit:  # ratings stored earlier as drafts and not resent become final too
                 for k, r in own.items():
                     if k not in clean and r.status != SUBMITTED:
+                        workflow.record(s, actor=me.name, path=path, kind="rating", item_uid=item.uid,
+                                        response_id=k[0], objective=k[1], rater=me.name, old_score=r.score,
+                                        new_score=r.score, old_status=r.status, new_status=SUBMITTED)
                         r.status, r.submitted_at, r.updated_at = SUBMITTED, utcnow(), utcnow()
+                        r.protocol_version = r.protocol_version or proto.version
             for rid, note in notes.items():  # a note on a response with no new score
                 for k, r in own.items():
                     if k[0] == rid and k not in clean:
                         r.note = note or None
+            workflow.assign(s, item.id, me.id, submitted=submit)
             s.flush()
             return self._view(s, me, item)
 
-    def progress(self, token: str, target: int | None = DEFAULT_TARGET_ANNOTATORS) -> Progress:
+    def progress(self, token: str, target: int | None = None) -> Progress:
         with self._session() as s:
             me = self._annotator(s, token)
             return self._progress(s, me.id, target)
 
     def _progress(self, s: Session, annotator_id: int | None, target: int | None) -> Progress:
+        """Items complete: at least ``target`` (None: each item's own k) raters submitted."""
         total = s.scalar(select(func.count(Item.id)))
-        per_item = (select(Response.item_id, func.count(distinct(Rating.annotator_id)).label("n"))
-                    .join(Rating, Rating.response_id == Response.id).where(Rating.status == SUBMITTED)
-                    .group_by(Response.item_id).subquery())
-        complete = s.scalar(select(func.count()).select_from(per_item).where(per_item.c.n >= (target or 1)))
+        per_item = (select(Assignment.item_id, func.count().label("n")).where(Assignment.status == SUBMITTED)
+                    .group_by(Assignment.item_id).subquery())
+        k = func.coalesce(Item.target_raters, DEFAULT_TARGET_ANNOTATORS) if target is None else target
+        complete = s.scalar(select(func.count()).select_from(per_item).join(Item, Item.id == per_item.c.item_id)
+                            .where(per_item.c.n >= k))
         mine = 0
         if annotator_id is not None:
-            mine = s.scalar(select(func.count(distinct(Response.item_id))).join(Rating, Rating.response_id == Response.id)
-                            .where(Rating.annotator_id == annotator_id, Rating.status == SUBMITTED))
+            mine = s.scalar(select(func.count()).select_from(Assignment)
+                            .where(Assignment.annotator_id == annotator_id, Assignment.status == SUBMITTED))
         return Progress(mine=mine, total=total, complete=complete, target=target)
 
     # --------------------------------------------------------------- admin
 
-    def progress_by_annotator(self, actor, target: int | None = DEFAULT_TARGET_ANNOTATORS) -> tuple[Progress, list[dict]]:
+    def progress_by_annotator(self, actor, target: int | None = None) -> tuple[Progress, list[dict]]:
         """Overall progress and, per annotator, items submitted, ratings submitted and drafts."""
         with self._session() as s:
             self._require_admin(s, actor)
@@ -628,19 +631,25 @@ class Store:
                 select(Annotator.name, Annotator.is_admin,
                        func.count(distinct(case((Rating.status == SUBMITTED, Response.item_id)))),
                        func.count(case((Rating.status == SUBMITTED, Rating.id))),
-                       func.count(case((Rating.status == DRAFT, Rating.id))))
+                       func.count(case((Rating.status == DRAFT, Rating.id))),
+                       func.sum(Rating.seconds))
                 .outerjoin(Rating, Rating.annotator_id == Annotator.id)
                 .outerjoin(Response, Rating.response_id == Response.id)
                 .group_by(Annotator.id).order_by(Annotator.name)).all()
-            return overall, [{"annotator": name, "admin": bool(adm), "items": items, "ratings": n, "drafts": d}
-                             for name, adm, items, n, d in rows]
+            return overall, [{"annotator": name, "admin": bool(adm), "items": items, "ratings": n, "drafts": d,
+                              "seconds_per_item": round(secs / items, 1) if secs and items else None}
+                             for name, adm, items, n, d, secs in rows]
 
-    def _submitted(self, s: Session, protocol: str | None):
+    def _check_protocol(self, s: Session, protocol: str | None) -> None:
         if protocol and s.scalar(select(ProtocolRow.id).where(ProtocolRow.name == protocol)) is None:
             stored = ", ".join(s.scalars(select(ProtocolRow.name).order_by(ProtocolRow.id))) or "none"
             raise MetaAlignerError(f'--protocol "{protocol}": not in the database (stored: {stored})')
+
+    def _submitted(self, s: Session, protocol: str | None):
+        self._check_protocol(s, protocol)
         q = (select(Item.uid, Item.query, Response.id, Response.text, Response.source, Response.position,
-                    Annotator.name, Rating.objective, Rating.score, Rating.note, Rating.seconds, ProtocolRow.name)
+                    Annotator.name, Rating.objective, Rating.score, Rating.note, Rating.seconds, ProtocolRow.name,
+                    Rating.protocol_version, Item.is_gold, Rating.submitted_at)
              .join(Response, Response.item_id == Item.id).join(Rating, Rating.response_id == Response.id)
              .join(Annotator, Annotator.id == Rating.annotator_id).join(ProtocolRow, ProtocolRow.id == Item.protocol_id)
              .where(Rating.status == SUBMITTED)
@@ -655,43 +664,197 @@ class Store:
             q = q.where(ProtocolRow.name == protocol)
         return list(dict.fromkeys(s.scalars(q)))
 
+    def _max_score(self, s: Session, protocol: str | None) -> int:
+        q = select(ProtocolRow.spec)
+        if protocol:
+            q = q.where(ProtocolRow.name == protocol)
+        specs = list(s.scalars(q))
+        return max((Protocol.from_dict(sp).max_score for sp in specs), default=max(SCORES))
+
     def agreement(self, actor, protocol: str | None = None) -> dict[str, agreement_mod.Agreement]:
-        """Krippendorff's alpha per objective over submitted ratings (units: responses)."""
+        """Krippendorff's alpha per objective over submitted ratings (units: responses; gold
+        items left out)."""
         with self._session() as s:
             self._require_admin(s, actor)
-            rows = [(r[7], r[2], r[6], r[8]) for r in self._submitted(s, protocol)]
-            return agreement_mod.alpha_by_objective(rows, self._objective_order(s, protocol))
+            rows = [(r[7], r[2], r[6], r[8]) for r in self._submitted(s, protocol) if not r[13]]
+            return agreement_mod.alpha_by_objective(rows, self._objective_order(s, protocol),
+                                                    domain=range(self._max_score(s, protocol) + 1))
+
+    def dashboard(self, actor, protocol: str | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
+        """Every figure of the admins' dashboard (and ``annotate agreement --json``)."""
+        from . import dashboard as dashboard_mod
+
+        with self._session() as s:
+            self._require_admin(s, actor)
+            self._check_protocol(s, protocol)
+            items = workflow.load_scores(s, protocol)
+            order = self._objective_order(s, protocol)
+            max_score = self._max_score(s, protocol)
+            seconds = s.execute(
+                select(Response.item_id, Annotator.name, func.sum(Rating.seconds))
+                .join(Response, Response.id == Rating.response_id).join(Annotator, Annotator.id == Rating.annotator_id)
+                .join(Item, Item.id == Response.item_id).join(ProtocolRow, ProtocolRow.id == Item.protocol_id)
+                .where(Rating.status == SUBMITTED, Rating.seconds.is_not(None),
+                       *([ProtocolRow.name == protocol] if protocol else []))
+                .group_by(Response.item_id, Annotator.name)).all()
+        return dashboard_mod.figures(items, order, max_score, seconds, bootstrap=bootstrap, seed=seed)
 
     def rating_records(self, actor, protocol: str | None = None) -> list[dict]:
-        """Submitted ratings in the ratings format (plus ``note`` and ``seconds``)."""
+        """Submitted ratings in the ratings format (plus note, seconds, protocol, its version, gold)."""
         with self._session() as s:
             self._require_admin(s, actor)
             return [{"item_id": uid, "query": q, "response": text, "source": src, "annotator": who,
                      "objective": obj, "score": score, "note": note,
-                     "seconds": None if secs is None else round(secs, 1)}
-                    for uid, q, _rid, text, src, _pos, who, obj, score, note, secs, _p in self._submitted(s, protocol)]
+                     "seconds": None if secs is None else round(secs, 1), "protocol": pname,
+                     "protocol_version": pver, "gold": bool(gold)}
+                    for uid, q, _rid, text, src, _pos, who, obj, score, note, secs, pname, pver, gold, _at
+                    in self._submitted(s, protocol)]
 
-    def pair_records(self, actor, protocol: str | None = None) -> list[dict]:
-        """Preference pairs (generic format) from the mean submitted score per objective."""
+    def final_records(self, actor, protocol: str | None = None) -> list[dict]:
+        """Final labels, one row per (item, response, objective) with submitted ratings: every
+        rater's score, the final score and who decided (an examiner's name, ``agreement``,
+        ``mean`` or ``pending review``), with the examiner's reason."""
         with self._session() as s:
             self._require_admin(s, actor)
-            items: dict[str, export_mod.ScoredItem] = {}
-            responses: dict[int, export_mod.ScoredResponse] = {}
-            for uid, q, rid, text, _src, _pos, _who, obj, score, *_ in self._submitted(s, protocol):
-                item = items.setdefault(uid, export_mod.ScoredItem(uid, q, []))
-                if rid not in responses:
-                    responses[rid] = export_mod.ScoredResponse(text)
-                    item.responses.append(responses[rid])
-                responses[rid].scores.setdefault(obj, []).append(score)
-            return list(export_mod.derive_pairs(items.values(), self._objective_order(s, protocol)))
+            self._check_protocol(s, protocol)
+            items = workflow.load_scores(s, protocol)
+        out = []
+        for it in items:
+            for r in it.responses:
+                for o in it.protocol.objectives:
+                    raters = r.raters.get(o.key)
+                    if not raters and o.key not in r.reviews:
+                        continue
+                    final, decided, reason = workflow.final_label(r, o.key, it.protocol.review)
+                    out.append({"item_id": it.uid, "query": it.query, "response": r.text, "source": r.source,
+                                "objective": o.key, "ratings": dict(sorted((raters or {}).items())),
+                                "notes": dict(sorted(r.notes.items())), "final_score": final,
+                                "decided_by": decided, "reason": reason, "protocol": it.protocol_name,
+                                "protocol_version": it.protocol.version, "gold": it.is_gold})
+        return out
 
-    def export(self, actor, fmt: str, out: str | os.PathLike, protocol: str | None = None) -> int:
-        """Write ``ratings`` (.jsonl/.csv) or ``pairs`` (.jsonl) to ``out``; returns the row count."""
+    def pair_records(self, actor, protocol: str | None = None) -> list[dict]:
+        """Preference pairs (generic format): per objective, the examiner's final score where the
+        item was reviewed, else the mean submitted score. Each pair carries
+        ``"objectives": {key: "Name: description"}`` from the protocol. Gold items are left out."""
+        with self._session() as s:
+            self._require_admin(s, actor)
+            self._check_protocol(s, protocol)
+            items = workflow.load_scores(s, protocol)
+            order = self._objective_order(s, protocol)
+        return list(export_mod.pairs_from_scores([it for it in items if not it.is_gold], order))
+
+    # --------------------------------------------------------------- review (examiners)
+
+    def review_queue(self, actor, protocol: str | None = None, include_reviewed: bool = False) -> list[dict]:
+        """Items whose raters disagree under their protocol's review rule, complete (k raters
+        submitted) and not yet reviewed: ``{"item_id", "query", "flagged", "raters", "reviewed"}``."""
+        with self._session() as s:
+            self._require_role(s, actor, "examiner")
+            items = workflow.load_scores(s, protocol)
+        return [{"item_id": it.uid, "query": it.query, "flagged": len(it.flagged()),
+                 "raters": sorted(it.submitted_by), "reviewed": it.reviewed}
+                for it in items if it.needs_review and (include_reviewed or not it.reviewed)]
+
+    def review_view(self, actor, uid: str) -> "workflow.ItemScores":
+        """One item with every rater's scores and notes (examiners only)."""
+        with self._session() as s:
+            self._require_role(s, actor, "examiner")
+            found = workflow.load_scores(s, uids=[uid])
+        if not found:
+            raise MetaAlignerError(f'no item "{uid}"')
+        return found[0]
+
+    def finalize(self, actor, uid: str, scores: dict[tuple[int, str], int], reason: str) -> "workflow.ItemScores":
+        """The examiner's final scores for one item, with the reason (required). Every flagged
+        (response, objective) needs a score; others may be set too. Changes are audited."""
+        reason = (reason or "").strip()
+        if not reason:
+            raise MetaAlignerError("reason: say why these are the final scores")
+        with self._session(write=True) as s:
+            me = self._require_role(s, actor, "examiner")
+            found = workflow.load_scores(s, uids=[uid])
+            if not found:
+                raise MetaAlignerError(f'no item "{uid}"')
+            it = found[0]
+            by_id = {r.response_id: r for r in it.responses}
+            clean = {}
+            for (rid, objective), score in scores.items():
+                if score is None or score == "":
+                    continue
+                if rid not in by_id:
+                    raise MetaAlignerError(f"response {rid} does not belong to item {uid}")
+                obj = it.protocol.objective(objective)
+                clean[(rid, obj.key)] = _check_score(score, obj.scores)
+            missing = [(rid, k) for rid, k in it.flagged() if (rid, k) not in clean and k not in by_id[rid].reviews]
+            if missing:
+                names = [f"response {by_id[rid].position + 1} / {it.protocol.objective(k).name}" for rid, k in missing]
+                raise MetaAlignerError(f"set a final score for every disagreement (missing: {', '.join(names[:6])})")
+            who = workflow.actor_name(me)
+            examiner_id = me.id if me is not OPERATOR else self._operator_account(s)
+            for (rid, key), score in clean.items():
+                row = s.scalar(select(Review).where(Review.response_id == rid, Review.objective == key))
+                old = None if row is None else row.score
+                if row is None:
+                    s.add(Review(item_id=it.item_id, response_id=rid, objective=key, score=score, reason=reason,
+                                 examiner_id=examiner_id, protocol_version=it.protocol.version))
+                else:
+                    row.score, row.reason, row.examiner_id, row.updated_at = score, reason, examiner_id, utcnow()
+                workflow.record(s, actor=who, path="review", kind="review", item_uid=uid, response_id=rid,
+                                objective=key, rater=None, old_score=old, new_score=score, note=reason)
+            s.flush()
+            return workflow.load_scores(s, uids=[uid])[0]
+
+    @staticmethod
+    def _operator_account(s: Session) -> int:
+        """Reviews made from the command line are signed by an account named "operator"."""
+        row = s.scalar(select(Annotator).where(Annotator.name == "operator"))
+        if row is None:
+            row = Annotator(name="operator", password_hash=None, is_admin=False)
+            s.add(row)
+            s.flush()
+        return row.id
+
+    def stored_protocols(self, actor) -> list[dict]:
+        """The protocols in the database: name, version, objective keys, item count."""
+        with self._session() as s:
+            self._require_admin(s, actor)
+            counts = dict(s.execute(select(Item.protocol_id, func.count()).group_by(Item.protocol_id)).all())
+            return [{"name": p.name, "version": p.version or "unversioned", "objectives": [o.key for o in p.objectives],
+                     "items": counts.get(p.id, 0)}
+                    for p in s.scalars(select(ProtocolRow).order_by(ProtocolRow.id))]
+
+    def audit_events(self, actor, item_uid: str | None = None, limit: int | None = None) -> list[dict]:
+        """The audit trail, oldest first (admins only)."""
+        with self._session() as s:
+            self._require_admin(s, actor)
+            q = select(RatingEvent).order_by(RatingEvent.id)
+            if item_uid:
+                q = q.where(RatingEvent.item_uid == item_uid)
+            if limit:
+                q = q.limit(limit)
+            return [{"at": _aware(e.at).isoformat(), "actor": e.actor, "path": e.path, "kind": e.kind,
+                     "item_id": e.item_uid, "response_id": e.response_id, "rater": e.rater,
+                     "objective": e.objective, "old_score": e.old_score, "new_score": e.new_score,
+                     "old_status": e.old_status, "new_status": e.new_status, "reason": e.note}
+                    for e in s.scalars(q)]
+
+    def export(self, actor, fmt: str, out: str | os.PathLike, protocol: str | None = None,
+               push_to_hub: str | None = None) -> int:
+        """Write ``ratings`` (.jsonl/.csv), ``final`` labels (.jsonl/.csv), ``pairs`` (.jsonl), or
+        ``hf`` (a Hugging Face ``datasets`` folder with ratings, final labels and pairs, and a
+        dataset card); returns the row count (for hf: the ratings)."""
         if fmt == "ratings":
             return export_mod.write_ratings(out, self.rating_records(actor, protocol))
+        if fmt == "final":
+            return export_mod.write_final(out, self.final_records(actor, protocol))
         if fmt == "pairs":
             return export_mod.write_pairs(out, self.pair_records(actor, protocol))
-        raise MetaAlignerError(f'--format "{fmt}": expected ratings or pairs')
+        if fmt == "hf":
+            from . import hf_export
+
+            return hf_export.export_hf(self, actor, out, protocol, push_to_hub)
+        raise MetaAlignerError(f'--format "{fmt}": expected ratings, final, pairs or hf')
 
 
 def enqueue_item(db_url: str | None, query: str, responses: Sequence[tuple[str, str | None]],
@@ -707,20 +870,12 @@ class _ItemIn:
     line: int
     item_id: str | None
     query: str
-    responses: list[tuple[str, str | None]]
+    responses: list[tuple[str, str | None, dict | None]]  # (text, source, gold scores)
 
 
-@dataclass
-class _RatingIn:
-    line: int
-    item_id: str | None
-    query: str
-    response: str
-    source: str | None
-    annotator: str
-    objective: str
-    score: int
-    note: str | None
+def _check_raters(raters) -> None:
+    if raters is not None and (isinstance(raters, bool) or not isinstance(raters, int) or not 1 <= raters <= 50):
+        raise MetaAlignerError(f"--raters {raters!r}: expected an integer 1-50 (raters per item)")
 
 
 def _progress_bar(seq, what: str):
@@ -744,21 +899,22 @@ def _jsonable(obj):
     return obj
 
 
-def _parse_score(value) -> int | None:
-    """0..3 from an int, an integral float or a digit string (CSV); None for anything else."""
+def _parse_score(value, scores=SCORES) -> int | None:
+    """A score of ``scores`` from an int, an integral float or a digit string (CSV); None for
+    anything else."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return value if isinstance(value, int) and value in SCORES else None
+    return value if isinstance(value, int) and value in scores else None
 
 
-def _check_score(value) -> int:
-    score = _parse_score(value)
+def _check_score(value, scores=SCORES) -> int:
+    score = _parse_score(value, scores)
     if score is None:
-        raise MetaAlignerError(f"score {value!r}: expected an integer 0-3")
+        raise MetaAlignerError(f"score {value!r}: expected an integer {min(scores)}-{max(scores)}")
     return score
 
 
@@ -775,7 +931,7 @@ def _text_field(rec: dict, fld: str, path, line, required: bool = True) -> str |
     return value
 
 
-def _read_items(path) -> list[_ItemIn]:
+def _read_items(path, proto: Protocol | None = None) -> list[_ItemIn]:
     items: dict[tuple, _ItemIn] = {}
     is_csv = str(path).lower().endswith((".csv", ".csv.gz"))
     for line, rec in iter_records(path):
@@ -783,7 +939,7 @@ def _read_items(path) -> list[_ItemIn]:
         item_id = _text_field(rec, "item_id", path, line, required=False)
         if is_csv:
             text = _text_field(rec, "response", path, line)
-            resp = [(text, _text_field(rec, "source", path, line, required=False))]
+            resp = [(text, _text_field(rec, "source", path, line, required=False), None)]
         else:
             raw = rec.get("responses")
             if not isinstance(raw, list) or not raw:
@@ -798,7 +954,8 @@ def _read_items(path) -> list[_ItemIn]:
                 if not isinstance(text, str) or not text.strip():
                     raise InputError(path, line, f"responses[{i}].text", "missing or empty")
                 source = r.get("source")
-                resp.append((text, None if source in (None, "") else str(source)))
+                resp.append((text, None if source in (None, "") else str(source),
+                             _gold(r.get("gold"), proto, path, line, f"responses[{i}].gold")))
         key = (item_id, query) if is_csv else (item_id, query, line)
         if key in items:
             items[key].responses.extend(resp)
@@ -809,31 +966,20 @@ def _read_items(path) -> list[_ItemIn]:
     return list(items.values())
 
 
-def _read_ratings(path, proto: Protocol) -> list[_RatingIn]:
-    rows: list[_RatingIn] = []
-    seen: dict[tuple, int] = {}
-    for line, rec in iter_records(path):
-        item_id = _text_field(rec, "item_id", path, line, required=False)
-        query = _text_field(rec, "query", path, line)
-        response = _text_field(rec, "response", path, line)
-        annotator = _text_field(rec, "annotator", path, line).strip()
-        objective = _text_field(rec, "objective", path, line)
-        if not proto.has(objective):
-            raise InputError(path, line, "objective", f'"{objective}" is not in protocol "{proto.name}" '
+def _gold(raw, proto: Protocol | None, path, line, fld: str) -> dict | None:
+    """A gold response's known scores ``{objective: score}``, checked against the protocol."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(path, line, fld, "expected {objective: score}")
+    out = {}
+    for key, value in raw.items():
+        if proto is not None and not proto.has(str(key)):
+            raise InputError(path, line, f"{fld}.{key}", f'not an objective of protocol "{proto.name}" '
                              f'(valid: {", ".join(proto.keys)})')
-        if rec.get("score") is None or rec.get("score") == "":
-            raise InputError(path, line, "score", "missing")
-        score = _parse_score(rec["score"])
+        obj = proto.objective(str(key)) if proto is not None else None
+        score = _parse_score(value, obj.scores if obj else SCORES)
         if score is None:
-            raise InputError(path, line, "score", f"expected an integer 0-3, got {rec['score']!r}")
-        note = rec.get("note")
-        key = (item_id, query, response, annotator, normalize_key(objective))
-        if key in seen:
-            raise InputError(path, line, "objective", f"a second rating of this response by {annotator} "
-                             f"on this objective (first at line {seen[key]})")
-        seen[key] = line
-        rows.append(_RatingIn(line, item_id, query, response, _text_field(rec, "source", path, line, required=False),
-                              annotator, normalize_key(objective), score, note if isinstance(note, str) else None))
-    if not rows:
-        raise MetaAlignerError(f"{path}: no ratings")
-    return rows
+            raise InputError(path, line, f"{fld}.{key}", f"expected a score of the protocol's scale, got {value!r}")
+        out[obj.key if obj else normalize_key(str(key))] = score
+    return out

@@ -96,7 +96,8 @@ def test_ratings_csv_and_jsonl_exports(tmp_path):
     assert write_ratings(tmp_path / "r.csv", records) == 1
     rows = list(csv.DictReader((tmp_path / "r.csv").open(encoding="utf-8")))
     assert rows == [{"item_id": "i1", "query": "'=cmd|' /C calc'!A0", "response": "'-1 is negative", "source": "'@m",
-                     "annotator": "'+ann", "objective": "correctness", "score": "2", "note": "", "seconds": "3.5"}]
+                     "annotator": "'+ann", "objective": "correctness", "score": "2", "note": "", "seconds": "3.5",
+                     "protocol": "", "protocol_version": "", "gold": ""}]
     write_ratings(tmp_path / "r.jsonl", records)
     assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()] == records
     with pytest.raises(MetaAlignerError, match=r"\.jsonl or \.csv"):

@@ -22,6 +22,8 @@ def _db(tmp_path):
 
 
 def _counts(tmp_path) -> dict:
+    if not (tmp_path / "db" / "ann.db").exists():  # a rejected first import creates no database
+        return dict.fromkeys(("annotators", "items", "responses", "ratings"), 0)
     con = sqlite3.connect(tmp_path / "db" / "ann.db")
     out = {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
            for t in ("annotators", "items", "responses", "ratings")}
@@ -117,7 +119,7 @@ def test_import_ratings_creates_items_in_order_and_counts_as_submitted(tmp_path)
     assert list(report["objectives"]) == ["correctness", "informative", "professional"]
     assert report["objectives"]["correctness"]["units"] == 2
     assert report["objectives"]["correctness"]["annotators"] == 2
-    assert report["objectives"]["informative"] == {"alpha": None, "units": 0, "annotators": 1}
+    assert report["objectives"]["informative"] == {"alpha": None, "units": 0, "annotators": 1, "ci95": None}
     res = run_cli("annotate", "agreement", "--db", db)
     assert res.returncode == 0 and "correctness" in res.stdout and "n/a" in res.stdout
 
@@ -154,7 +156,8 @@ def test_full_loop_items_ratings_agreement_pairs_build_dataset(tmp_path):
     items = [{"query": f"Consider this post: post {i}. Question: Does the poster suffer from depression?",
               "responses": [{"text": f"item {i} response {j}", "source": f"model{j}"} for j in range(3)]}
              for i in range(3)]
-    res = run_cli("annotate", "import", "--db", db, "--input", write_jsonl(tmp_path / "items.jsonl", items))
+    res = run_cli("annotate", "import", "--db", db, "--input", write_jsonl(tmp_path / "items.jsonl", items),
+                  "--raters", "3")
     assert res.returncode == 0 and "3 items added" in res.stdout, res.stderr
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
@@ -180,7 +183,10 @@ def test_full_loop_items_ratings_agreement_pairs_build_dataset(tmp_path):
     for k, obj in enumerate(OBJECTIVES):
         matrix = np.array([[SCORES[a][i][j][k] for i in range(3) for j in range(3)] for a in SCORES], dtype=float)
         expected = krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal", value_domain=[0, 1, 2, 3])
-        assert report[obj] == {"alpha": pytest.approx(expected), "units": 9, "annotators": 3}
+        assert {k: report[obj][k] for k in ("alpha", "units", "annotators")} == {
+            "alpha": pytest.approx(expected, abs=1e-4), "units": 9, "annotators": 3}
+        lo, hi = report[obj]["ci95"]
+        assert lo <= report[obj]["alpha"] <= hi
 
     # pairs by the mean-score rule, response_1 the earlier response
     pairs_path = tmp_path / "pairs.jsonl"
@@ -197,6 +203,7 @@ def test_full_loop_items_ratings_agreement_pairs_build_dataset(tmp_path):
                 labels[obj] = ">" if m1 > m2 else "<" if m1 < m2 else "="
             expected_pairs.append((items[i]["query"], f"item {i} response {j1}", f"item {i} response {j2}", labels))
     assert [(p["query"], p["response_1"], p["response_2"], p["labels"]) for p in pairs] == expected_pairs
+    assert all(p["objectives"] == {k: lookup(k, "imhi").text for k in p["labels"]} for p in pairs)
     assert any("=" in p["labels"].values() for p in pairs) and any("<" in p["labels"].values() for p in pairs)
 
     # build-dataset turns the pairs into training rows (Algorithm 1)

@@ -1,4 +1,5 @@
-"""The rating store on a real SQLite file: protocols, accounts, items, saving, isolation."""
+"""The rating store on SQLite and on a real PostgreSQL server (``db_url`` runs each test on
+both): items, k raters per item, saving, isolation, review, audit, final labels, migration."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,20 @@ import sqlite3
 import pytest
 
 from annotation.models import SUBMITTED
-from annotation.protocols import load_protocol, rubric_markdown
 from annotation.store import (OPERATOR, AccessDenied, Store, enqueue_item, hash_password, normalize_db_url,
                               verify_password)
 from conftest import write_jsonl
 from metaaligner_core.errors import InputError, MetaAlignerError
-from metaaligner_core.objectives import builtin_objectives
 
 PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def fast_passwords(monkeypatch):
+    """Cheap scrypt for these tests (the production cost is tested in the security tests)."""
+    from annotation import accounts
+
+    monkeypatch.setattr(accounts, "SCRYPT_N", 2 ** 10)
 
 
 @pytest.fixture
@@ -23,8 +30,14 @@ def db(tmp_path):
 
 
 @pytest.fixture
-def store(db):
+def sqlite_store(db):
+    """SQLite-only tests (they open the file with sqlite3)."""
     return Store(f"sqlite:///{db}")
+
+
+@pytest.fixture
+def store(db_url):
+    return Store(db_url)
 
 
 def _items(tmp_path, n=3, responses=2):
@@ -45,47 +58,6 @@ def _full(view, score=2):
     return {(r.id, o.key): score for r in view.responses for o in view.protocol.objectives}
 
 
-# ----------------------------------------------------------------------------- protocols
-
-def test_imhi_protocol_uses_the_builtin_keys_with_four_levels_each():
-    proto = load_protocol("imhi")
-    assert proto.keys == [o.key for o in builtin_objectives("imhi")] == ["correctness", "informative", "professional"]
-    for o in proto.objectives:
-        assert [lv.score for lv in o.levels] == [0, 1, 2, 3]
-        assert all(lv.label and lv.description for lv in o.levels)
-    prof = proto.objective("professional")
-    assert prof.reference.items[:3] == ("Suicidal ideation", "Self-harm ideation", "Feelings of worthlessness and guilt")
-    md = rubric_markdown(proto)
-    assert "3 · Fully correct" in md and "1. Suicidal ideation" in md
-
-
-def test_ultrafeedback_protocol_takes_the_builtin_wording():
-    proto = load_protocol("ultrafeedback")
-    by_key = {o.key: o for o in builtin_objectives("ultrafeedback")}
-    assert proto.keys == list(by_key)
-    for o in proto.objectives:
-        assert o.description == by_key[o.key].description
-
-
-def test_protocol_file_errors_name_the_field(tmp_path):
-    bad = tmp_path / "p.yaml"
-    bad.write_text("name: x\nobjectives:\n  - key: honesty\n    levels:\n"
-                   "      - {score: 0, label: a, description: a}\n      - {score: 1, label: b, description: b}\n"
-                   "      - {score: 2, label: c, description: c}\n      - {score: 4, label: d, description: d}\n")
-    with pytest.raises(InputError, match=r'p.yaml: field "objectives\[0\].levels\[3\].score": expected an integer 0-3'):
-        load_protocol(bad)
-    custom = tmp_path / "c.json"
-    levels = [{"score": s, "label": f"L{s}", "description": f"level {s}"} for s in range(4)]
-    custom.write_text(json.dumps({"name": "c", "objectives": [{"key": "warmth", "levels": levels}]}))
-    with pytest.raises(InputError, match=r'objectives\[0\].description.*not a built-in objective'):
-        load_protocol(custom)
-    custom.write_text(json.dumps({"name": "c", "guidelines": "g", "objectives": [
-        {"key": "Warmth", "name": "Warmth", "description": "the response should be kind", "levels": levels}]}))
-    assert load_protocol(custom).keys == ["warmth"]
-    with pytest.raises(MetaAlignerError, match="neither a built-in protocol"):
-        load_protocol("no-such-protocol")
-
-
 # ----------------------------------------------------------------------------- database
 
 def test_default_url_creates_the_data_dir_and_wal_foreign_keys(tmp_path, monkeypatch):
@@ -100,7 +72,8 @@ def test_default_url_creates_the_data_dir_and_wal_foreign_keys(tmp_path, monkeyp
     assert normalize_db_url("some/file.db") == "sqlite:///some/file.db"
 
 
-def test_database_enforces_unique_rating_check_score_and_foreign_keys(tmp_path, store, db):
+def test_database_enforces_unique_rating_check_score_and_foreign_keys(tmp_path, sqlite_store, db):
+    store = sqlite_store
     store.import_items(_items(tmp_path, n=1))
     tok = _people(store, "ann")["ann"]
     view = store.next_item(tok)
@@ -113,7 +86,7 @@ def test_database_enforces_unique_rating_check_score_and_foreign_keys(tmp_path, 
     with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
         con.execute(insert, (rid, aid, "correctness", 1, "submitted"))
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        con.execute(insert, (rid, aid, "new objective", 4, "submitted"))
+        con.execute(insert, (rid, aid, "new objective", 11, "submitted"))
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
         con.execute(insert, (rid, aid, "new objective", -1, "submitted"))
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
@@ -137,7 +110,8 @@ def test_bad_db_url_is_a_one_line_error():
 
 # ----------------------------------------------------------------------------- accounts
 
-def test_passwords_are_salted_scrypt_and_never_stored_in_clear(store, db):
+def test_passwords_are_salted_scrypt_and_never_stored_in_clear(sqlite_store, db):
+    store = sqlite_store
     h1, h2 = hash_password(PASSWORD), hash_password(PASSWORD)
     assert h1 != h2 and h1.startswith("scrypt$") and PASSWORD not in h1
     assert verify_password(PASSWORD, h1) and not verify_password(PASSWORD + "x", h1)
@@ -185,7 +159,7 @@ def test_import_items_jsonl_and_csv_is_idempotent_and_keeps_order(tmp_path, stor
     assert (res.items_added, res.items_existing, res.responses_added) == (1, 1, 3)
     tok = _people(store, "ann")["ann"]
     seen = {}
-    while (v := store.next_item(tok, target=None, exclude=list(seen))) is not None:
+    while (v := store.next_item(tok, exclude=list(seen))) is not None:
         seen[v.uid] = (v.query, [r.text for r in v.responses])
     assert sorted(seen.values()) == sorted([
         ("query 0", ["answer 0.0", "answer 0.1", "a new answer"]),
@@ -211,8 +185,8 @@ def test_import_items_bad_rows_and_conflicting_item_ids(tmp_path, store):
     assert store.progress(tok).total == 1  # the file was rejected as a whole: Y was not added
 
 
-def test_enqueue_item_adds_responses_to_the_same_query(tmp_path, db):
-    url = f"sqlite:///{db}"
+def test_enqueue_item_adds_responses_to_the_same_query(tmp_path, db_url):
+    url = db_url
     uid = enqueue_item(url, "what is up", [("draft text", "policy"), ("aligned text", "aligner")])
     assert enqueue_item(url, "what is up", [("aligned text", "aligner"), ("third", None)]) == uid
     store = Store(url)
@@ -224,33 +198,46 @@ def test_enqueue_item_adds_responses_to_the_same_query(tmp_path, db):
 
 # ----------------------------------------------------------------------------- next item, saving
 
-def test_next_item_prefers_own_drafts_then_fewest_annotators_and_respects_target(tmp_path, store):
-    store.import_items(_items(tmp_path, n=3, responses=1))
+def test_each_item_goes_to_k_raters_least_assigned_first(tmp_path, store):
+    store.import_items(_items(tmp_path, n=3, responses=1))  # imhi: k = 2
+    t = _people(store, *"abcdefg")
+    got = {who: store.next_item(t[who]).query for who in "abcdef"}
+    # each new rater takes the least-assigned item: every item reaches its 2 raters, none gets 3
+    assert got == {"a": "query 0", "b": "query 1", "c": "query 2", "d": "query 0", "e": "query 1", "f": "query 2"}
+    assert store.next_item(t["g"]) is None
+    # asking again resumes the rater's own open item instead of taking another
+    assert store.next_item(t["a"]).query == "query 0"
+    v = store.next_item(t["a"])
+    store.save(t["a"], v.uid, _full(v), submit=True)
+    assert store.next_item(t["a"]) is None  # query 1 and 2 have their two raters already
+    # a draft keeps its item for the rater and comes back first
+    v = store.next_item(t["c"])
+    store.save(t["c"], v.uid, {next(iter(_full(v))): 1})
+    again = store.next_item(t["c"])
+    assert (again.query, again.status) == ("query 2", "draft")
+    # an assignment nobody worked on for ASSIGNMENT_TTL frees its place
+    from annotation import workflow
+    from annotation.models import Annotator, Assignment
+    from sqlalchemy import select, update
+
+    with store._session(write=True) as s:
+        eid = s.scalar(select(Annotator.id).where(Annotator.name == "e"))
+        s.execute(update(Assignment).where(Assignment.annotator_id == eid)
+                  .values(created_at=Assignment.created_at - workflow.ASSIGNMENT_TTL * 2))
+    assert store.next_item(t["g"]).query == "query 1"
+    # target overrides every item's k; progress counts submissions against each item's k
+    assert store.next_item(t["g"], target=3, exclude=["q-unused"]).query == "query 1"
+    p = store.progress(t["a"])
+    assert (p.mine, p.total, p.complete) == (1, 3, 0)
+
+
+def test_k_per_import_and_per_protocol(tmp_path, store):
+    store.import_items(_items(tmp_path, n=1, responses=1), raters=3)
     t = _people(store, "a", "b", "c", "d")
-    first = store.next_item(t["a"], target=2)
-    assert first.query == "query 0" and first.status == "new"
-    for who in ("a", "b"):
-        v = store.item_view(t[who], first.uid)
-        store.save(t[who], v.uid, _full(v), submit=True)
-    assert store.next_item(t["a"], target=2).query == "query 1"  # a's own submission is not offered again
-    # c drafts query 2: then it comes first for c, although query 1 was imported earlier
-    q1 = store.next_item(t["c"], target=2)
-    q2 = store.next_item(t["c"], target=2, exclude=[q1.uid])
-    assert (q1.query, q2.query) == ("query 1", "query 2")
-    store.save(t["c"], q2.uid, {next(iter(_full(q2))): 1})
-    nxt = store.next_item(t["c"], target=2)
-    assert (nxt.query, nxt.status) == ("query 2", "draft")
-    # query 0 has its two annotators: d does not get it with target 2, but gets it last with no target
-    order = []
-    while (v := store.next_item(t["d"], target=2, exclude=order)) is not None:
-        order.append(v.uid)
-    assert [store.item_view(t["d"], u).query for u in order] == ["query 1", "query 2"]
-    order = []
-    while (v := store.next_item(t["d"], target=None, exclude=order)) is not None:
-        order.append(v.uid)
-    assert [store.item_view(t["d"], u).query for u in order] == ["query 1", "query 2", "query 0"]
-    p = store.progress(t["a"], target=2)
-    assert (p.mine, p.total, p.complete) == (1, 3, 1)
+    uids = {store.next_item(t[w]).uid for w in "abc"}
+    assert len(uids) == 1 and store.next_item(t["d"]) is None
+    with pytest.raises(MetaAlignerError, match="--raters 0"):
+        store.import_items(_items(tmp_path, n=1, responses=1), raters=0)
 
 
 def test_save_draft_submit_and_validation(tmp_path, store):
@@ -317,7 +304,8 @@ def test_annotators_see_and_change_only_their_own_ratings(tmp_path, store):
     assert store.export(t["root"], "pairs", tmp_path / "pairs.jsonl") == 1
 
 
-def test_expired_sign_ins_are_refused_and_cleaned_up(store, db):
+def test_expired_sign_ins_are_refused_and_cleaned_up(sqlite_store, db):
+    store = sqlite_store
     store.add_annotator("ann", PASSWORD)
     old = store.sign_in("ann", PASSWORD)
     con = sqlite3.connect(db)

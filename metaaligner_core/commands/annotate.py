@@ -1,11 +1,13 @@
 """``metaaligner annotate``: the expert annotation store from the command line.
 
-    annotate import         --db URL --input FILE [--protocol imhi|FILE]
-    annotate import-ratings --db URL --input FILE [--protocol imhi|FILE]
+    annotate protocols      [--db URL] [--show NAME|FILE]
+    annotate import         --db URL --input FILE [--protocol NAME|FILE] [--raters K]
+    annotate import-ratings --db URL --input FILE [--protocol NAME|FILE] [--mapping FILE] [--overwrite]
     annotate add-annotator  --db URL NAME [--admin] [--password-file FILE] [--update]
-    annotate export         --db URL --format ratings|pairs --out FILE
-    annotate agreement      --db URL [--json]
+    annotate export         --db URL --format ratings|final|pairs|hf --out FILE|DIR [--push-to-hub REPO]
+    annotate agreement      --db URL [--json] [--bootstrap N]
     annotate progress       --db URL [--target N] [--json]
+    annotate audit          --db URL [--item ID] [--json]
 
 The command line acts as the database's operator (it can open the file anyway), so it may
 export and read agreement without signing in; the app's Export tab needs an admin account.
@@ -35,22 +37,41 @@ def register(sub) -> None:
         q.add_argument("--db", default=DEFAULT_DB, metavar="URL",
                        help=f"SQLAlchemy URL or SQLite file path (default: {DEFAULT_DB})")
 
+    q = asub.add_parser("protocols", help="list the protocols (built-in, and those stored in --db)",
+                        description="Built-in protocols, and the protocols stored in the database with their "
+                                    "versions. --show prints one protocol's rubric. Any YAML/JSON protocol file "
+                                    "can be passed as --protocol FILE (format: docs/annotation.md).")
+    q.add_argument("--db", default=None, metavar="URL", help="also list the protocols stored in this database")
+    q.add_argument("--show", metavar="NAME|FILE", help="print this protocol's guidelines and rubric")
+    q.set_defaults(func=run_protocols)
+
     q = asub.add_parser("import", help="add items (a query and its responses) to rate",
-                        description='Items from JSONL {"query", "responses": [{"text", "source"?}], "item_id"?} '
+                        description='Items from JSONL {"query", "responses": [{"text", "source"?, "gold"?}], "item_id"?} '
                                     "or CSV columns query,response,source (rows with the same query form one item). "
+                                    'A response with "gold": {objective: score} makes its item a gold item (known '
+                                    "answers, mixed into every rater's queue). "
                                     "Re-importing is safe: stored items and responses are kept, new responses appended.")
     common(q)
     q.add_argument("--input", required=True, metavar="FILE")
-    q.add_argument("--protocol", default="imhi", help="built-in protocol (imhi, ultrafeedback) or a YAML/JSON file")
+    q.add_argument("--protocol", default="imhi", help="built-in protocol name (see `annotate protocols`) or a YAML/JSON file")
+    q.add_argument("--raters", type=int, default=None, metavar="K",
+                   help=f"raters per item for this import (default: the protocol's, else {DEFAULT_TARGET_ANNOTATORS})")
     q.set_defaults(func=run_import)
 
-    q = asub.add_parser("import-ratings", help="add ratings made elsewhere (one rating per row)",
+    q = asub.add_parser("import-ratings", help="add ratings made elsewhere",
                         description='Rows {"item_id"?, "query", "response", "source"?, "annotator", "objective", '
-                                    '"score"} (JSONL or CSV), score an integer 0-3; imported ratings count as submitted. '
-                                    "Any bad row rejects the whole file and nothing is stored.")
+                                    '"score"} (JSONL or CSV), score on the protocol\'s scale; or, with --mapping, a '
+                                    'column per aspect holding every rater\'s scores as a list ("[3, 3, 2]") or a '
+                                    "column per rater (docs/annotation.md). Imported ratings count as submitted. "
+                                    "Any bad row rejects the whole file and nothing is stored. A submitted score "
+                                    "is never replaced unless --overwrite (every change goes to the audit trail).")
     common(q)
     q.add_argument("--input", required=True, metavar="FILE")
-    q.add_argument("--protocol", default="imhi", help="protocol the objectives belong to (default: imhi)")
+    q.add_argument("--protocol", default="imhi",
+                   help="protocol the objectives belong to: a built-in name or a YAML/JSON protocol file (default: imhi)")
+    q.add_argument("--mapping", metavar="FILE|JSON", help="YAML/JSON file (or inline JSON) mapping the file's columns")
+    q.add_argument("--overwrite", action="store_true", help="replace submitted scores that differ (logged)")
+    q.add_argument("--raters", type=int, default=None, metavar="K", help="raters per item for new items")
     q.set_defaults(func=run_import_ratings)
 
     q = asub.add_parser("add-annotator", help="create an annotator account",
@@ -63,30 +84,45 @@ def register(sub) -> None:
     q.add_argument("--update", action="store_true", help="change the password / admin flag of an existing account")
     q.set_defaults(func=run_add_annotator)
 
-    q = asub.add_parser("export", help="write submitted ratings, or preference pairs for build-dataset",
-                        description="--format ratings: one row per rating (.jsonl or .csv; CSV cells that a "
-                                    "spreadsheet would run as formulas are prefixed with '). --format pairs: the "
-                                    "generic preference format (.jsonl): every pair of an item's responses, per "
-                                    "objective, by mean submitted score.")
+    q = asub.add_parser("export", help="write ratings, final labels, preference pairs, or a datasets folder",
+                        description="--format ratings: one row per submitted rating (.jsonl or .csv; CSV cells that "
+                                    "a spreadsheet would run as formulas are prefixed with '). --format final: one row "
+                                    "per response and objective with every rater's score, the final score and who "
+                                    "decided it (.jsonl or .csv). --format pairs: the generic preference format "
+                                    "(.jsonl): every pair of an item's responses, per objective, by the examiner's "
+                                    "final score where reviewed, else the mean submitted score; each pair carries "
+                                    "its objectives' texts. --format hf: a Hugging Face datasets folder (ratings, "
+                                    "final, pairs) with a dataset card.")
     common(q)
-    q.add_argument("--format", required=True, choices=["ratings", "pairs"])
-    q.add_argument("--out", required=True, metavar="FILE")
+    q.add_argument("--format", required=True, choices=["ratings", "final", "pairs", "hf"])
+    q.add_argument("--out", required=True, metavar="FILE|DIR")
     q.add_argument("--protocol", default=None, help="only items of this protocol")
+    q.add_argument("--push-to-hub", default=None, metavar="REPO", help="with --format hf: also upload to the hub")
     q.set_defaults(func=run_export)
 
-    q = asub.add_parser("agreement", help="Krippendorff's alpha per objective (ordinal, 0-3)")
+    q = asub.add_parser("agreement", help="agreement dashboard: alpha per objective with a bootstrap interval, "
+                                          "by response source, per rater, distributions, progress, time")
     common(q)
     q.add_argument("--json", action="store_true",
-                   help='print {"objectives": {key: {"alpha", "units", "annotators"}}} (alpha null when undefined)')
+                   help='print every figure as JSON: {"objectives": {key: {"alpha", "ci95", "units", "annotators"}}, '
+                        '"by_source", "raters", "distribution", "progress", "time"} (alpha null when undefined)')
     q.add_argument("--protocol", default=None, help="only items of this protocol")
+    q.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% interval (0: none)")
+    q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=run_agreement)
 
     q = asub.add_parser("progress", help="items rated, overall and per annotator")
     common(q)
-    q.add_argument("--target", type=int, default=DEFAULT_TARGET_ANNOTATORS,
-                   help="annotators wanted per item (default: %(default)s)")
+    q.add_argument("--target", type=int, default=None,
+                   help="raters wanted per item (default: each item's own k)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_progress)
+
+    q = asub.add_parser("audit", help="the audit trail: every change of a rating or final score")
+    common(q)
+    q.add_argument("--item", default=None, metavar="ID", help="only this item")
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.set_defaults(func=run_audit)
 
 
 def _store(args):
@@ -95,17 +131,41 @@ def _store(args):
     return Store(args.db)
 
 
+def run_protocols(args) -> int:
+    from annotation.protocols import builtin_protocols, load_protocol, rubric_markdown
+
+    if args.show:
+        print(rubric_markdown(load_protocol(args.show)))
+        return 0
+    print("built-in protocols (--protocol NAME), or any protocol file (--protocol FILE):")
+    for name in builtin_protocols():
+        p = load_protocol(name)
+        print(f"  {name:<16} version {p.version:<12} {', '.join(p.keys)}  (k={p.raters or DEFAULT_TARGET_ANNOTATORS}, "
+              f"scores 0-{p.max_score})")
+    if args.db:
+        from annotation.store import OPERATOR
+
+        stored = _store(args).stored_protocols(OPERATOR)
+        print(f"in {args.db}:" if stored else f"in {args.db}: none yet")
+        for p in stored:
+            print(f"  {p['name']:<16} version {p['version']:<12} {', '.join(p['objectives'])}  ({p['items']} items)")
+    return 0
+
+
 def run_import(args) -> int:
-    res = _store(args).import_items(args.input, args.protocol)
+    res = _store(args).import_items(args.input, args.protocol, raters=args.raters)
     print(f"{args.input}: {res.items_added} items added, {res.items_existing} already present, "
           f"{res.responses_added} new responses")
     return 0
 
 
 def run_import_ratings(args) -> int:
-    res = _store(args).import_ratings(args.input, args.protocol)
+    res = _store(args).import_ratings(args.input, args.protocol, overwrite=args.overwrite, mapping=args.mapping,
+                                      raters=args.raters)
     msg = (f"{args.input}: {res.ratings} ratings stored ({res.items_added} new items, "
            f"{res.responses_added} new responses)")
+    if res.overwritten:
+        msg += f"; {res.overwritten} submitted scores replaced (--overwrite; see `annotate audit`)"
     if res.annotators_added:
         msg += (f"; {len(res.annotators_added)} new annotators without a password "
                 f"(add-annotator NAME --update to let them sign in)")
@@ -143,24 +203,41 @@ def run_add_annotator(args) -> int:
 def run_export(args) -> int:
     from annotation.store import OPERATOR
 
-    n = _store(args).export(OPERATOR, args.format, args.out, protocol=args.protocol)
-    print(f"{args.out}: {n} {'ratings' if args.format == 'ratings' else 'pairs'}")
+    if args.push_to_hub and args.format != "hf":
+        raise MetaAlignerError("--push-to-hub needs --format hf")
+    n = _store(args).export(OPERATOR, args.format, args.out, protocol=args.protocol, push_to_hub=args.push_to_hub)
+    what = {"ratings": "ratings", "final": "final labels", "pairs": "pairs", "hf": "ratings (plus final labels and pairs)"}
+    print(f"{args.out}: {n} {what[args.format]}")
     return 0
 
 
 def run_agreement(args) -> int:
-    from annotation.agreement import agreement_table
     from annotation.store import OPERATOR
 
-    results = _store(args).agreement(OPERATOR, protocol=args.protocol)
+    if args.bootstrap < 0:
+        raise MetaAlignerError(f"--bootstrap {args.bootstrap}: expected 0 or more resamples")
+    dash = _store(args).dashboard(OPERATOR, protocol=args.protocol, bootstrap=args.bootstrap, seed=args.seed)
     if args.json:
-        print(json.dumps({"objectives": {k: a.to_dict() for k, a in results.items()}}, indent=2))
+        print(json.dumps(dash, indent=2))
         return 0
-    rows = [["objective", "alpha", "units", "annotators"], *agreement_table(results)]
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    rows = [["objective", "alpha", "95% CI", "units", "annotators"]]
+    for key, a in dash["objectives"].items():
+        ci = a.get("ci95")
+        rows.append([key, "n/a" if a["alpha"] is None else f"{a['alpha']:.3f}",
+                     f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a", a["units"], a["annotators"]])
+    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print("alpha: Krippendorff's alpha, ordinal, over 0-3; units: responses rated by at least two annotators")
+    print("alpha: Krippendorff's alpha, ordinal; units: responses rated by at least two annotators "
+          f"(gold items left out); CI: percentile bootstrap over responses, {args.bootstrap} resamples")
+    if len(dash["by_source"]) > 1:
+        print("by response source:")
+        for src, block in dash["by_source"].items():
+            vals = ", ".join(f"{k} {'n/a' if a['alpha'] is None else format(a['alpha'], '.3f')}" for k, a in block.items())
+            print(f"  {src}: {vals}")
+    p = dash["progress"]
+    print(f"items: {p['items']}, complete {p['complete']}, reviewed {p['reviewed']}, "
+          f"waiting for review {p['waiting_for_review']}, gold {p['gold_items']}")
     return 0
 
 
@@ -172,8 +249,27 @@ def run_progress(args) -> int:
         print(json.dumps({"items": overall.total, "complete": overall.complete, "target": overall.target,
                           "annotators": people}, indent=2))
         return 0
-    print(f"{overall.complete}/{overall.total} items rated by at least {args.target} annotators")
+    print(f"{overall.complete}/{overall.total} items rated by "
+          + (f"at least {args.target} annotators" if args.target else "their k raters"))
     for p in people:
         print(f"  {p['annotator']:<24} {p['items']:>6} items  {p['ratings']:>7} ratings  {p['drafts']:>5} drafts"
               f"{'  (admin)' if p['admin'] else ''}")
+    return 0
+
+
+def run_audit(args) -> int:
+    from annotation.store import OPERATOR
+
+    events = _store(args).audit_events(OPERATOR, item_uid=args.item)
+    for e in events:
+        if args.json:
+            print(json.dumps(e, ensure_ascii=False))
+        else:
+            who = f" rating of {e['rater']}" if e["rater"] else " final score"
+            print(f"{e['at']}  {e['actor']} via {e['path']}:{who} on {e['item_id']}/{e['response_id']}/{e['objective']}: "
+                  f"{e['old_score']} -> {e['new_score']}"
+                  + (f" ({e['old_status']} -> {e['new_status']})" if e["old_status"] != e["new_status"] else "")
+                  + (f"  reason: {e['reason']}" if e["reason"] else ""))
+    if not events and not args.json:
+        print("no changes recorded")
     return 0

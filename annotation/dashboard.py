@@ -1,0 +1,129 @@
+"""The admins' dashboard figures (the app's Dashboard and ``annotate agreement --json``).
+
+Pure functions over :class:`annotation.workflow.ItemScores`:
+
+* ``objectives``: Krippendorff's ordinal alpha per objective with a 95% bootstrap interval
+  (units, i.e. responses, resampled with replacement), over non-gold items;
+* ``by_source``: the same alpha within each response source (model). Pooled alpha can hide
+  that raters agree on *which model* is better but not within one model's responses;
+* ``raters``: per rater, ratings made, agreement with the final labels (the consensus) and the
+  mean absolute difference from the other raters' mean on the same response, gold accuracy;
+* ``distribution``: how often each score was given, per objective;
+* ``progress``: items, complete (k raters submitted), reviewed, waiting for review, gold;
+* ``time``: median seconds per item, overall and per rater.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Sequence
+
+from . import agreement as agreement_mod
+from .workflow import ItemScores, final_label, gold_accuracy
+
+
+def figures(items: list[ItemScores], order: Sequence[str], max_score: int, seconds, bootstrap: int = 1000,
+            seed: int = 0) -> dict:
+    domain = list(range(max_score + 1))
+    regular = [it for it in items if not it.is_gold]
+    keys = list(dict.fromkeys([*order, *(o.key for it in items for o in it.protocol.objectives)]))
+
+    def alpha_block(responses_by_key: dict[str, list[dict]], with_ci: bool) -> dict:
+        out = {}
+        for key in keys:
+            units = responses_by_key.get(key, [])
+            counts = agreement_mod.unit_counts(units, domain)
+            annotators = {a for u in units for a in u}
+            entry = {"alpha": agreement_mod.ordinal_alpha(counts), "units": int(counts.shape[0]),
+                     "annotators": len(annotators)}
+            if entry["alpha"] is not None:
+                entry["alpha"] = round(entry["alpha"], 4)
+            if with_ci:
+                entry["ci95"] = agreement_mod.bootstrap_interval(counts, bootstrap, seed) if entry["alpha"] is not None else None
+            out[key] = entry
+        return out
+
+    pooled: dict[str, list[dict]] = defaultdict(list)
+    by_source: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for it in regular:
+        for r in it.responses:
+            for key, scores in r.raters.items():
+                pooled[key].append(scores)
+                by_source[r.source or "(unknown)"][key].append(scores)
+
+    # each rater against the consensus
+    raters: dict[str, dict] = defaultdict(lambda: {"ratings": 0, "items": set(), "final_checked": 0, "final_equal": 0,
+                                                   "diff_n": 0, "diff_sum": 0.0})
+    distribution = {k: {str(s): 0 for s in domain} for k in keys}
+    for it in regular:
+        for r in it.responses:
+            for key, scores in r.raters.items():
+                final, decided, _ = final_label(r, key, it.protocol.review)
+                for who, score in scores.items():
+                    d = raters[who]
+                    d["ratings"] += 1
+                    d["items"].add(it.uid)
+                    distribution.setdefault(key, {str(s): 0 for s in domain})
+                    distribution[key][str(score)] = distribution[key].get(str(score), 0) + 1
+                    if decided not in ("pending review", "unrated", "mean") and isinstance(final, int):
+                        d["final_checked"] += 1
+                        d["final_equal"] += int(score == final)
+                    others = [s for a, s in scores.items() if a != who]
+                    if others:
+                        d["diff_n"] += 1
+                        d["diff_sum"] += abs(score - sum(others) / len(others))
+    gold = gold_accuracy(items)
+    per_item_seconds: dict[str, list[float]] = defaultdict(list)
+    for _item, who, secs in seconds:
+        if secs:
+            per_item_seconds[who].append(float(secs))
+    rater_out = {}
+    for who in sorted(set(raters) | set(gold) | set(per_item_seconds)):
+        d = raters.get(who)
+        rater_out[who] = {
+            "ratings": d["ratings"] if d else 0,
+            "items": len(d["items"]) if d else 0,
+            "agreement_with_final": round(d["final_equal"] / d["final_checked"], 4) if d and d["final_checked"] else None,
+            "mean_abs_diff_from_others": round(d["diff_sum"] / d["diff_n"], 4) if d and d["diff_n"] else None,
+            "gold": gold.get(who),
+            "median_seconds_per_item": round(statistics.median(per_item_seconds[who]), 1)
+            if per_item_seconds.get(who) else None,
+        }
+    all_seconds = [s for v in per_item_seconds.values() for s in v]
+    progress = {
+        "items": len(regular),
+        "complete": sum(it.complete for it in regular),
+        "reviewed": sum(it.reviewed for it in regular),
+        "waiting_for_review": sum(it.needs_review and not it.reviewed for it in regular),
+        "gold_items": len(items) - len(regular),
+    }
+    return {
+        "objectives": alpha_block(pooled, True),
+        "by_source": {src: alpha_block(block, False) for src, block in sorted(by_source.items())},
+        "raters": rater_out,
+        "distribution": distribution,
+        "progress": progress,
+        "time": {"median_seconds_per_item": round(statistics.median(all_seconds), 1) if all_seconds else None},
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "response"},
+    }
+
+
+def distribution_plot(distribution: dict, path) -> str:
+    """A bar chart of the score distribution per objective, written as PNG; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(distribution)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        scores = distribution[key]
+        ax.bar(list(scores), list(scores.values()), color="#f97316")
+        ax.set_title(key)
+        ax.set_xlabel("score")
+    axes[0][0].set_ylabel("ratings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,273 @@
+"""How a study runs: k raters per item, gold items, the examiner's review, final labels, audit.
+
+Functions here work inside a session the :class:`annotation.store.Store` opened; the store
+checks who the caller is first.
+
+* **Assignment.** Every item wants ``k`` raters (``Item.target_raters``: set per import, else
+  the protocol's ``raters``, else :data:`annotation.DEFAULT_TARGET_ANNOTATORS`). When a rater
+  asks for work, an *assignment* row is written; an item counts the raters who submitted it plus
+  those who opened it within :data:`ASSIGNMENT_TTL`, so concurrent raters spread over items
+  instead of all taking the same one. The least-assigned item comes first.
+* **Gold items** (items whose responses carry known scores) go to every rater, one every
+  :data:`GOLD_EVERY` items, looking like any other item; each rater's accuracy on them is
+  reported. They stay out of agreement and pairs.
+* **Review.** Once an item has its k submissions, the protocol's ``review`` rule decides whether
+  it goes to an examiner, who sees every rater's scores and notes side by side and sets final
+  scores with a reason.
+* **Final labels** per response and objective: the examiner's score where reviewed, else the
+  raters' common score when they agree, else (a rule that let a difference pass) their mean.
+* **Audit.** Every change of a rating or a final score adds a :class:`RatingEvent`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from fractions import Fraction
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import DEFAULT_TARGET_ANNOTATORS
+from .models import (SUBMITTED, Annotator, Assignment, Item, ProtocolRow, Rating, RatingEvent, Response, Review,
+                     utcnow)
+from .protocols import Protocol, review_needed
+
+ASSIGNMENT_TTL = timedelta(hours=2)
+GOLD_EVERY = 5  # one gold item among every GOLD_EVERY items a rater gets (when gold items exist)
+OPEN = "open"
+
+
+# ----------------------------------------------------------------------------- audit
+
+def record(s: Session, *, actor: str, path: str, kind: str, item_uid: str, response_id: int, objective: str,
+           rater: str | None, old_score, new_score, old_status=None, new_status=None, note=None) -> None:
+    """One audit row; a call that changes nothing records nothing."""
+    if old_score == new_score and old_status == new_status and kind == "rating":
+        return
+    s.add(RatingEvent(at=utcnow(), actor=actor, path=path, kind=kind, item_uid=item_uid, response_id=response_id,
+                      rater=rater, objective=objective, old_score=old_score, new_score=new_score,
+                      old_status=old_status, new_status=new_status, note=note))
+
+
+def actor_name(actor) -> str:
+    name = getattr(actor, "name", None)
+    return name if isinstance(name, str) else "operator"
+
+
+# ----------------------------------------------------------------------------- assignment
+
+def target_of(item_target: int | None) -> int:
+    return item_target or DEFAULT_TARGET_ANNOTATORS
+
+
+def assign(s: Session, item_id: int, annotator_id: int, submitted: bool = False) -> None:
+    """Record that the rater has (or submitted) the item; idempotent."""
+    row = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.annotator_id == annotator_id))
+    now = utcnow()
+    if row is None:
+        try:
+            with s.begin_nested():
+                s.add(Assignment(item_id=item_id, annotator_id=annotator_id, status=SUBMITTED if submitted else OPEN,
+                                 created_at=now, submitted_at=now if submitted else None))
+        except IntegrityError:  # another session of this rater assigned it first
+            row = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
+                                                    Assignment.annotator_id == annotator_id))
+    if row is not None:
+        if submitted and row.status != SUBMITTED:
+            row.status, row.submitted_at = SUBMITTED, now
+        elif not submitted and row.status == OPEN:
+            row.created_at = now  # reopened: the hold starts again
+
+
+def _active_counts():
+    """Per item: raters who submitted it or hold a fresh assignment."""
+    fresh = utcnow() - ASSIGNMENT_TTL
+    return (select(Assignment.item_id.label("item_id"), func.count().label("n"))
+            .where(or_(Assignment.status == SUBMITTED, Assignment.created_at >= fresh))
+            .group_by(Assignment.item_id).subquery())
+
+
+def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) -> tuple[int | None, bool]:
+    """The item id to serve next, and whether it needs a new assignment row.
+
+    Order: the rater's own open assignments (drafts first), then, every GOLD_EVERY-th item, a
+    gold item; then regular items below their k, least-assigned first; gold items last.
+    """
+    mine = select(Assignment.item_id).where(Assignment.annotator_id == me_id)
+    q_open = (select(Assignment.item_id).join(Item, Item.id == Assignment.item_id)
+              .where(Assignment.annotator_id == me_id, Assignment.status == OPEN)
+              .order_by(Assignment.created_at, Assignment.item_id).limit(1))
+    if exclude:
+        q_open = q_open.where(Item.uid.not_in(exclude))
+    found = s.scalar(q_open)
+    if found is not None:
+        return found, False
+
+    def gold_item():
+        q = select(Item.id).where(Item.is_gold.is_(True), Item.id.not_in(mine)).order_by(Item.id).limit(1)
+        if exclude:
+            q = q.where(Item.uid.not_in(exclude))
+        return s.scalar(q)
+
+    done = s.scalar(select(func.count()).select_from(Assignment)
+                    .where(Assignment.annotator_id == me_id, Assignment.status == SUBMITTED)) or 0
+    if (done + 1) % GOLD_EVERY == 0:
+        g = gold_item()
+        if g is not None:
+            return g, True
+    counts = _active_counts()
+    n = func.coalesce(counts.c.n, 0)
+    k = func.coalesce(Item.target_raters, DEFAULT_TARGET_ANNOTATORS) if target is None else target
+    q = (select(Item.id).outerjoin(counts, counts.c.item_id == Item.id)
+         .where(Item.id.not_in(mine), or_(Item.is_gold.is_(None), Item.is_gold.is_(False)), n < k)
+         .order_by(n, Item.id).limit(1))
+    if exclude:
+        q = q.where(Item.uid.not_in(exclude))
+    found = s.scalar(q)
+    if found is not None:
+        return found, True
+    g = gold_item()
+    return (g, True) if g is not None else (None, False)
+
+
+# ----------------------------------------------------------------------------- review and final labels
+
+@dataclass
+class ResponseScores:
+    response_id: int
+    position: int
+    text: str
+    source: str | None
+    gold: dict | None
+    raters: dict[str, dict[str, int]] = field(default_factory=dict)  # objective -> rater -> score
+    notes: dict[str, str] = field(default_factory=dict)  # rater -> note
+    reviews: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # objective -> (score, reason, examiner)
+
+
+@dataclass
+class ItemScores:
+    item_id: int
+    uid: str
+    query: str
+    protocol: Protocol
+    protocol_name: str
+    is_gold: bool
+    target: int
+    responses: list[ResponseScores]
+    submitted_by: set[str] = field(default_factory=set)
+
+    def flagged(self) -> list[tuple[int, str]]:
+        """(response id, objective) pairs the protocol's review rule sends to the examiner."""
+        return [(r.response_id, o.key) for r in self.responses for o in self.protocol.objectives
+                if review_needed(self.protocol.review, list(r.raters.get(o.key, {}).values()))]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.submitted_by) >= self.target
+
+    @property
+    def reviewed(self) -> bool:
+        return any(r.reviews for r in self.responses)
+
+    @property
+    def needs_review(self) -> bool:
+        return not self.is_gold and self.complete and bool(self.flagged())
+
+
+def load_scores(s: Session, protocol: str | None = None, uids: list[str] | None = None,
+                item_ids: list[int] | None = None) -> list[ItemScores]:
+    """Every item (of ``protocol``) with its submitted ratings, notes and reviews, in item order."""
+    q = (select(Item.id, Item.uid, Item.query, Item.is_gold, Item.target_raters, ProtocolRow.name, ProtocolRow.spec)
+         .join(ProtocolRow, ProtocolRow.id == Item.protocol_id).order_by(Item.id))
+    if protocol:
+        q = q.where(ProtocolRow.name == protocol)
+    if uids is not None:
+        q = q.where(Item.uid.in_(uids))
+    if item_ids is not None:
+        q = q.where(Item.id.in_(item_ids))
+    protos: dict[str, Protocol] = {}
+    items: dict[int, ItemScores] = {}
+    for iid, uid, query, gold, target, pname, spec in s.execute(q):
+        if pname not in protos:
+            protos[pname] = Protocol.from_dict(spec, source=f"database protocol {pname}")
+        items[iid] = ItemScores(iid, uid, query, protos[pname], pname, bool(gold), target_of(target), [])
+    if not items:
+        return []
+    ids = list(items)
+    responses: dict[int, ResponseScores] = {}
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start:start + 5000]
+        for rid, iid, pos, text, src, gold in s.execute(
+                select(Response.id, Response.item_id, Response.position, Response.text, Response.source, Response.gold)
+                .where(Response.item_id.in_(chunk)).order_by(Response.item_id, Response.position)):
+            responses[rid] = ResponseScores(rid, pos, text, src, gold)
+            items[iid].responses.append(responses[rid])
+        for rid, iid, who, obj, score, note in s.execute(
+                select(Rating.response_id, Response.item_id, Annotator.name, Rating.objective, Rating.score, Rating.note)
+                .join(Response, Response.id == Rating.response_id).join(Annotator, Annotator.id == Rating.annotator_id)
+                .where(Response.item_id.in_(chunk), Rating.status == SUBMITTED)):
+            resp = responses[rid]
+            resp.raters.setdefault(obj, {})[who] = score
+            if note:
+                resp.notes[who] = note
+            items[iid].submitted_by.add(who)
+        for rid, obj, score, reason, who in s.execute(
+                select(Review.response_id, Review.objective, Review.score, Review.reason, Annotator.name)
+                .join(Annotator, Annotator.id == Review.examiner_id).where(Review.item_id.in_(chunk))):
+            responses[rid].reviews[obj] = (score, reason, who)
+    return list(items.values())
+
+
+def final_label(resp: ResponseScores, objective: str, rule: str) -> tuple[float | int | None, str, str | None]:
+    """(final score, decided by, reason) of one response on one objective.
+
+    decided by: the examiner's name, ``agreement`` (all raters gave the same score), ``mean``
+    (raters differ but the rule did not send it to review; the score is their mean), or
+    ``pending review`` / ``unrated`` (no final score yet).
+    """
+    if objective in resp.reviews:
+        score, reason, who = resp.reviews[objective]
+        return score, who, reason
+    scores = list(resp.raters.get(objective, {}).values())
+    if not scores:
+        return None, "unrated", None
+    if len(set(scores)) == 1:
+        return scores[0], "agreement", None
+    if review_needed(rule, scores):
+        return None, "pending review", None
+    mean = Fraction(sum(scores), len(scores))
+    return (int(mean) if mean.denominator == 1 else float(mean)), "mean", None
+
+
+def pair_score(resp: ResponseScores, objective: str) -> Fraction | None:
+    """What a pair compares (DESIGN.md): the examiner's score where reviewed, else the mean."""
+    if objective in resp.reviews:
+        return Fraction(resp.reviews[objective][0])
+    scores = list(resp.raters.get(objective, {}).values())
+    return Fraction(sum(scores), len(scores)) if scores else None
+
+
+# ----------------------------------------------------------------------------- figures per rater
+
+def gold_accuracy(items: list[ItemScores]) -> dict[str, dict]:
+    """Per rater, on gold items: ratings checked, exact matches, and mean absolute error."""
+    out: dict[str, dict] = defaultdict(lambda: {"ratings": 0, "exact": 0, "abs_error": 0})
+    for it in items:
+        if not it.is_gold:
+            continue
+        for r in it.responses:
+            for obj, expected in (r.gold or {}).items():
+                for who, score in r.raters.get(obj, {}).items():
+                    d = out[who]
+                    d["ratings"] += 1
+                    d["exact"] += int(score == expected)
+                    d["abs_error"] += abs(score - expected)
+    return {who: {"ratings": d["ratings"], "accuracy": d["exact"] / d["ratings"],
+                  "mean_abs_error": d["abs_error"] / d["ratings"]}
+            for who, d in sorted(out.items()) if d["ratings"]}
+
+
+__all__ = ["ASSIGNMENT_TTL", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "final_label", "gold_accuracy",
+           "load_scores", "pair_score", "pick_next", "record", "actor_name", "target_of"]
