@@ -165,8 +165,8 @@ def judge_name(spec, base_url: str | None = None) -> str:
     if sep and provider == "openai-compatible":
         from ..backends import parse_compatible
 
-        name, url = parse_compatible(rest)
-        return f"openai-compatible:{name}@{base_url or url}"
+        name, url = parse_compatible(rest)  # the spec's own URL wins over --base-url (as in _load_judge)
+        return f"openai-compatible:{name}@{url}"
     if sep and provider in ("openai", "anthropic"):
         return f"{provider}:{rest.strip()}"
     return "default" if spec in ("", "default") else spec

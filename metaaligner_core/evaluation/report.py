@@ -91,12 +91,12 @@ def markdown(report: dict) -> str:
     parts = [f"# Evaluation report ({report['mode']})\n\n",
              f"Judge{'s' if len(judges) > 1 else ''} {', '.join(f'`{j}`' for j in judges)}, seed {report['seed']}, "
              f"{report['rows']} rows of `{report['input']}`{swap}. Judge prompt: {report['prompt']}. "
-             f"Objective wording: {report.get('template') or 'default'} ({report.get('template_source', '')}).\n"]
+             f"Objective wording: {_wording(report)}.\n"]
     by_judge = report.get("by_judge") or {report["judge"]: {"correctors": {"aligned": report["objectives"]}}}
     for judge, data in by_judge.items():
         for corrector, blocks in data["correctors"].items():
             parts.append(f"\n## {corrector} — judge `{judge}`\n")
-            parts.append(_pairwise_md(blocks) if report["mode"] == "pairwise" else _score_md(blocks))
+            parts.append(_pairwise_md(blocks, corrector) if report["mode"] == "pairwise" else _score_md(blocks))
     if report.get("flags"):
         parts.append("\n## Flags\n\n" + "".join(f"- {f}\n" for f in report["flags"]))
     if report.get("correction"):
@@ -139,7 +139,13 @@ def markdown(report: dict) -> str:
     return "".join(parts)
 
 
-def _pairwise_md(blocks: dict) -> str:
+def _wording(report: dict) -> str:
+    if report.get("template"):
+        return f"{report['template']} (from {report.get('template_source', '?')})"
+    return "UltraFeedback first (no template given or inferred)"
+
+
+def _pairwise_md(blocks: dict, corrector: str = "aligned") -> str:
     vals = list(blocks.values())
     names = [v["name"] for v in vals]
     parts = ["\nWin rate against the golden answer (ties are not wins); advantage = aligned − original. "
@@ -181,11 +187,11 @@ def _pairwise_md(blocks: dict) -> str:
     parts.append(_table(["", *names], rows))
     parts.append("\nOutcomes (wins / ties / losses over n; invalid and failed over all rows)\n\n")
     rows = []
-    for side in ("original", "aligned"):
-        rows.append([f"{side}: W / T / L", *(f"{v[side]['wins']} / {v[side]['ties']} / {v[side]['losses']}"
-                                              for v in vals)])
-        rows.append([f"{side}: invalid", *(str(v[side]["invalid"]) for v in vals)])
-        rows.append([f"{side}: failed", *(str(v[side]["failed"]) for v in vals)])
+    for side, label in (("original", "original"), ("aligned", corrector)):
+        rows.append([f"{label}: W / T / L", *(f"{v[side]['wins']} / {v[side]['ties']} / {v[side]['losses']}"
+                                               for v in vals)])
+        rows.append([f"{label}: invalid", *(str(v[side]["invalid"]) for v in vals)])
+        rows.append([f"{label}: failed", *(str(v[side]["failed"]) for v in vals)])
     parts.append(_table(["", *names], rows))
     return "".join(parts)
 
