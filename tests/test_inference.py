@@ -209,15 +209,15 @@ def test_chunk_plan_covers_every_row_with_its_width():
 @pytest.mark.slow
 def test_chunked_decode_attention_gives_the_same_tokens(aligner, monkeypatch):
     """On CPU a decoding step attends in runs of rows of similar width; same tokens as one call."""
-    import metaaligner_core.backends.hf as hf
+    import metaaligner_core.engine.attention as attention
     from metaaligner_core.backends.hf import LocalGenerator
     from metaaligner_core.inference import Aligner
 
     g = aligner.generator
     assert g.chunked  # CPU + sdpa
     plans = []
-    real = hf.chunk_plan
-    monkeypatch.setattr(hf, "chunk_plan", lambda widths, **kw: plans.append(real(widths, **kw)) or plans[-1])
+    real = attention.chunk_plan
+    monkeypatch.setattr(attention, "chunk_plan", lambda widths, **kw: plans.append(real(widths, **kw)) or plans[-1])
     drafts = [*DRAFTS[:-1], "Because of the ocean. " * 60]  # one row far wider than the rest
     gen = dict(max_new_tokens=10, batch_size=6)
     chunked = aligner.align_batch(QUERIES, drafts, OBJ, **gen)

@@ -41,7 +41,7 @@ def _no_deprecations(fn):
 
 def test_generation_raises_no_deprecation_or_future_warning(tiny, monkeypatch):
     """A new transformers release that deprecates what the engine calls fails here, not on a user's install."""
-    from metaaligner_core.backends import hf
+    from metaaligner_core.engine import generator as engine
     from metaaligner_core.settings import GenerationSettings
 
     greedy = GenerationSettings(max_new_tokens=6)
@@ -50,7 +50,7 @@ def test_generation_raises_no_deprecation_or_future_warning(tiny, monkeypatch):
     _no_deprecations(lambda: tiny.generate(PROMPTS, sampled, batch_size=4))
     streamed = _no_deprecations(lambda: "".join(tiny.stream(PROMPTS[0], greedy, 4)))
     assert streamed == tiny.decode(batched[0])
-    monkeypatch.setattr(hf, "_all_buffered", lambda cache: False)  # transformers' own cache path
+    monkeypatch.setattr(engine, "all_buffered", lambda cache: False)  # transformers' own cache path
     plain = _no_deprecations(lambda: tiny.generate(PROMPTS, greedy, batch_size=4))
     assert plain == batched
 

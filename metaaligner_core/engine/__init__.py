@@ -1,0 +1,2 @@
+"""The local decoding engine: :class:`~metaaligner_core.engine.generator.LocalGenerator` and its parts
+(:mod:`.cache`, :mod:`.attention`, :mod:`.sampling`)."""
