@@ -451,6 +451,10 @@ def test_openai_with_base_url_needs_a_key_openai_compatible_does_not(tmp_path, m
                            "--out", tmp_path / "b", env=env)
             assert proc.returncode == 0, proc.stderr
         assert len(server.calls) == 2  # the second run was answered from the cache (same judge name)
+        proc = run_cli("evaluate", "--input", data, "--objectives", "honesty", "--judge",
+                       f"openai-compatible:m@{_url(server)}", "--base-url", "http://127.0.0.1:9/v1", "--out",
+                       tmp_path / "b", "--dry-run", env=env)
+        assert "dry run: 0 judge calls to make (2 already answered" in proc.stdout, proc.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["judge"] == f"openai-compatible:m@{_url(server)}"
 
