@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--policy", default="default", help="policy MODEL: default, a directory, a hub id, "
                    "openai:NAME, anthropic:NAME or openai-compatible:NAME@URL (default: %(default)s)")
     p.add_argument("--aligner", default="default", help="aligner MODEL: default, a directory (e.g. a `train` "
-                   "output) or a hub id (default: %(default)s)")
+                   "output), a hub id or openai-compatible:NAME@URL (default: %(default)s)")
     p.add_argument("--template", default="auto", choices=["auto", *TEMPLATE_NAMES],
                    help="aligner prompt template; auto picks it from the aligner's name (default: %(default)s)")
     p.add_argument("--db", dest="db_url", default=DEFAULT_DB, metavar="URL",
@@ -295,8 +295,8 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
             return refusal(e)
         how = "auto, from the aligner's name" if template in (None, "", AUTO_TEMPLATE) else "chosen"
         note = f"Prompt template: **{used}** ({how})."
-        if is_api_model(aligner):
-            return note + "\n\n❌ An API model cannot be the aligner; pick a local model."
+        if is_api_model(aligner) and not aligner.startswith("openai-compatible:"):  # RemoteAligner serves those
+            return note + "\n\n❌ Only a local model or an openai-compatible:NAME@URL server can be the aligner."
         if service.is_base_model(aligner):
             note += "\n\n" + BASE_MODEL_NOTE.format(example=ALIGNER_CHOICES[1][1])
         return note
