@@ -291,3 +291,26 @@ def test_no_keys_refuses_to_listen_beyond_loopback(tmp_path):
     (tmp_path / "keys.txt").write_text("# comments only\n\n")
     r = run_cli("serve", "--api-keys", tmp_path / "keys.txt", timeout=120)
     assert r.returncode == 2 and "keys.txt: no API keys in the file" in r.stderr
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+def test_conversation_query_rule():
+    assert conversation_query([("system", "Be brief."), ("user", "Hi?")]) == "Hi?"
+    assert conversation_query([("user", "A?"), ("assistant", "B."), ("user", "C?")]) == \
+        "User: A?\n\nAssistant: B.\n\nUser: C?"
+    with pytest.raises(Exception, match="must be from the user"):
+        conversation_query([("user", "A?"), ("assistant", "B.")])
+
+
+def test_policy_ids_and_batch_prefix():
+    from metaaligner_core.serve.batcher import Job, common_prefix_len
+    from metaaligner_core.serve.service import parse_policy
+
+    assert parse_policy("gpt=openai:gpt-4o-mini") == ("gpt", "openai:gpt-4o-mini")
+    assert parse_policy("openai-compatible:m@http://h/v1?a=b") == ("openai-compatible:m@http://h/v1?a=b",) * 2
+    assert parse_policy("default") == ("default", "default")
+    job = lambda ids, k: Job(ids, k, None, lambda *a: None)  # noqa: E731
+    assert common_prefix_len([job([1, 2, 3, 4, 5], 3), job([1, 2, 3, 9, 9], 3)]) == 3
+    assert common_prefix_len([job([1, 2, 3, 4, 5], 4), job([1, 2, 7, 4, 5], 4)]) == 2  # objectives differ
+    assert common_prefix_len([job([1, 2, 3, 4], 0), job([1, 2, 3, 4], 3)]) == 0

@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded at once per model (default: %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000,
                    help="largest request body accepted; larger ones get HTTP 413 (default: %(default)s)")
+    p.add_argument("--upstream-retries", type=int, default=2,
+                   help="retries (with back-off) of a failed call to an API policy (default: %(default)s)")
+    p.add_argument("--upstream-timeout", type=float, default=120.0,
+                   help="seconds per call to an API policy (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, mps (default: automatic)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for generation (default: torch's choice)")
     p.add_argument("--no-ui", dest="ui", action="store_false", help="do not mount the web app at /ui")
@@ -67,6 +71,8 @@ def check_args(args) -> list[str] | None:
     for flag in ("max_new_tokens", "batch_size", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise MetaAlignerError(f"--{flag.replace('_', '-')}: expected a positive number, got {getattr(args, flag)}")
+    if args.upstream_retries < 0 or args.upstream_timeout <= 0:
+        raise MetaAlignerError("--upstream-retries must be >= 0 and --upstream-timeout > 0")
     if args.threads is not None and args.threads < 1:
         raise MetaAlignerError(f"--threads: expected a positive number, got {args.threads}")
     if args.template not in ("auto", *TEMPLATE_NAMES):
@@ -85,13 +91,19 @@ def run(args) -> int:
     keys = check_args(args)
     import uvicorn
 
-    from ..serve.api import create_app, mount_ui
+    from ..pipeline import ModelRegistry
+    from ..serve.api import create_app, mount_ui, web_app_modules
     from ..serve.service import CorrectionService
 
+    web = web_app_modules() if args.ui else None
+    # The web app's registry adds the status line its page shows; the models are the same.
+    registry_class = web[1].ModelRegistry if web else ModelRegistry
     service = CorrectionService(policies=args.policy or ["default"], aligner=args.aligner,
                                 template=None if args.template == "auto" else args.template,
                                 objectives=args.objectives, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device,
+                                upstream_retries=args.upstream_retries, upstream_timeout=args.upstream_timeout,
+                                registry_class=registry_class)
     if args.threads:
         import torch
 

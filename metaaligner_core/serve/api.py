@@ -200,28 +200,38 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
     return app
 
 
-def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui") -> bool:
-    """Mount the Gradio app (``app.py``) at ``path`` on the service's registry: the page and the
-    API share the loaded models. False (and a warning) when the web app is not installed."""
+def web_app_modules():
+    """``(app, webapp.service)`` of the web app, or None when it is not installed. A source
+    checkout has ``app.py`` beside the package; it is found there too."""
     import importlib
     import sys
     from pathlib import Path
 
     try:
-        ui = importlib.import_module("app")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "app.py").is_file():
-            log.warning("the web app (app.py) is not installed; /ui is not served")
-            return False
-        sys.path.insert(0, str(root))
-        ui = importlib.import_module("app")
+        return importlib.import_module("app"), importlib.import_module("webapp.service")
+    except ModuleNotFoundError as e:
+        if e.name not in ("app", "webapp", "webapp.service"):
+            raise
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "app.py").is_file() or not (root / "webapp").is_dir():
+        return None
+    sys.path.insert(0, str(root))
+    return importlib.import_module("app"), importlib.import_module("webapp.service")
+
+
+def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui") -> bool:
+    """Mount the Gradio app (``app.py``) at ``path`` on the service's registry: the page and the
+    API share the loaded models. False (and a warning) when the web app is not installed."""
+    modules = web_app_modules()
+    if modules is None:
+        log.warning("the web app (app.py) is not installed; /ui is not served")
+        return False
+    ui, web = modules
     import gradio as gr
-    from webapp.service import AlignService
 
     first = next(iter(service.policies.values()))
     config = ui.AppConfig(policy=first, aligner=service.aligner_name, template=service.template, preload=False)
-    align = AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template)
+    align = web.AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template)
     demo = ui.build_demo(config, service=align)
     gr.mount_gradio_app(app, demo, path=path)
     return True
