@@ -33,7 +33,6 @@ from ..objectives import Objective, parse_objectives
 from ..templates import TEMPLATE_NAMES
 from . import metrics, stats
 from .judging import Judge, JudgmentCache
-from .metrics import SIDES
 from .prompts import JudgePrompt, judge_prompt
 from .report import write_report
 from .summary import judge_agreement, summarise
@@ -326,6 +325,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     if dry_run:
         return _dry_run(out, names, context, jp, max_tokens, len(plan))
 
+    behaviour = {c.name: metrics.correction_behaviour([r["draft"] for _, r in rows], [_text(r, c) for _, r in rows],
+                                                      [r["golden"] for _, r in rows]) for c in corr}
     parse = metrics.parse_score if mode == "score" else metrics.parse_choice
     per_judge, usages, budget, stopped = {}, [], max_calls, False
     for spec, name in zip(judges, names):
@@ -342,7 +343,7 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
             stopped = True
             break
         per_judge[backend.name] = summarise(rows, objs, corr, plan, verdicts, mode, swap, head_to_head,
-                                            bootstrap, bootstrap_seed)
+                                            bootstrap, bootstrap_seed, behaviour)
     if stopped:
         made = sum(u.calls for _, u in usages)
         log.warning("evaluate: stopped after %d calls (--max-calls %d); rerun the same command to continue "
@@ -373,7 +374,7 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         "by_judge": {name: {"correctors": s["correctors"], "position_consistency": s["position_consistency"],
                             "length_control": s["length_control"], "calls": u.as_dict()}
                      for (name, s), (_, u) in zip(per_judge.items(), usages)},
-        "correction": {c.name: _behaviour(rows, c) for c in corr},
+        "correction": {name: {k: v for k, v in b.items() if k != "length_changes"} for name, b in behaviour.items()},
         "judgments": len(plan) * len(per_judge),
         "invalid": n_invalid,
         "failed": len(failures),
@@ -391,19 +392,11 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         from .experts import expert_agreement
 
         report["expert_agreement"] = expert_agreement(experts, rows, objs, corr, per_judge, mode, ratings_db)
-    length_changes = {c.name: metrics.correction_behaviour(
-        [r["draft"] for _, r in rows], [_text(r, c) for _, r in rows], [])["length_changes"] for c in corr}
+    length_changes = {name: b["length_changes"] for name, b in behaviour.items()}
     report = write_report(out, report, {name: s["scores"] for name, s in per_judge.items()}, length_changes)
     log.info("evaluate: %d judge calls made, %d answered from the cache, %d invalid, %d failed; report in %s",
              total_calls["calls"], total_calls["cached"], n_invalid, len(failures), out)
     return report
-
-
-def _behaviour(rows, c: Corrector) -> dict:
-    b = metrics.correction_behaviour([r["draft"] for _, r in rows], [_text(r, c) for _, r in rows],
-                                     [r["golden"] for _, r in rows])
-    b.pop("length_changes", None)
-    return b
 
 
 def _sum_usage(usages) -> dict:

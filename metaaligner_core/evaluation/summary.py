@@ -39,16 +39,18 @@ def _sign(x: float | None) -> int | None:
 
 
 def summarise(rows, objectives, correctors, plan, verdicts, mode: str, swap: bool, head_to_head: bool,
-              n_resamples: int, seed: int) -> dict:
+              n_resamples: int, seed: int, behaviour: dict | None = None) -> dict:
     """One judge's figures: ``{"correctors": {name: {objective key: block}}, "position_consistency",
-    "length_control", "failures", "invalid", "scores", "outcomes"}``."""
+    "length_control", "failures", "invalid", "scores", "outcomes"}``. ``behaviour`` is
+    :func:`metrics.correction_behaviour` per corrector (computed here when not given)."""
     n = len(rows)
     sides = ["original", *[c.name for c in correctors]]
     side_id = {"original": "original", **{c.name: c.side for c in correctors}}
     texts = {"original": [r["draft"] for _, r in rows],
              **{c.name: [r["responses"][c.name] for _, r in rows] for c in correctors}}
     golden_words = [metrics.words(r["golden"]) for _, r in rows]
-    behaviour = {c.name: metrics.correction_behaviour(texts["original"], texts[c.name], []) for c in correctors}
+    if behaviour is None:
+        behaviour = {c.name: metrics.correction_behaviour(texts["original"], texts[c.name], []) for c in correctors}
 
     out = {"correctors": {c.name: {} for c in correctors}, "position_consistency": {}, "length_control": {},
            "failures": [], "invalid": 0, "scores": {}, "outcomes": {}}
