@@ -475,3 +475,30 @@ def test_adding_a_corrector_or_a_judge_re_judges_nothing_already_judged(tmp_path
                                                "completion_tokens": 4}
     assert second["by_judge"][ja]["correctors"]["metaaligner"] == first["objectives"]
     assert second["by_judge"][ja]["correctors"]["self-refine"]["honesty"]["aligned"]["ties"] == 4
+
+
+def test_score_mode_script_variant_and_two_correctors(tmp_path):
+    rows = [{"query": f"q{i}", "golden": "g", "draft": "d " + "+" * i, "aligned": "a " + "+" * (i + 2),
+             "aligned_pku": "d " + "+" * i} for i in range(4)]
+    single = re.compile(r"RESPONSE: (.*)\"\s+\"\n Assign a score", re.S)
+
+    def scorer(body):
+        m = single.search(prompt_text(body))
+        assert m, prompt_text(body)[:120]
+        return str(min(10, 2 * m.group(1).count("+")))
+
+    with FakeProvider(reply=scorer) as server:
+        report = evaluate(write_jsonl(tmp_path / "rows.jsonl", rows), "honesty", "openai:s", tmp_path / "out",
+                          base_url=_url(server), mode="score", judge_prompt_name="script")
+        assert all(prompt_text(c.body).startswith("You will be presented with one query and a response to this "
+                                                  "query.QUERY: ") for c in server.calls)
+        assert len(server.calls) == 8  # the pku correction repeats the draft: same prompt, asked once
+    blocks = report["by_judge"]["openai:s"]["correctors"]
+    # drafts 0,2,4,6 ; metaaligner 4,6,8,10 ; pku = drafts
+    assert blocks["metaaligner"]["honesty"]["mean_original"] == pytest.approx(3)
+    assert blocks["metaaligner"]["honesty"]["mean_aligned"] == pytest.approx(7)
+    assert blocks["metaaligner"]["honesty"]["advantage"] == pytest.approx(4)
+    assert blocks["metaaligner"]["honesty"]["ci95"]["advantage"] == pytest.approx([4.0, 4.0])
+    assert blocks["pku-aligner"]["honesty"]["advantage"] == 0 and blocks["pku-aligner"]["honesty"]["copy_rate"] == 1
+    assert report["prompt"].startswith("authors' evaluation/UltraFeedback_GPT4_rate.py")
+    assert "score_density_honesty.png" in report["plots"]
