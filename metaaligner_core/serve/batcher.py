@@ -1,9 +1,9 @@
 """Requests from concurrent clients decoded together: one engine batch, tokens streamed per request.
 
 Each HTTP request submits its prompt (token ids) as a :class:`Job`. One thread per model takes
-every pending job that can share a batch (same sampling settings) and runs them through the
-engine's continuous-batching loop (:class:`~metaaligner_core.backends.hf.LocalGenerator`) in
-one call, at most ``batch_size`` rows in flight; each new token goes straight back to its
+every pending job that can share a batch (same settings) and runs them through the engine's
+continuous-batching loop (:meth:`~metaaligner_core.engine.generator.LocalGenerator.decode_steps`)
+in one call, at most ``batch_size`` rows in flight; each new token goes straight back to its
 request. Jobs that arrive while a batch is running form the next batch.
 
 Under greedy decoding a row's tokens do not depend on the other rows of its batch (the engine
@@ -28,7 +28,7 @@ class Job:
 
     ids: list[int]
     prefix_len: int
-    sampling: object  # backends.hf.Sampling
+    sampling: object  # settings.GenerationSettings
     emit: Callable[[str, object], None]
     group: str = ""  # jobs batch only within a group (drafts apart from corrections: different prefixes)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -37,11 +37,6 @@ class Job:
     def key(self) -> tuple:
         s = self.sampling
         return (self.group, s.max_new_tokens, s.temperature, s.top_p, s.repetition_penalty, s.seed)
-
-
-def _engine_steps(generator, prompts, sampling, prefix_len, batch_size):
-    """The engine's decoding loop: yields ``(rows, their new tokens, rows that finished)``."""
-    return generator._decode_steps(prompts, sampling, prefix_len, batch_size)
 
 
 def common_prefix_len(jobs: list[Job]) -> int:
@@ -127,7 +122,7 @@ class Batcher:
         self.batches.append(len(jobs))
         last = [None] * len(jobs)
         done = [False] * len(jobs)
-        steps = _engine_steps(gen, [j.ids for j in jobs], sampling, common_prefix_len(jobs), self.batch_size)
+        steps = gen.decode_steps([j.ids for j in jobs], sampling, common_prefix_len(jobs), self.batch_size)
         try:
             for rows, tokens, finished in steps:
                 for r, t in zip(rows, tokens):

@@ -259,13 +259,11 @@ class CorrectionService:
                                f"tokens leaves {max(budget, 0)} after {settings.max_new_tokens} new tokens. "
                                "Shorten the messages or lower max_tokens", code="context_length_exceeded",
                                param="messages")
-        text = TokenText(tok, gen.eos_ids)
-        n = 0
+        out: list[int] = []
         async for kind, value in self._tokens(gen, ids, 0, settings, "draft"):
-            if kind == "token":
-                n += value not in gen.eos_ids
-                text.add(value)
-        return Draft(tok.decode(text.ids, skip_special_tokens=True).strip(), len(ids), n)
+            if kind == "token" and value not in gen.eos_ids:
+                out.append(value)
+        return Draft(gen.decode(out).strip(), len(ids), len(out))
 
     def _api_draft(self, backend, model_id: str, messages, settings: GenerationSettings) -> Draft:
         from ..backends.base import BackendError
@@ -274,13 +272,15 @@ class CorrectionService:
             if hasattr(backend, "client") and hasattr(backend.client, "chat"):  # OpenAI-compatible: the messages as sent
                 limit = ({"max_tokens": settings.max_new_tokens} if getattr(backend, "compatible", False)
                          else {"max_completion_tokens": settings.max_new_tokens})
+                import openai
+
+                from ..backends.base import describe_api_error
+
                 try:
                     resp = backend.client.chat.completions.create(
                         model=backend.model, messages=[{"role": r, "content": t} for r, t in messages],
                         temperature=settings.temperature, **limit)
-                except backend._openai.OpenAIError as e:
-                    from ..backends.base import describe_api_error
-
+                except openai.OpenAIError as e:  # the key is scrubbed should the upstream echo it
                     raise BackendError(describe_api_error(model_id, e, getattr(backend, "_key", None))) from None
                 text = (resp.choices[0].message.content or "") if resp.choices else ""
                 usage = resp.usage
