@@ -17,7 +17,6 @@ API models (``openai:``, ``anthropic:``, ``openai-compatible:``) are not handled
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -162,7 +161,11 @@ def auto_dtype(device: str, dtype: str | None = None):
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    # Imported for real and checked against the GPU (metaaligner_core.hardware): a copy built for
+    # another torch, or a pre-Ampere GPU, must fall back to SDPA instead of crashing later.
+    from .hardware import flash_attention_status
+
+    return flash_attention_status().usable
 
 
 def auto_attention(device: str, attn: str | None = None) -> str:

@@ -38,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 # Settings that change how a run is logged or saved, not what it learns: a rerun may change them.
 RESUME_NEUTRAL = frozenset({"out", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints",
-                            "dataloader_num_workers", "dataset_num_proc", "disable_tqdm"})
+                            "dataloader_num_workers", "dataset_num_proc", "disable_tqdm", "ddp_timeout",
+                            "save_dtype"})
 # Tokens kept from the end of an over-long prompt: the end of the answer and the "| Edit: " cue.
 PROMPT_TAIL_TOKENS = 32
 
@@ -101,6 +102,22 @@ class TrainConfig:
     group_by_length (`bool` or `None`): batch rows of similar length together (less padding);
         on by default whenever batches are padded.
 
+    > Multi-GPU
+
+    ddp_timeout (`int`, defaults to ``10800``): seconds a collective may wait before the job is
+        aborted. Set when the process group is created, before anything else: while rank 0 alone
+        merges a 13B LoRA on its CPU or writes a full state dict, the other ranks wait at a
+        barrier far longer than NCCL's default 10 minutes.
+    sync_each_batch (`bool` or `None`): synchronise (reduce-scatter) gradients on every
+        micro-batch of a gradient-accumulation window instead of the last one only. ``None``: on
+        under FSDP with accumulation (otherwise FSDP keeps full unsharded gradients of the whole
+        model on every GPU between micro-batches: ~26 GB for 13B), off elsewhere (DDP keeps full
+        gradients anyway, and syncing each micro-batch would only add traffic; DeepSpeed
+        accumulates on its own).
+    save_dtype (`str`, defaults to ``"auto"``): dtype of the saved stage weights: ``auto`` (the
+        training precision: bf16 for bf16 runs, so a 13B stage directory is 26 GB, not the 52 GB
+        of the fp32 master weights), ``bf16``, ``fp16`` or ``fp32``.
+
     > Logging and saving
 
     logging_steps (`int`, defaults to ``10``): log a metrics line every N optimizer steps.
@@ -143,6 +160,10 @@ class TrainConfig:
     padding_free: bool | None = None
     group_by_length: bool | None = None
 
+    ddp_timeout: int = 10800
+    sync_each_batch: bool | None = None
+    save_dtype: str = "auto"
+
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
@@ -171,6 +192,10 @@ class TrainConfig:
             raise MetaAlignerError("lr and epochs must be positive and warmup_ratio in [0, 1)")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise MetaAlignerError(f'precision: "{self.precision}" (valid: auto, bf16, fp16, fp32)')
+        if self.save_dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise MetaAlignerError(f'save_dtype: "{self.save_dtype}" (valid: auto, bf16, fp16, fp32)')
+        if int(self.ddp_timeout) < 60:
+            raise MetaAlignerError(f"ddp_timeout must be at least 60 seconds (got {self.ddp_timeout})")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise MetaAlignerError(f'device: "{self.device}" (valid: auto, cuda, cuda:N, cpu, mps)')
 
@@ -320,6 +345,21 @@ class Runtime:
     group_by_length: bool
     world_size: int
     grad_accum: int
+    distributed: str = "no"        # "fsdp", "deepspeed", "ddp" or "no": how the job was launched
+    sync_each_batch: bool = False  # gradients reduced on every micro-batch (FSDP with accumulation)
+    save_dtype: str = "fp32"       # dtype of the saved stage weights
+
+
+def launch_kind() -> str:
+    """How accelerate (or torchrun) launched this process: fsdp, deepspeed, ddp or no."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    if on("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "no"
 
 
 def resolve_runtime(config: TrainConfig) -> Runtime:
@@ -348,7 +388,12 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         if accum * per_step != config.effective_batch_size:
             log.warning("effective batch %d is not a multiple of batch_size %d × %d processes; using %d",
                         config.effective_batch_size, config.batch_size, world, accum * per_step)
-    return Runtime(device, precision, attn, checkpointing, padding_free, grouped, world, accum)
+    kind = launch_kind()
+    sync = (kind == "fsdp" and accum > 1) if config.sync_each_batch is None else bool(config.sync_each_batch)
+    save_dtype = config.save_dtype if config.save_dtype != "auto" else (
+        precision if precision in ("bf16", "fp16") else "fp32")
+    return Runtime(device, precision, attn, checkpointing, padding_free, grouped, world, accum, kind, sync,
+                   save_dtype)
 
 
 def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int):
@@ -390,6 +435,10 @@ def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int)
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=rt.device.startswith("cuda"),
         dataset_num_proc=config.dataset_num_proc,
+        ddp_timeout=config.ddp_timeout,
+        # FSDP: reduce-scatter every micro-batch, so no full unsharded gradients pile up between
+        # them (accelerate's documented remedy; the Trainer passes these kwargs to its plugin).
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if rt.sync_each_batch else None,
     )
 
 
@@ -495,6 +544,78 @@ def _barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def init_distributed(timeout_s: int) -> None:
+    """Create the process group now, with ``timeout_s`` for every collective.
+
+    The timeout only takes effect when the group is created, and the first barrier (or the first
+    TrainingArguments) creates it: later ``ddp_timeout`` values are ignored by a group that
+    exists. A single process creates nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if dist.is_available() and dist.is_initialized():
+        log.warning("the process group already exists; its timeout is not changed to %d s", timeout_s)
+        return
+    PartialState(timeout=timedelta(seconds=int(timeout_s)))
+
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _save_full_model(trainer, stage_dir: Path, tokenizer, save_dtype: str) -> None:
+    """The stage's full weights in ``save_dtype`` (a plain model directory).
+
+    Under FSDP the trainer would write the gathered fp32 master weights (52 GB for 13B); here
+    the gathered state dict (all ranks take part; rank 0 receives it, on CPU) is cast before it
+    is written. DeepSpeed ZeRO-3 gathers 16-bit weights itself (``zero3_save_16bit_model``).
+    """
+    import torch
+
+    dtype = getattr(torch, _DTYPES[save_dtype])
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    fsdp = trainer.accelerator.distributed_type.value == "FSDP"
+    if not fsdp and next(unwrapped.parameters()).dtype == dtype:
+        trainer.save_model(str(stage_dir))  # already in the wanted dtype: the trainer's own path
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.accelerator.is_main_process:
+        state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
+        unwrapped.save_pretrained(str(stage_dir), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(stage_dir))
+        _set_config_dtype(stage_dir, save_dtype)
+    del state_dict
+
+
+def _set_config_dtype(model_dir: Path, save_dtype: str) -> None:
+    """config.json names the dtype of the saved weights (save_pretrained writes the in-memory one)."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["dtype"] = _DTYPES[save_dtype]
+    with atomic_write(path) as fh:
+        json.dump(cfg, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def release_memory() -> None:
+    """Free what a finished stage held before the next one loads its model: the trainer's
+    accelerator has dropped its references (``free_memory``), the stage's objects are out of
+    scope, and this collects the reference cycles among them (the trainer, its callbacks, the
+    wrapped model) and returns cached CUDA blocks. Without it, three stages in one process hold
+    the previous stages' weights, gradients and optimizer states; a DeepSpeed engine is only
+    destroyed by ``free_memory``."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def stage_done(out: Path, stage: str) -> bool:
     return (out / stage / STAGE_MARKER).is_file()
 
@@ -556,7 +677,7 @@ def _publish_final(out: Path, stage: str) -> Path:
     return final
 
 
-def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer) -> None:
+def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer, save_dtype: str = "fp32") -> None:
     """Fold the stage's adapter into the previous weights, so the stage directory is a plain model."""
     import torch
     from peft import PeftModel
@@ -567,12 +688,21 @@ def _merge_lora(prev: str, adapter_dir: Path, stage_dir: Path, tokenizer) -> Non
     name, extra = resolve_pretrained(prev)
     base = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **extra)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(stage_dir)
+    merged.to(getattr(torch, _DTYPES[save_dtype])).save_pretrained(stage_dir)  # merged in fp32, saved as trained
     tokenizer.save_pretrained(stage_dir)
 
 
 def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfig, rt: Runtime, tokenizer,
                out: Path, callbacks: Sequence) -> dict:
+    """Train one stage, save it, and release everything it held (see :func:`release_memory`)."""
+    try:
+        return _train_stage(stage, rows, start_from, config, rt, tokenizer, out, callbacks)
+    finally:
+        release_memory()  # the stage's trainer and model are out of scope here
+
+
+def _train_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfig, rt: Runtime, tokenizer,
+                 out: Path, callbacks: Sequence) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     stage_dir = out / stage
@@ -604,13 +734,18 @@ def _run_stage(stage: str, rows: list[dict], start_from: str, config: TrainConfi
         trainer.save_model(str(stage_dir / ADAPTER))
         _barrier()
         if is_main_process():
-            _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer)
+            _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer, rt.save_dtype)
     else:
-        trainer.save_model(str(stage_dir))
+        _save_full_model(trainer, stage_dir, tokenizer, rt.save_dtype)
     summary = {"stage": stage, "rows": len(rows), "steps": trainer.state.global_step,
                "train_loss": result.training_loss, "started_from": str(start_from),
                "resumed_from": Path(resume).name if resume else None,
                **{k: v for k, v in result.metrics.items() if k != "train_loss"}}
+    # accelerate asks for this between trainings: it drops the accelerator's references to the
+    # model, optimizer, scheduler and dataloaders and destroys a DeepSpeed engine.
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    del model, trainer, result, dataset
     _barrier()
     if is_main_process():
         with atomic_write(stage_dir / STAGE_MARKER) as fh:
@@ -633,6 +768,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
 
     if not is_main_process():
         log.setLevel(logging.WARNING)  # one copy of the progress messages, from rank 0
+    init_distributed(config.ddp_timeout)  # first: the timeout is fixed when the process group is made
     files = check_data_dir(config.data, config.stages)
     config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     out = Path(config.out)
