@@ -1,4 +1,4 @@
-"""The Annotate and Export tabs (Gradio 6).
+"""The Annotate and Export tabs (Gradio 6): rating, the examiners' review, the admins' dashboard.
 
 The app builds them inside its own ``gr.Blocks``::
 
@@ -10,7 +10,11 @@ The app builds them inside its own ``gr.Blocks``::
 Each tab is a thin layer over :class:`annotation.store.Store`: the event handlers below turn
 component values into service calls and service results into component updates. The sign-in
 token lives in a ``gr.State`` (server side); passwords are cleared from the page after use and
-never logged. Responses are shown without their model names, so ratings stay blind.
+never logged. Responses are shown without their model names, so ratings stay blind; a rater
+sees only their own scores. Examiners (and admins) also get a *Review* section on the Annotate
+tab: items whose raters disagree, every rater's scores and notes side by side, and final scores
+with a reason. The Export tab is the admins' dashboard. Every handler goes through a store
+function that checks the sign-in and the role itself: the page hiding a section is not the check.
 
 ``python -m annotation.ui --db sqlite:///tmp/x.db`` serves just these two tabs on 127.0.0.1.
 """
@@ -25,8 +29,8 @@ from pathlib import Path
 from metaaligner_core.errors import MetaAlignerError
 
 from . import export as export_mod
-from .protocols import rubric_markdown
-from .store import DEFAULT_DB_URL, DEFAULT_TARGET_ANNOTATORS, ItemView, Progress, Store
+from .protocols import level_text, rubric_markdown
+from .store import DEFAULT_DB_URL, ItemView, Progress, Store
 
 # Keyboard shortcuts for the Annotate tab. The tab installs them itself (a load event on the
 # enclosing Blocks); an app may also pass this to ``launch(js=...)`` — it installs only once.
@@ -88,19 +92,19 @@ def progress_html(progress: Progress | None) -> str:
     if progress is None:
         return ""
     total = max(progress.total, 1)
-    target = progress.target or 1
+    target = progress.target
+    by = (f"{target} annotator{'s' if target != 1 else ''}" if target else "all their raters")
     return (
         '<div class="ma-progress">'
         f'<div>You: {progress.mine} / {progress.total} items submitted</div>'
         f'<progress value="{progress.mine}" max="{total}" style="width:100%"></progress>'
-        f'<div>Overall: {progress.complete} / {progress.total} items rated by {target} '
-        f'annotator{"s" if target != 1 else ""}</div>'
+        f'<div>Overall: {progress.complete} / {progress.total} items rated by {by}</div>'
         f'<progress value="{progress.complete}" max="{total}" style="width:100%"></progress>'
         "</div>")
 
 
 def _score_choices(objective) -> list[tuple[str, int]]:
-    return [(f"{lv.score} · {lv.label}", lv.score) for lv in objective.levels]
+    return [(level_text(lv), lv.score) for lv in objective.levels]
 
 
 def _rating_keys(view: ItemView) -> list[tuple[int, str]]:
@@ -123,27 +127,31 @@ def _load_next(store: Store, token: str, skipped: list[str], target: int | None)
 
 
 def on_sign_in(store: Store, target: int | None, name: str, password: str):
-    """-> token, item, skipped, status, progress, password box, sign-in row, signed-in row, who, shown_at"""
+    """-> token, item, skipped, status, progress, password box, sign-in row, signed-in row, who, shown_at,
+    review section"""
     import gradio as gr
 
     try:
         token = store.sign_in(name, password)
     except MetaAlignerError as e:
         return (None, None, [], _message(str(e), "error"), "", "", gr.update(visible=True),
-                gr.update(visible=False), "", time.time())
+                gr.update(visible=False), "", time.time(), gr.update(visible=False))
     account = store.whoami(token)
     view, skipped = _load_next(store, token, [], target)
     status = "" if view else _message("No items are waiting for you. Thank you!", "ok")
-    who = f"Signed in as **{html.escape(account.name)}**{' (admin)' if account.is_admin else ''}"
+    role = getattr(account, "role", "admin" if account.is_admin else "rater")
+    who = f"Signed in as **{html.escape(account.name)}**{'' if role == 'rater' else f' ({role})'}"
     return (token, view, skipped, status, progress_html(store.progress(token, target)), "",
-            gr.update(visible=False), gr.update(visible=True), who, time.time())
+            gr.update(visible=False), gr.update(visible=True), who, time.time(),
+            gr.update(visible=role in ("examiner", "admin")))
 
 
 def on_sign_out(store: Store, token: str | None):
     import gradio as gr
 
     store.sign_out(token)
-    return None, None, [], _message("Signed out."), "", gr.update(visible=True), gr.update(visible=False), ""
+    return (None, None, [], _message("Signed out."), "", gr.update(visible=True), gr.update(visible=False), "",
+            gr.update(visible=False), None)
 
 
 def on_save(store: Store, target: int | None, view: ItemView, submit: bool,
@@ -181,8 +189,9 @@ def on_skip(store: Store, target: int | None, view: ItemView, token: str | None,
 
 # ----------------------------------------------------------------------------- tabs
 
-def build_annotate_tab(db_url: str | None = None, target_annotators: int | None = DEFAULT_TARGET_ANNOTATORS):
-    """Sign-in, guidelines and rubric, one item at a time, 0–3 per objective per response.
+def build_annotate_tab(db_url: str | None = None, target_annotators: int | None = None):
+    """Sign-in, guidelines and rubric, one item at a time, a score per objective per response;
+    for examiners, the review of disagreements. ``target_annotators`` overrides every item's k.
 
     Returns the ``gr.State`` holding the sign-in token, for :func:`build_export_tab`.
     """
@@ -195,8 +204,9 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
     skipped = gr.State([])
     shown_at = gr.State(0.0)
 
-    gr.Markdown("Rate each response from 0 to 3 on every objective. Only your own ratings are shown to you; "
-                "model names are hidden. The texts may describe self-harm: nothing here is clinical advice.")
+    gr.Markdown("Rate each response on every objective, using the rubric beside it. Only your own ratings are "
+                "shown to you; model names are hidden. The texts may describe self-harm: nothing here is "
+                "clinical advice.")
     with gr.Row(visible=True) as signin_row:
         name = gr.Textbox(label="Name", scale=2, elem_id="ma-name")
         password = gr.Textbox(label="Password", type="password", scale=2, elem_id="ma-password")
@@ -223,7 +233,7 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
                             for o in view.protocol.objectives:
                                 radios.append(gr.Radio(
                                     choices=_score_choices(o), value=view.mine.get((resp.id, o.key)),
-                                    label=f"{o.name} (response {i + 1})", info=o.description,
+                                    label=f"{o.name} (response {i + 1})", info=o.definition or o.description,
                                     elem_classes=["ma-score"], elem_id=f"ma-score-{i}-{_slug(o.key)}"))
                         notes.append(gr.Textbox(value=view.notes.get(resp.id, ""), label=f"Note on response {i + 1}",
                                                 placeholder="optional", lines=1, elem_id=f"ma-note-{i}"))
@@ -242,13 +252,17 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
         skip_btn.click(lambda tok, sk: on_skip(store, target_annotators, view, tok, sk), inputs=[token, skipped],
                        outputs=[item, skipped, status, shown_at], api_visibility="private")
 
-    sign_in_outputs = [token, item, skipped, status, progress, password, signin_row, signed_row, who, shown_at]
+    review_box, review_item = build_review_section(store, token)
+
+    sign_in_outputs = [token, item, skipped, status, progress, password, signin_row, signed_row, who, shown_at,
+                       review_box]
     sign_in = dict(fn=lambda n, p: on_sign_in(store, target_annotators, n, p), inputs=[name, password],
                    outputs=sign_in_outputs, api_visibility="private")
     signin_btn.click(**sign_in)
     password.submit(**sign_in)
     signout_btn.click(lambda tok: on_sign_out(store, tok), inputs=[token],
-                      outputs=[token, item, skipped, status, progress, signin_row, signed_row, who],
+                      outputs=[token, item, skipped, status, progress, signin_row, signed_row, who, review_box,
+                               review_item],
                       api_visibility="private")
     root = Context.root_block
     if root is not None:
@@ -260,34 +274,138 @@ def _slug(key: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in key)
 
 
-def export_view(store: Store, token: str | None, target: int | None = DEFAULT_TARGET_ANNOTATORS):
-    """-> (status, agreement rows, progress rows) for an admin; raises AccessDenied otherwise."""
-    results = store.agreement(token)
+# ----------------------------------------------------------------------------- review (examiners)
+
+def on_review_next(store: Store, token: str | None):
+    """-> (review item or None, status). The store checks the examiner role."""
+    try:
+        queue = store.review_queue(token)
+        if not queue:
+            return None, _message("No disagreements are waiting for review.", "ok")
+        it = store.review_view(token, queue[0]["item_id"])
+    except MetaAlignerError as e:
+        return None, _message(str(e), "error")
+    return it, _message(f"{len(queue)} item{'s' if len(queue) != 1 else ''} waiting for review.")
+
+
+def on_review_save(store: Store, token: str | None, it, reason: str, *values):
+    """Save the examiner's final scores (one value per flagged response/objective)."""
+    import gradio as gr
+
+    flagged = it.flagged()
+    scores = {k: v for k, v in zip(flagged, values) if v is not None}
+    try:
+        store.finalize(token, it.uid, scores, reason)
+    except MetaAlignerError as e:
+        return gr.skip(), _message(str(e), "error")
+    nxt, status = on_review_next(store, token)
+    return nxt, _message("Final scores saved. ", "ok") + status
+
+
+def _ratings_table(it, resp) -> str:
+    raters = sorted(it.submitted_by)
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in raters)
+    rows = []
+    flagged = {k for rid, k in it.flagged() if rid == resp.response_id}
+    for o in it.protocol.objectives:
+        cells = "".join(f"<td>{resp.raters.get(o.key, {}).get(r, '')}</td>" for r in raters)
+        mark = " ⚠️" if o.key in flagged else ""
+        rows.append(f"<tr><td>{html.escape(o.name)}{mark}</td>{cells}</tr>")
+    notes = ""
+    if resp.notes:
+        cells = "".join("<td>" + html.escape(resp.notes.get(r, "")) + "</td>" for r in raters)
+        notes = f"<tr><td>note</td>{cells}</tr>"
+    return (f'<table class="ma-review-table"><tr><th>objective</th>{head}</tr>{"".join(rows)}{notes}</table>')
+
+
+def build_review_section(store: Store, token):
+    """The examiners' review, inside the Annotate tab (hidden until an examiner signs in)."""
+    import gradio as gr
+
+    review_item = gr.State(None)
+    with gr.Accordion("Review disagreements (examiners)", open=True, visible=False, elem_id="ma-review") as box:
+        gr.Markdown("Items whose raters disagree (by the protocol's review rule), with every rater's scores and "
+                    "notes side by side. Set the final score of each disagreement and say why.")
+        review_status = gr.Markdown(elem_id="ma-review-status")
+        next_btn = gr.Button("Next disagreement", elem_id="ma-review-next")
+
+        @gr.render(inputs=[review_item])
+        def _render(it):
+            if it is None:
+                return
+            gr.Textbox(value=it.query, label=f"Query (item {it.uid})", interactive=False, lines=3, max_lines=12)
+            finals = []
+            flagged = it.flagged()
+            for i, resp in enumerate(it.responses):
+                with gr.Group():
+                    gr.Textbox(value=resp.text, label=f"Response {i + 1}", interactive=False, lines=2, max_lines=12)
+                    gr.HTML(_ratings_table(it, resp), elem_id=f"ma-review-table-{i}")
+                    with gr.Row():
+                        for rid, key in flagged:
+                            if rid != resp.response_id:
+                                continue
+                            o = it.protocol.objective(key)
+                            finals.append(gr.Radio(choices=_score_choices(o), value=None,
+                                                   label=f"Final {o.name} (response {i + 1})",
+                                                   elem_id=f"ma-final-{i}-{_slug(key)}"))
+            reason = gr.Textbox(label="Reason for the final scores", lines=2, elem_id="ma-review-reason")
+            save = gr.Button("Save final scores", variant="primary", elem_id="ma-review-save")
+            save.click(lambda tok, r, *v: on_review_save(store, tok, it, r, *v), inputs=[token, reason, *finals],
+                       outputs=[review_item, review_status], api_visibility="private")
+
+        next_btn.click(lambda tok: on_review_next(store, tok), inputs=[token], outputs=[review_item, review_status],
+                       api_visibility="private")
+    return box, review_item
+
+
+def export_view(store: Store, token: str | None, target: int | None = None):
+    """The dashboard for an admin (the store raises AccessDenied otherwise):
+    -> (status, agreement rows, source rows, rater rows, distribution plot path)."""
+    dash = store.dashboard(token, bootstrap=500)
     overall, people = store.progress_by_annotator(token, target)
-    agreement_rows = [[k, None if a.alpha is None else round(a.alpha, 3), a.units, a.annotators]
-                      for k, a in results.items()]
-    people_rows = [[p["annotator"], p["items"], p["ratings"], p["drafts"], "yes" if p["admin"] else ""]
-                   for p in people]
-    status = (f"{overall.complete} / {overall.total} items rated by {overall.target or 1} annotators. "
-              "Alpha: Krippendorff's alpha, ordinal over 0–3, units = responses with at least two ratings "
-              "(empty where undefined).")
-    return status, agreement_rows, people_rows
+    agreement_rows = [[k, a["alpha"], None if not a.get("ci95") else f"{a['ci95'][0]:.3f} – {a['ci95'][1]:.3f}",
+                       a["units"], a["annotators"]] for k, a in dash["objectives"].items()]
+    source_rows = [[src, *[block[k]["alpha"] for k in dash["objectives"]]] for src, block in dash["by_source"].items()]
+    by_name = {p["annotator"]: p for p in people}
+    rater_rows = []
+    for name in sorted(set(by_name) | set(dash["raters"])):
+        p, r = by_name.get(name, {}), dash["raters"].get(name, {})
+        gold = (r.get("gold") or {}).get("accuracy")
+        rater_rows.append([name, p.get("items", r.get("items", 0)), p.get("ratings", r.get("ratings", 0)),
+                           p.get("drafts", 0), r.get("agreement_with_final"), r.get("mean_abs_diff_from_others"),
+                           None if gold is None else round(gold, 3), r.get("median_seconds_per_item")])
+    pr = dash["progress"]
+    t = dash["time"]["median_seconds_per_item"]
+    status = (f"{overall.complete} / {overall.total} items complete (each with its k raters); "
+              f"{pr['reviewed']} reviewed, {pr['waiting_for_review']} waiting for review, {pr['gold_items']} gold. "
+              f"Median time per item: {t if t is not None else 'n/a'} s. Alpha: Krippendorff's alpha, ordinal, "
+              "units = responses with at least two ratings, 95% bootstrap interval over responses (empty where "
+              "undefined).")
+    plot = None
+    if any(sum(v.values()) for v in dash["distribution"].values()):
+        from .dashboard import distribution_plot
+
+        plot = distribution_plot(dash["distribution"], Path(tempfile.mkdtemp(prefix="metaaligner-dash-")) / "scores.png")
+    return status, agreement_rows, source_rows, rater_rows, plot
 
 
 def export_files(store: Store, token: str | None, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write ratings (JSONL, CSV) and pairs (JSONL) for an admin; -> {name: path}."""
+    """Write ratings (JSONL, CSV), final labels (JSONL) and pairs (JSONL) for an admin; -> {name: path}."""
     out = Path(out_dir or tempfile.mkdtemp(prefix="metaaligner-export-"))
-    paths = {"ratings.jsonl": out / "ratings.jsonl", "ratings.csv": out / "ratings.csv", "pairs.jsonl": out / "pairs.jsonl"}
+    paths = {"ratings.jsonl": out / "ratings.jsonl", "ratings.csv": out / "ratings.csv",
+             "final.jsonl": out / "final.jsonl", "pairs.jsonl": out / "pairs.jsonl"}
     ratings = store.rating_records(token)  # queried once, written twice
     export_mod.write_ratings(paths["ratings.jsonl"], ratings)
     export_mod.write_ratings(paths["ratings.csv"], ratings)
+    store.export(token, "final", paths["final.jsonl"])
     store.export(token, "pairs", paths["pairs.jsonl"])
     return paths
 
 
 def build_export_tab(db_url: str | None = None, signed_in=None,
-                     target_annotators: int | None = DEFAULT_TARGET_ANNOTATORS) -> None:
-    """Admins only: agreement table, progress per annotator, downloads of ratings and pairs.
+                     target_annotators: int | None = None) -> None:
+    """Admins only: the dashboard (agreement with intervals, by response source, per rater, score
+    distributions, progress, time) and downloads of ratings, final labels and pairs.
 
     ``signed_in`` is the state returned by :func:`build_annotate_tab`; without it the tab has
     its own sign-in form.
@@ -305,47 +423,53 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
         signin_btn = None
         gr.Markdown("Sign in with an admin account on the Annotate tab.")
     status = gr.Markdown(elem_id="ma-export-status")
-    refresh_btn = gr.Button("Refresh agreement and progress", elem_id="ma-export-refresh")
-    agreement_df = gr.Dataframe(headers=["objective", "alpha", "units", "annotators"], label="Agreement",
-                                interactive=False, elem_id="ma-agreement")
-    people_df = gr.Dataframe(headers=["annotator", "items", "ratings", "drafts", "admin"], label="Annotators",
-                             interactive=False)
+    refresh_btn = gr.Button("Refresh the dashboard", elem_id="ma-export-refresh")
+    agreement_df = gr.Dataframe(headers=["objective", "alpha", "95% interval", "units", "annotators"],
+                                label="Agreement per objective", interactive=False, elem_id="ma-agreement")
+    source_df = gr.Dataframe(label="Agreement (alpha) within each response source", interactive=False,
+                             elem_id="ma-by-source")
+    people_df = gr.Dataframe(headers=["annotator", "items", "ratings", "drafts", "agreement with final labels",
+                                      "mean |diff| from others", "gold accuracy", "median s / item"],
+                             label="Raters", interactive=False, elem_id="ma-raters")
+    plot = gr.Image(label="Score distribution per objective", type="filepath", interactive=False,
+                    elem_id="ma-distribution")
     prepare_btn = gr.Button("Prepare downloads", variant="primary", elem_id="ma-export-prepare")
+    labels = ["Ratings (JSONL)", "Ratings (CSV)", "Final labels (JSONL)", "Pairs (JSONL)"]
     with gr.Row():
-        dl = [gr.DownloadButton(label, visible=False, elem_id=f"ma-download-{i}")
-              for i, label in enumerate(["Ratings (JSONL)", "Ratings (CSV)", "Pairs (JSONL)"])]
+        dl = [gr.DownloadButton(label, visible=False, elem_id=f"ma-download-{i}") for i, label in enumerate(labels)]
 
     def refresh(token):
         try:
-            s, a, p = export_view(store, token, target_annotators)
+            s, a, src, p, img = export_view(store, token, target_annotators)
         except MetaAlignerError as e:
-            return _message(str(e), "error"), None, None
-        return s, a, p
+            return _message(str(e), "error"), None, None, None, None
+        keys = [row[0] for row in a]
+        return s, a, gr.update(value=src, headers=["source", *keys]) if src else None, p, img
 
     def prepare(token):
         try:
             paths = export_files(store, token)
         except MetaAlignerError as e:
-            return (_message(str(e), "error"), *[gr.update(visible=False)] * 3)
+            return (_message(str(e), "error"), *[gr.update(visible=False)] * len(labels))
         return (_message("Files ready.", "ok"),
                 *[gr.update(value=str(p), visible=True) for p in paths.values()])
 
-    refresh_btn.click(refresh, inputs=[signed_in], outputs=[status, agreement_df, people_df], api_visibility="private")
+    dash_outputs = [status, agreement_df, source_df, people_df, plot]
+    refresh_btn.click(refresh, inputs=[signed_in], outputs=dash_outputs, api_visibility="private")
     prepare_btn.click(prepare, inputs=[signed_in], outputs=[status, *dl], api_visibility="private")
     if signin_btn is not None:
         def sign_in(n, p):
             try:
                 token = store.sign_in(n, p)
             except MetaAlignerError as e:
-                return None, _message(str(e), "error"), "", None, None
-            s, a, pr = refresh(token)
-            return token, s, "", a, pr
+                return None, "", _message(str(e), "error"), None, None, None, None
+            return token, "", *refresh(token)
 
-        signin_btn.click(sign_in, inputs=[name, password], outputs=[signed_in, status, password, agreement_df, people_df],
+        signin_btn.click(sign_in, inputs=[name, password], outputs=[signed_in, password, *dash_outputs],
                          api_visibility="private")
 
 
-def build_demo(db_url: str | None = None, target_annotators: int | None = DEFAULT_TARGET_ANNOTATORS):
+def build_demo(db_url: str | None = None, target_annotators: int | None = None):
     import gradio as gr
 
     with gr.Blocks(title="MetaAligner annotation", analytics_enabled=False) as demo:
@@ -362,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", default=None, help=f"SQLAlchemy URL or SQLite path (default: {DEFAULT_DB_URL})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7861)
-    parser.add_argument("--target", type=int, default=DEFAULT_TARGET_ANNOTATORS, help="annotators wanted per item")
+    parser.add_argument("--target", type=int, default=None,
+                        help="raters wanted per item, overriding each item's k (default: each item's own)")
     args = parser.parse_args(argv)
     build_demo(args.db, args.target).launch(server_name=args.host, server_port=args.port)
 

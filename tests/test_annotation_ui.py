@@ -1,4 +1,5 @@
-"""The Annotate and Export tabs in a real browser (headless Chromium) against a real server."""
+"""The Annotate and Export tabs in a real browser (headless Chromium) against a real server:
+the rater's flow, the examiner's review, the admins' dashboard."""
 from __future__ import annotations
 
 import os
@@ -28,6 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def fast_passwords(monkeypatch):
+    """Cheap scrypt for the accounts these tests create (the production cost is tested elsewhere)."""
+    from annotation import accounts
+
+    monkeypatch.setattr(accounts, "SCRYPT_N", 2 ** 10)
+
+
 def _seed(tmp_path) -> str:
     url = f"sqlite:///{tmp_path / 'ann.db'}"
     store = Store(url)
@@ -39,6 +48,8 @@ def _seed(tmp_path) -> str:
     ]))
     store.add_annotator("alice", PASSWORD, admin=True)
     store.add_annotator("bob", PASSWORD)
+    store.add_annotator("carol", PASSWORD)
+    store.add_annotator("eve", PASSWORD, role="examiner")
     return url
 
 
@@ -122,8 +133,10 @@ def test_sign_in_rate_with_the_keyboard_and_submit(server, page):
     expect(page.locator("#ma-who")).to_contain_text("Signed in as bob", timeout=60000)
     assert page.locator(".ma-score").count() == 2 * 3
     assert "model-a" not in page.content()  # blind: model names are not shown
-    assert "3 · Fully correct" in page.locator("#ma-rubric").inner_text()
-    assert "Suicidal ideation" in page.locator("#ma-rubric").inner_text()
+    rubric = page.locator("#ma-rubric").inner_text()
+    assert "Completely reliable information." in rubric and "Suicide ideation" in rubric
+    assert "version 2-paper-c3" in rubric
+    assert not page.locator("#ma-review").is_visible()  # raters get no review section
 
     page.locator("#ma-note-0 textarea, #ma-note-0 input").first.fill("clear case")
     page.locator("body").click(position={"x": 3, "y": 3})
@@ -190,9 +203,9 @@ def test_admin_export_tab_shows_agreement_and_offers_downloads(server, page, req
         page.locator("#ma-export-refresh").click()
     page.wait_for_function("document.querySelector('#ma-agreement').innerText.includes('correctness')", timeout=60000)
     page.locator("#ma-export-prepare").click()
-    page.wait_for_selector("#ma-download-2", state="visible", timeout=60000)
+    page.wait_for_selector("#ma-download-3", state="visible", timeout=60000)
     with page.expect_download() as dl:
-        page.locator("#ma-download-2").click()
+        page.locator("#ma-download-3").click()
     text = open(dl.value.path(), encoding="utf-8").read()
     assert '"response_1": "Yes, the poster shows hopelessness."' in text and '"labels"' in text
 
@@ -208,9 +221,71 @@ def test_export_handlers_need_an_admin(tmp_path):
     with pytest.raises(AccessDenied):
         export_files(store, bob, tmp_path / "out")
     assert not (tmp_path / "out" / "ratings.jsonl").exists()
-    status, agreement_rows, people_rows = export_view(store, alice)
+    eve = store.sign_in("eve", PASSWORD)
+    with pytest.raises(AccessDenied):
+        export_view(store, eve)  # examiners review; the dashboard is for admins
+    status, agreement_rows, source_rows, people_rows, plot = export_view(store, alice)
     assert [r[0] for r in agreement_rows] == ["correctness", "informative", "professional"]
-    assert {r[0] for r in people_rows} == {"alice", "bob"}
+    assert {r[0] for r in people_rows} == {"alice", "bob", "carol", "eve"}
     paths = export_files(store, alice, tmp_path / "out")
-    assert sorted(p.name for p in paths.values()) == ["pairs.jsonl", "ratings.csv", "ratings.jsonl"]
+    assert sorted(p.name for p in paths.values()) == ["final.jsonl", "pairs.jsonl", "ratings.csv", "ratings.jsonl"]
     assert store.export(OPERATOR, "ratings", tmp_path / "op.jsonl") == 0
+
+
+@pytest.mark.browser
+def test_examiner_reviews_a_disagreement_and_the_admin_dashboard_shows_it(server, page):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+    base, url, db = server
+    store = Store(url)
+    for name, score in (("bob", 3), ("carol", 1)):  # they disagree on every objective of the first item
+        token = store.sign_in(name, PASSWORD)
+        while (view := store.next_item(token)) is not None:
+            first = view.query.startswith("Consider")
+            store.save(token, view.uid, {(r.id, o.key): score if first else 2 for r in view.responses
+                                         for o in view.protocol.objectives},
+                       notes={view.responses[0].id: f"{name} thinks so"}, submit=True, seconds=5)
+    page.goto(base)
+    _sign_in(page, "eve", PASSWORD)
+    expect(page.locator("#ma-who")).to_contain_text("(examiner)", timeout=60000)
+    page.locator("#ma-review-next").click()
+    page.wait_for_selector("#ma-review-table-0", timeout=60000)
+    table = page.locator("#ma-review-table-0").inner_text()
+    assert "bob" in table and "carol" in table and "bob thinks so" in table and "carol thinks so" in table
+    assert page.locator("[id^=ma-final-]").count() == 2 * 3
+    for i in range(2):
+        for key in ("correctness", "informative", "professional"):
+            page.locator(f"#ma-final-{i}-{key} label").filter(has_text="2 ·").first.click()
+    page.locator("#ma-review-save").click()
+    page.wait_for_function("document.querySelector('#ma-review-status').innerText.includes('reason')",
+                           timeout=60000)  # a reason is required
+    page.locator("#ma-review-reason textarea").fill("both readings are defensible; 2 fits the rubric")
+    page.locator("#ma-review-save").click()
+    page.wait_for_function("document.querySelector('#ma-review-status').innerText.includes('Final scores saved')",
+                           timeout=60000)
+    con = sqlite3.connect(db)
+    reviews = con.execute("SELECT score, reason FROM reviews").fetchall()
+    con.close()
+    assert reviews == [(2, "both readings are defensible; 2 fits the rubric")] * 6
+    finals = {(f["response"], f["objective"]): (f["final_score"], f["decided_by"])
+              for f in store.final_records(OPERATOR)}
+    assert finals[("No.", "correctness")] == (2, "eve")
+    # the examiner has no dashboard; the admin has
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#ma-export-refresh").click()
+    page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('admins only')",
+                           timeout=60000)
+    page.get_by_role("tab", name="Annotate").click()
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_selector("#ma-password input", timeout=60000)
+    _sign_in(page, "alice", PASSWORD)
+    expect(page.locator("#ma-who")).to_contain_text("(admin)", timeout=60000)
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#ma-export-refresh").click()
+    page.wait_for_function("document.querySelector('#ma-export-status').innerText.includes('1 reviewed')",
+                           timeout=60000)
+    assert "model-a" in page.locator("#ma-by-source").inner_text()
+    raters = page.locator("#ma-raters").inner_text()
+    assert "bob" in raters and "carol" in raters
+    page.wait_for_selector("#ma-distribution img", timeout=60000)
