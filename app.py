@@ -149,10 +149,26 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
                      allow_models=allow, allow_any_model=a.allow_any_model)
 
 
+def allow_list(config: AppConfig) -> sec.ModelAllowList:
+    """The MODEL strings visitors may use: the configured ones and ``default``, unless opted out."""
+    return sec.ModelAllowList(policies=[config.policy, "default", *config.allow_models],
+                              aligners=[config.aligner, "default", *config.allow_models],
+                              allow_any=config.allow_any_model)
+
+
 def make_service(config: AppConfig):
     from webapp.service import AlignService, GenerationSettings, ModelRegistry
 
-    return AlignService(ModelRegistry(max_models=config.max_models, threads=config.threads), policy=config.policy,
+    allow = allow_list(config)
+
+    def check(kind: str, name: str) -> None:
+        # The registry asks before it loads or first uses any name: a second line of defence
+        # behind the handlers' own checks, covering every path to a model (API, preload).
+        allow.check(kind, name, config.limits)
+
+    registry = ModelRegistry(max_models=config.max_models, threads=config.threads, check=check)
+    registry.allow_list = allow
+    return AlignService(registry, policy=config.policy,
                         aligner=config.aligner, template=config.template,
                         settings=GenerationSettings(max_new_tokens=config.max_new_tokens),
                         concurrency=config.concurrency, db_url=config.db_url)
@@ -231,9 +247,8 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
     config = config or AppConfig()
     service = service or make_service(config)
     limits = config.limits
-    allow = sec.ModelAllowList(policies=[config.policy, "default", *config.allow_models],
-                               aligners=[config.aligner, "default", *config.allow_models],
-                               allow_any=config.allow_any_model)
+    # One allow-list for the handlers and the registry's own check (see make_service).
+    allow = getattr(service.registry, "allow_list", None) or allow_list(config)
     templates = {AUTO_TEMPLATE, *TEMPLATE_NAMES}
     fam_choices = objective_choices()
     fam_allowed = {fam: {v for _, v in choices} for fam, choices in fam_choices.items()}

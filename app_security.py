@@ -140,6 +140,14 @@ class ModelAllowList:
         self.allow_any = allow_any
         self._endpoints = {e for specs in self._allowed.values() for s in specs if (e := endpoint_of(s))}
 
+    def add(self, kind: str, spec: str) -> None:
+        """Offer one more MODEL string (what ``--allow-models`` does at start-up)."""
+        spec = spec.strip()
+        if spec not in self._allowed[kind]:
+            self._allowed[kind].append(spec)
+        if (e := endpoint_of(spec)):
+            self._endpoints.add(e)
+
     def configured(self, kind: str) -> list[str]:
         return list(self._allowed[kind])
 

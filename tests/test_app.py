@@ -93,6 +93,9 @@ def test_page_and_api_shape(server, client):
     assert len(align["returns"]) == 2
     # The page shows the model status, and models were loading or loaded without any request.
     assert demo.service.registry.statuses(), "preload did not start at launch"
+    # Bounded: a queue of 32 waiting requests, uploads up to 1 MB, served files in a private folder.
+    assert demo._queue.max_size == 32
+    assert demo.max_file_size == 1024 * 1024
 
 
 def test_align_with_a_pasted_draft(server, client):
@@ -186,6 +189,9 @@ def test_api_policy_through_an_openai_compatible_server(server):
     objs = collect_objectives(["ultrafeedback/helpfulness"], "", "ultrafeedback")
     with FakeProvider(reply=lambda body: "Paris is the capital of France.") as fake:
         spec = f"openai-compatible:fake-model@{fake.base_url}/v1"
+        with pytest.raises(MetaAlignerError, match="not offered by this server"):
+            list(demo.service.stream("Capital of France?", objs, "", policy=spec))
+        demo.allow_list.add("policy", spec)  # what --allow-models does at start-up
         drafts = [u.draft for u in demo.service.stream("Capital of France?", objs, "", policy=spec)]
         assert fake.calls and fake.calls[0].body.get("stream") is True
     assert drafts[-1] == "Paris is the capital of France."
@@ -196,6 +202,7 @@ def test_api_policy_through_an_openai_compatible_server(server):
 def test_api_policy_without_its_key_is_refused(server, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     objs = collect_objectives(["ultrafeedback/helpfulness"], "", "ultrafeedback")
+    server[0].allow_list.add("policy", "anthropic:claude-3-5-haiku-latest")
     with pytest.raises(MetaAlignerError, match="ANTHROPIC_API_KEY is not set"):
         list(server[0].service.stream("Hi?", objs, "", policy="anthropic:claude-3-5-haiku-latest"))
 
@@ -259,8 +266,8 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
                     "and understand, not too technical for laymen.; Politeness: the response should be courteous"
                     ) in prompt
             assert f"| Answer: {draft} | Edit: " in prompt
-            page.locator("#send-btn").click()
-            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation under the imhi protocol")
+            page.locator("#send-btn").click()  # not signed in: refused
+            expect(page.locator(".toast-body").first).to_contain_text("not signed in")
             page.locator(".toast-body").first.wait_for(state="detached", timeout=30_000)
             # A bad objective line is a toast, not a stack trace.
             page.locator("#new-objectives textarea").fill("Politeness")
@@ -295,6 +302,7 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             from annotation.store import Store
 
             Store(demo.service.db_url).add_annotator("browser-rater", "a-long-password")
+            Store(demo.service.db_url).enqueue_item("Is water wet?", [("Yes.", None), ("It makes things wet.", None)])
             page.get_by_role("tab", name="Annotate").click()
             page.locator("#ma-name").locator("input, textarea").fill("browser-rater")
             page.locator("#ma-password").locator("input, textarea").fill("a-long-password")
@@ -302,5 +310,9 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             expect(page.locator("#ma-who")).to_contain_text("browser-rater")
             expect(page.locator("#ma-rubric")).to_be_visible()
             page.screenshot(path=str(artifacts_dir / "app_annotate_tab.png"), full_page=True)
+            # Signed in, the same page's "Send to annotation" queues the last result under their name.
+            page.get_by_role("tab", name="Align").click()
+            page.locator("#send-btn").click()
+            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation under the imhi protocol")
         finally:
             browser.close()
