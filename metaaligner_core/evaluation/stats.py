@@ -50,6 +50,7 @@ def bootstrap_means(columns, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
         return np.full((n_resamples, k), np.nan)
     rng = np.random.default_rng(seed)
     out = np.empty((n_resamples, k))
+    chunk = max(1, min(chunk, 4_000_000 // n))  # at most ~32 MB of indices at a time, however many rows
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
         idx = rng.integers(0, n, size=(b, n))
