@@ -37,7 +37,8 @@ def database_error(url: str, exc: BaseException) -> MetaAlignerError:
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     msg = first.lower()
     where = display_url(url)
-    if "disk is full" in msg or "no space left" in msg or "disk full" in msg:
+    if "disk is full" in msg or "no space left" in msg or "disk full" in msg or (
+            "i/o error" in msg and _disk_full(url)):  # a failed WAL write on a full disk reads as I/O error
         why = "the disk is full; nothing was saved: free some space and try again"
     elif "locked" in msg or "busy" in msg:
         why = "the database stayed locked by another writer past the timeout; nothing was saved: try again"
@@ -46,11 +47,27 @@ def database_error(url: str, exc: BaseException) -> MetaAlignerError:
                "nothing was saved")
     elif "not a database" in msg or "malformed" in msg or "corrupt" in msg:
         why = "the file is not a valid SQLite database (corrupt, or another kind of file); restore it from a backup"
+    elif "i/o error" in msg:
+        why = "disk I/O error (a failing or full disk?); nothing was saved"
     elif "unable to open" in msg:
         why = "cannot open the database file (missing folder or no permission)"
     else:
         why = f"database error: {first[:300]}"
     return MetaAlignerError(f"{where}: {why}")
+
+
+def _disk_full(url: str) -> bool:
+    """Whether the file system of a SQLite database has no space left."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        db = make_url(url).database
+        if not db or db == ":memory:":
+            return False
+        st = os.statvfs(Path(db).expanduser().parent)
+        return st.f_bavail * st.f_frsize < 64 * 1024
+    except Exception:
+        return False
 
 
 def prepare_sqlite_file(path: str | os.PathLike) -> None:
