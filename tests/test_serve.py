@@ -264,6 +264,16 @@ def test_too_long_requests_are_400_or_413(client):
     with pytest.raises(openai.APIStatusError) as e:  # over --max-request-bytes
         ask(client, "cat " * 10_000)
     assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+    def chunks():  # chunked transfer: no Content-Length for the server to check up front
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"cat " * 250
+        yield b'"}]}'
+
+    r = httpx.post(f"{client.base_url}chat/completions", content=chunks(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert_still_serving(client)
 
 

@@ -103,12 +103,14 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await request.body()
-        if len(body) > max_request_bytes:  # a chunked upload has no Content-Length to check earlier
-            return error_response(413, f"The request body is over {max_request_bytes} bytes",
-                                  code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():  # a chunked upload has no Content-Length to check earlier
+            body += part
+            if len(body) > max_request_bytes:
+                return error_response(413, f"The request body is over {max_request_bytes} bytes",
+                                      code="request_too_large")
         try:
-            raw = json.loads(body or b"null")
+            raw = json.loads(bytes(body) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error_response(400, f"The body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}")
         if not isinstance(raw, dict):
