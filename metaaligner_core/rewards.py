@@ -216,6 +216,11 @@ class RewardScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = min(int(self.tokenizer.model_max_length), MAX_LENGTH)
+        # A decoder's classification head ("score", pooling the last non-pad token) reads only
+        # causal attention: with right padding no real token can see a pad, so the attention mask
+        # can be left out. That keeps PyTorch on its fused causal kernel (a padding mask sends
+        # it to a slower general path). Encoders (BERT-style "classifier" heads) keep the mask.
+        self.causal_head = hasattr(self.model, "score") and not self.model.config.is_encoder_decoder
         self.model.to(self.device).eval()
 
     def _encode(self, queries: Sequence[str], responses: Sequence[str], padding: bool, tensors: bool = True):
@@ -238,9 +243,10 @@ class RewardScorer:
         """Raw rewards, in input order.
 
         Every row is encoded once, exactly as :meth:`score_one` encodes it; rows are sorted by
-        token count and cut into batches of at most ``batch_size`` rows and ``max_batch_tokens``
-        padded tokens, so long rows do not drag a large padded batch through attention and short
-        rows share one forward pass. Right padding, so positions are those of the unpadded row.
+        token count and cut into batches of at most ``batch_size`` rows, ``max_batch_tokens``
+        padded tokens and 10% padding, so long rows do not drag a large padded batch through
+        attention and short rows share one forward pass. Right padding, so positions are those of
+        the unpadded row.
         """
         import torch
 
@@ -260,12 +266,19 @@ class RewardScorer:
             while start < len(order):
                 end = start + 1
                 # sorted ascending: the batch's last row is its longest, so padded size = rows x that length
-                while (end < len(order) and end - start < self.batch_size
-                       and (end - start + 1) * len(ids[order[end]]) <= self.max_batch_tokens):
+                real = len(ids[order[start]])
+                while end < len(order) and end - start < self.batch_size:
+                    width, rows = len(ids[order[end]]), end - start + 1
+                    # stop at the token budget, or where padding would exceed a tenth of the batch
+                    if rows * width > self.max_batch_tokens or rows * width > 1.1 * (real + width):
+                        break
+                    real += width
                     end += 1
                 idx = order[start:end]
                 batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, padding=True,
                                            return_tensors="pt").to(self.device)
+                if self.causal_head:
+                    batch.pop("attention_mask", None)
                 logits = self.model(**batch).logits[:, self.rm.logit_index].float().cpu().tolist()
                 for i, v in zip(idx, logits):
                     out[i] = v
