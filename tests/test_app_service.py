@@ -190,3 +190,23 @@ def test_a_start_up_policy_refused_before_loading_shows_failed_not_loading(monke
     [status] = registry.statuses()
     assert status.state == "failed" and "OPENAI_API_KEY" in status.detail
     assert not registry.busy()
+
+
+def test_a_second_stream_waits_for_the_slot_and_close_frees_it(monkeypatch):
+    """The app's generation slot (concurrency 1) with a remote aligner: no local model needed."""
+    from tests.api_server import FakeProvider
+    from webapp.service import AlignService
+
+    monkeypatch.delenv("METAALIGNER_COMPAT_API_KEY", raising=False)
+    with FakeProvider(reply=lambda body: "a b c d e f") as server:
+        service = AlignService(ModelRegistry(), aligner=f"openai-compatible:m@{server.base_url}/v1", concurrency=1)
+        objs = collect_objectives(["ultrafeedback/honesty"], "", "ultrafeedback")
+        first = service.stream("Q1?", objs, "draft one")
+        assert next(first).phase in ("loading-aligner", "aligning")  # holds the slot now
+        second = service.stream("Q2?", objs, "draft two")
+        upd = next(second)
+        assert upd.phase == "waiting" and upd.status() == "Waiting for a free generation slot…"
+        first.close()  # what Stop does: frees the slot
+        phases = [u.phase for u in second]
+        assert phases[-1] == "done" and upd.draft_source == "user"
+        assert service.align("Q3?", "honesty", "draft three") == ("draft three", "a b c d e f")
