@@ -324,3 +324,19 @@ def test_policy_ids_and_batch_prefix():
     assert common_prefix_len([job([1, 2, 3, 4, 5], 3), job([1, 2, 3, 9, 9], 3)]) == 3
     assert common_prefix_len([job([1, 2, 3, 4, 5], 4), job([1, 2, 7, 4, 5], 4)]) == 2  # objectives differ
     assert common_prefix_len([job([1, 2, 3, 4], 0), job([1, 2, 3, 4], 3)]) == 0
+
+
+def test_web_app_mounted_at_ui_shares_the_loaded_models(serve, tmp_path, monkeypatch):
+    from metaaligner_core.serve.api import mount_ui
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    svc = serve.service
+    app = create_app(svc, api_keys=[KEY])
+    demo = mount_ui(app, svc, db_url=f"sqlite:///{tmp_path / 'ann.db'}")
+    assert demo.service.registry is svc.registry  # one set of weights for the page and the API
+    assert demo.service.registry.loaded("aligner", svc.aligner_name).generator is svc.aligner.generator
+    with ServerThread(app) as server:
+        page = httpx.get(server.url + "/ui/", timeout=60, follow_redirects=True)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        assert ask(c).choices[0].message.content

@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: automatic)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for generation (default: torch's choice)")
     p.add_argument("--no-ui", dest="ui", action="store_false", help="do not mount the web app at /ui")
+    p.add_argument("--db", dest="db_url", metavar="URL",
+                   help="the web app's annotation database, any SQLAlchemy URL (default: the app's)")
     p.set_defaults(func=run)
 
 
@@ -112,7 +114,7 @@ def run(args) -> int:
     service.load()
     app = create_app(service, api_keys=keys, max_request_bytes=args.max_request_bytes)
     if args.ui:
-        mount_ui(app, service)
+        mount_ui(app, service, db_url=args.db_url)
     log.info("serving %s on http://%s:%d/v1 (policies: %s; keys: %s)", service.describe()["aligner"], args.host,
              args.port, ", ".join(service.policies), f"{len(keys)} from {args.api_keys}" if keys else "none, loopback only")
     try:

@@ -221,19 +221,34 @@ def web_app_modules():
     return importlib.import_module("app"), importlib.import_module("webapp.service")
 
 
-def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui") -> bool:
-    """Mount the Gradio app (``app.py``) at ``path`` on the service's registry: the page and the
-    API share the loaded models. False (and a warning) when the web app is not installed."""
+def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url: str | None = None):
+    """Mount the Gradio app (``app.py``) at ``path`` on the service's registry, so the page and
+    the API share the loaded models; set up as ``app.py`` launches it (model allow-list: the
+    server's policies and aligner; private upload folder; first-admin token; bounded queue).
+    ``db_url``: the annotation database (default: the app's). Returns the Blocks, or None (and a
+    warning) when the web app is not installed."""
+    import os
+
     modules = web_app_modules()
     if modules is None:
         log.warning("the web app (app.py) is not installed; /ui is not served")
-        return False
+        return None
     ui, web = modules
     import gradio as gr
 
-    first = next(iter(service.policies.values()))
-    config = ui.AppConfig(policy=first, aligner=service.aligner_name, template=service.template, preload=False)
-    align = web.AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template)
-    demo = ui.build_demo(config, service=align)
-    gr.mount_gradio_app(app, demo, path=path)
-    return True
+    first, *others = service.policies.values()
+    config = ui.AppConfig(policy=first, aligner=service.aligner_name, template=service.template, preload=False,
+                          max_new_tokens=min(service.max_new_tokens, web.APP_MAX_NEW_TOKENS), allow_models=others,
+                          **({"db_url": db_url} if db_url else {}))
+    allow = ui.allow_list(config)
+    service.registry.check = lambda kind, name: allow.check(kind, name, config.limits)
+    service.registry.allow_list = allow
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        ui.private_temp_dir()
+    align = web.AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template,
+                             settings=web.GenerationSettings(max_new_tokens=config.max_new_tokens),
+                             db_url=config.db_url)
+    demo = ui.build_demo(config, service=align, first_run=ui.first_run_setup(config))
+    demo.queue(max_size=config.limits.queue)
+    gr.mount_gradio_app(app, demo, path=path, show_error=False, max_file_size=config.limits.upload)
+    return demo
