@@ -270,3 +270,19 @@ def test_baseline_correctors_and_an_unused_policy_warns(tmp_path):
     assert r.returncode == 2 and "self-refine needs --policy" in r.stderr
     r = run_cli("align", "--input", src, "--out", out, "--objectives", "honesty", "--correctors", "pku-aligner")
     assert r.returncode == 2 and "needs --pku-aligner MODEL" in r.stderr
+
+
+def test_every_draft_failing_leaves_the_corrector_nothing_and_says_so(tmp_path):
+    from tests.api_server import FakeProvider
+
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"query": "Q1?"}, {"query": "Q2?"}])
+    out = tmp_path / "out.jsonl"
+    with FakeProvider(faults=[500] * 10) as policy, FakeProvider(reply=_edit_reply) as meta:
+        r = run_cli("align", "--input", src, "--out", out, "--objectives", "honesty", "--no-progress",
+                    "--aligner", f"openai-compatible:MetaAligner@{meta.base_url}/v1", "--max-retries", "0",
+                    "--policy", f"openai-compatible:policy@{policy.base_url}/v1")
+        assert meta.calls == []
+    assert r.returncode == 1 and "corrector metaaligner: no row of this chunk to correct (all 2 failed" in r.stderr
+    got = read_jsonl(out)
+    assert all(g["draft"] is None and g["aligned"] is None and "HTTP 500" in g["error"] for g in got)
+    assert {g["draft_source"] for g in got} == {f"openai-compatible:policy@{policy.base_url}/v1"}

@@ -327,6 +327,7 @@ class _Job:
                 rec.setdefault(column, None)
             ok = [k for k in ok if not recs[k].get("error")]
             if not ok:
+                log.warning("corrector %s: no row of this chunk to correct (all %d failed before it)", name, len(recs))
                 continue
             queries, drafts = [recs[k]["query"] for k in ok], [recs[k]["draft"] for k in ok]
             progress = bar if (bar is not None and name == self.correctors[-1] and name != "self-refine") else False
