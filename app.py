@@ -258,7 +258,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
     def picker(known, kind):
         """The configured models of ``kind``, labelled from ``known`` where it has a label."""
         labels = dict((v, lbl) for lbl, v in known)
-        return [(labels.get(v, sec.model_label(v)), v) for v in allow.configured(kind)]
+        return [(labels.get(v, sec.model_label(v)), allow.public(v)) for v in allow.configured(kind)]
 
     def policy_choices():
         """API policies whose key is missing say so in the picker itself."""
@@ -297,7 +297,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
             return refusal(e)
         missing = missing_api_key(policy)
         if missing:
-            return f"❌ {missing}."
+            return f"❌ {sec.strip_credentials(missing)}."
         if is_api_model(policy):
             return "API policy: the query is sent to the provider to write the draft."
         return ""
@@ -398,7 +398,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
                 if upd.phase == "aligning" and aligning_at is None:
                     aligning_at = time.monotonic()
                 # The last result is cleared while a new one streams, so "Send" never pairs old and new.
-                yield upd.draft, upd.aligned, upd.status(), upd.prompt or gr.skip(), None
+                yield upd.draft, upd.aligned, sec.strip_credentials(upd.status()), upd.prompt or gr.skip(), None
             if stop.is_set():
                 stream.close()  # stops the model now and frees the generation slot
                 yield (upd.draft if upd else gr.skip()), (upd.aligned if upd else gr.skip()), "Stopped.", \
@@ -465,13 +465,13 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
         with gr.Tabs():
             with gr.Tab("Align", id="align"):
                 with gr.Row():
-                    policy = gr.Dropdown(policy_choices(), value=config.policy,
+                    policy = gr.Dropdown(policy_choices(), value=allow.public(config.policy),
                                          label="Policy (writes the draft)", allow_custom_value=config.allow_any_model,
                                          info="the models this server offers" + (
                                              "; or type embedded, a directory, a hub id, openai:/anthropic:/"
                                              "openai-compatible:NAME@URL" if config.allow_any_model else ""),
                                          elem_id="policy")
-                    aligner = gr.Dropdown(picker(ALIGNER_CHOICES, "aligner"), value=config.aligner,
+                    aligner = gr.Dropdown(picker(ALIGNER_CHOICES, "aligner"), value=allow.public(config.aligner),
                                           label="Aligner (writes the correction)",
                                           allow_custom_value=config.allow_any_model,
                                           info="the aligners this server offers" + (
@@ -479,8 +479,9 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
                                               if config.allow_any_model else ""), elem_id="aligner")
                     template = gr.Dropdown([AUTO_TEMPLATE, *TEMPLATE_NAMES], value=config.template or AUTO_TEMPLATE,
                                            label="Prompt template", elem_id="template")
-                policy_md = gr.Markdown(policy_note(config.policy), elem_id="policy-note")
-                aligner_md = gr.Markdown(aligner_note(config.aligner, config.template), elem_id="aligner-note")
+                policy_md = gr.Markdown(policy_note(allow.public(config.policy)), elem_id="policy-note")
+                aligner_md = gr.Markdown(aligner_note(allow.public(config.aligner), config.template),
+                                         elem_id="aligner-note")
 
                 with gr.Accordion("Objectives", open=True):
                     groups = {}

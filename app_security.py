@@ -151,11 +151,20 @@ class ModelAllowList:
     def configured(self, kind: str) -> list[str]:
         return list(self._allowed[kind])
 
+    @staticmethod
+    def public(spec: str) -> str:
+        """The value the page gets for a configured MODEL string: credentials in it stay on the
+        server (``check`` maps the public value back)."""
+        return strip_credentials(spec)
+
     def check(self, kind: str, spec, limits: Limits = LIMITS) -> str:
         """The MODEL string to use, or a one-line refusal (never echoing credentials)."""
         spec = check_text(kind, spec, limits.model).strip() or "default"
         if spec in self._allowed[kind]:
             return spec
+        for configured in self._allowed[kind]:
+            if spec == self.public(configured):
+                return configured
         shown = model_label(spec)
         if not self.allow_any:
             raise MetaAlignerError(f'{kind} "{shown}": not offered by this server (choose one from the list; '

@@ -96,3 +96,15 @@ def prepare_sqlite_file(path: str | os.PathLike) -> None:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("%s is readable by other users (mode %o); chmod 600 it: it holds password hashes "
                         "and notes", p, stat.S_IMODE(mode))
+
+
+def remove_later(path: str | os.PathLike, seconds: float = 60.0) -> None:
+    """Delete a temporary folder shortly after a handler returned it: Gradio copies files it
+    serves into its own cache (which ``delete_cache`` ages out) right after the handler returns,
+    so the handler's own copy can go."""
+    import shutil
+    import threading
+
+    timer = threading.Timer(seconds, shutil.rmtree, args=(str(path), True))
+    timer.daemon = True
+    timer.start()

@@ -29,7 +29,9 @@ from pathlib import Path
 from metaaligner_core.errors import MetaAlignerError
 
 from . import export as export_mod
+from .accounts import client_of
 from .protocols import level_text, rubric_markdown
+from .safety import remove_later
 from .store import DEFAULT_DB_URL, ItemView, Progress, Store
 
 # Keyboard shortcuts for the Annotate tab. The tab installs them itself (a load event on the
@@ -126,13 +128,13 @@ def _load_next(store: Store, token: str, skipped: list[str], target: int | None)
     return view, skipped
 
 
-def on_sign_in(store: Store, target: int | None, name: str, password: str):
+def on_sign_in(store: Store, target: int | None, name: str, password: str, client: str | None = None):
     """-> token, item, skipped, status, progress, password box, sign-in row, signed-in row, who, shown_at,
     review section"""
     import gradio as gr
 
     try:
-        token = store.sign_in(name, password)
+        token = store.sign_in(name, password, client=client)  # client: per-address throttling
     except MetaAlignerError as e:
         return (None, None, [], _message(str(e), "error"), "", "", gr.update(visible=True),
                 gr.update(visible=False), "", time.time(), gr.update(visible=False))
@@ -256,8 +258,11 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
 
     sign_in_outputs = [token, item, skipped, status, progress, password, signin_row, signed_row, who, shown_at,
                        review_box]
-    sign_in = dict(fn=lambda n, p: on_sign_in(store, target_annotators, n, p), inputs=[name, password],
-                   outputs=sign_in_outputs, api_visibility="private")
+    def _sign_in(n, p, request):
+        return on_sign_in(store, target_annotators, n, p, client=client_of(request))
+
+    _sign_in.__annotations__ = {"request": gr.Request}  # Gradio passes the request by this hint
+    sign_in = dict(fn=_sign_in, inputs=[name, password], outputs=sign_in_outputs, api_visibility="private")
     signin_btn.click(**sign_in)
     password.submit(**sign_in)
     signout_btn.click(lambda tok: on_sign_out(store, tok), inputs=[token],
@@ -385,16 +390,18 @@ def export_view(store: Store, token: str | None, target: int | None = None):
     if any(sum(v.values()) for v in dash["distribution"].values()):
         from .dashboard import distribution_plot
 
-        plot = distribution_plot(dash["distribution"], Path(tempfile.mkdtemp(prefix="metaaligner-dash-")) / "scores.png")
+        plot_dir = Path(tempfile.mkdtemp(prefix="metaaligner-dash-"))
+        plot = distribution_plot(dash["distribution"], plot_dir / "scores.png")
+        remove_later(plot_dir)
     return status, agreement_rows, source_rows, rater_rows, plot
 
 
 def export_files(store: Store, token: str | None, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write ratings (JSONL, CSV), final labels (JSONL) and pairs (JSONL) for an admin; -> {name: path}."""
+    ratings = store.rating_records(token)  # the admin check, before any file; queried once, written twice
     out = Path(out_dir or tempfile.mkdtemp(prefix="metaaligner-export-"))
     paths = {"ratings.jsonl": out / "ratings.jsonl", "ratings.csv": out / "ratings.csv",
              "final.jsonl": out / "final.jsonl", "pairs.jsonl": out / "pairs.jsonl"}
-    ratings = store.rating_records(token)  # queried once, written twice
     export_mod.write_ratings(paths["ratings.jsonl"], ratings)
     export_mod.write_ratings(paths["ratings.csv"], ratings)
     store.export(token, "final", paths["final.jsonl"])
@@ -451,6 +458,7 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
             paths = export_files(store, token)
         except MetaAlignerError as e:
             return (_message(str(e), "error"), *[gr.update(visible=False)] * len(labels))
+        remove_later(next(iter(paths.values())).parent)  # Gradio serves its own copy (aged out by the app)
         return (_message("Files ready.", "ok"),
                 *[gr.update(value=str(p), visible=True) for p in paths.values()])
 

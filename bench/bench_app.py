@@ -18,6 +18,14 @@ CPU threads and with one thread: on a CPU that other processes keep busy, one th
 threads waiting on each other (the ratio printed is what ``python app.py --threads 1`` gains).
 
     .venv/bin/python bench/bench_app.py [--repeats 3] [--max-new-tokens 64] [--threads N]
+    .venv/bin/python bench/bench_app.py --checks-ab [--repeats 9]
+
+``--checks-ab`` measures what the request checks of issue 10 (model allow-list, input caps, one
+generation per session, plain status) cost: two servers of the same tree run side by side, one
+``python app.py`` as shipped, one started by this script with those checks replaced by identity
+functions (nothing else differs), and requests alternate between them (A, B, A, B, ...) so load
+changes on a shared machine hit both alike. It prints the median first-token latency of each and
+their ratio (target: within 5 %).
 """
 from __future__ import annotations
 
@@ -90,12 +98,79 @@ def in_process_first_delta(aligner, max_new: int, repeats: int) -> tuple[float, 
     return statistics.median(firsts), statistics.median(totals)
 
 
+def serve_without_checks(app_args: list[str]) -> None:
+    """``python app.py`` with the request checks of app_security replaced by identity functions
+    (the "before" side of --checks-ab; never used outside this benchmark)."""
+    import app_security as sec
+
+    sec.check_text = lambda label, value, limit, required=False: value if isinstance(value, str) else ""
+    sec.check_objective_lines = lambda text, limits=None: text or ""
+    sec.check_choices = lambda label, values, allowed: values or []
+    sec.check_number = lambda label, value, lo, hi: value
+    sec.strip_credentials = lambda text: text
+    sec.ModelAllowList.check = lambda self, kind, spec, limits=None: (spec or "default").strip() or "default"
+    sec.SessionSlots.acquire = lambda self, session: None
+    sec.SessionSlots.release = lambda self, session: None
+    import app
+
+    sys.argv = ["app.py", *app_args]
+    sys.exit(app.main(app_args))
+
+
+def start_app(port: int, db: str, max_new: int, threads: int | None, checks: bool) -> subprocess.Popen:
+    args = ["--port", str(port), "--db", db, "--max-new-tokens", str(max_new),
+            *(["--threads", str(threads)] if threads else [])]
+    cmd = [sys.executable, "app.py", *args] if checks else \
+        [sys.executable, "bench/bench_app.py", "--serve-without-checks", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def checks_ab(args) -> None:
+    from gradio_client import Client
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, clients = {}, {}
+        try:
+            for label, checks in (("with checks", True), ("checks off", False)):
+                port = free_port()
+                procs[label] = start_app(port, f"sqlite:///{tmp}/{'on' if checks else 'off'}.db",
+                                         args.max_new_tokens, args.threads, checks)
+                wait_http(f"http://127.0.0.1:{port}/", procs[label])
+                clients[label] = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                clients[label].predict(QUERY, "helpfulness", DRAFT, api_name="/align")  # models loaded, warm
+            times = {label: [] for label in clients}
+            for _ in range(args.repeats):
+                for label, client in clients.items():
+                    times[label].append(stream_times(client, DRAFT, args.max_new_tokens)[1])
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    on, off = statistics.median(times["with checks"]), statistics.median(times["checks off"])
+    print(f"first correction token over HTTP, pasted draft, median of {args.repeats} alternating runs:")
+    for label, ts in times.items():
+        print(f"  {label:12s} {statistics.median(ts):.3f} s   (runs: {', '.join(f'{t:.3f}' for t in ts)})")
+    print(f"  with checks / checks off = {on / off:.3f}  (target <= 1.05)")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-without-checks":
+        return serve_without_checks(sys.argv[2:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="passed to app.py --threads")
+    ap.add_argument("--checks-ab", action="store_true",
+                    help="only compare first-token latency with the request checks on and off (see above)")
     args = ap.parse_args()
+    if args.checks_ab:
+        from metaaligner_core.embedded import embedded_model_dir
+
+        embedded_model_dir()
+        return checks_ab(args)
 
     from metaaligner_core.embedded import embedded_model_dir
 

@@ -36,11 +36,14 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # runs the embedded model in the app (a few generations of 4-8 tokens)
+
 KEY = "sk-canary-OPENAI-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-canary-ANTHROPIC-0123456789"
 SECRET_IN_URL = "TOKEN-CANARY-5f3a"
 PHISH = "Session expired – sign in again"
 PASSWORD = "correct horse battery"
+OPERATOR_SECRET = "OPERATOR-SECRET-77c1"
 
 
 def free_port() -> int:
@@ -191,7 +194,8 @@ def hostile_value(comp: dict, text: str):
 
 
 def markers(listener: Listener) -> list[str]:
-    return [SECRET_IN_URL, PHISH, f"127.0.0.1:{listener.port}", KEY, ANTHROPIC_KEY, "xxxxxxxxxxxxxxxx"]
+    return [SECRET_IN_URL, PHISH, f"127.0.0.1:{listener.port}", KEY, ANTHROPIC_KEY, "xxxxxxxxxxxxxxxx",
+            OPERATOR_SECRET]
 
 
 def db_dump(path: Path) -> list[str]:
@@ -279,7 +283,9 @@ def upstream():
 
 @pytest.fixture(scope="module", params=["configured-only", "allow-any-model"])
 def app(request, tmp_path_factory, upstream):
-    extra = ["--allow-models", f"openai-compatible:up@{upstream.url}/v1"]
+    # The operator's own credentials in a configured URL must not reach any page either.
+    extra = ["--allow-models", f"openai-compatible:up@{upstream.url}/v1,"
+             f"openai-compatible:cred@http://op:{OPERATOR_SECRET}@127.0.0.1:{upstream.port}/v1"]
     if request.param == "allow-any-model":
         extra.append("--allow-any-model")
     a = App(tmp_path_factory.mktemp(request.param), *extra)
@@ -310,6 +316,7 @@ def test_every_handler_from_unsigned_sessions_leaks_nothing_and_writes_nothing(a
     fns = backend_fns(cfg)
     assert len(fns) >= 20, "the app's handlers were not found in /config"
     before = db_dump(app.db)
+    temp_before = set(Path("/tmp").glob("metaaligner-*"))
     calls = 0
     for fn, dep in fns:
         base = baseline(comps, dep)
@@ -329,6 +336,9 @@ def test_every_handler_from_unsigned_sessions_leaks_nothing_and_writes_nothing(a
     assert not listener.requests, f"the attacker's server was contacted: {listener.requests[:3]}"
     assert not listener.saw_key()
     assert db_dump(app.db) == before, "an unsigned session changed the annotation database"
+    # No side effect before a permission check: e.g. no export folder made for a refused export.
+    made = {p for p in set(Path("/tmp").glob("metaaligner-*")) - temp_before if not p.name.startswith("metaaligner-app-")}
+    assert not made, made
 
     # A fresh visitor: every handler with the page's own default values, and the page config.
     fresh = uuid.uuid4().hex[:11]
