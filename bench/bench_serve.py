@@ -12,7 +12,7 @@ of the whole run, drafts included), the ratio (target >= 3x), the engine batch s
 concurrent run used, and how many concurrent answers equal their sequential one (must be all).
 Exit status 1 when any answer differs.
 
-    .venv/bin/python bench/bench_serve.py [--clients 16] [--max-tokens 128] [--threads N] [--objectives SPEC]
+    .venv/bin/python bench/bench_serve.py [--clients 16] [--max-tokens 64] [--threads N] [--objectives SPEC]
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def ask(client, query: str, max_tokens: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=128, help="draft and correction length (default 128)")
+    p.add_argument("--max-tokens", type=int, default=64, help="draft and correction length (default 64)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--objectives", default="honesty,helpfulness", help="the server's default objectives")
     args = p.parse_args(argv)

@@ -57,14 +57,16 @@ def common_prefix_len(jobs: list[Job]) -> int:
 class Batcher:
     """A thread that batches the jobs of one :class:`LocalGenerator`.
 
-    ``window``: seconds to wait after the first job of an idle period for others to join it
-    (clients that fire together land in one batch). ``batch_size``: rows decoded at once.
+    ``window``: once a job arrives on an idle batcher, it waits until ``window`` seconds pass
+    without another (at most ``max_wait``), so clients that fire together land in one batch.
+    ``batch_size``: rows decoded at once.
     """
 
-    def __init__(self, generator, *, batch_size: int = 16, window: float = 0.02, name: str = "batcher"):
+    def __init__(self, generator, *, batch_size: int = 16, window: float = 0.02, max_wait: float = 0.25,
+                 name: str = "batcher"):
         self.generator = generator
         self.batch_size = max(1, int(batch_size))
-        self.window = window
+        self.window, self.max_wait = window, max_wait
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopped = False
@@ -89,14 +91,19 @@ class Batcher:
         self._thread.join(timeout=30)
 
     def _take(self) -> list[Job]:
-        """Wait for jobs; return the oldest one's batch (every pending job with its settings)."""
+        """Wait for jobs and for the burst they belong to (until ``window`` passes without a new
+        one, at most ``max_wait``); return the oldest job's batch (the pending jobs with its settings)."""
         with self._cond:
             while not self._pending and not self._stopped:
                 self._cond.wait()
+            deadline = time.monotonic() + self.max_wait
+            seen = 0
+            while (not self._stopped and len(self._pending) != seen and len(self._pending) < self.batch_size
+                   and time.monotonic() < deadline):
+                seen = len(self._pending)
+                self._cond.wait(timeout=self.window)
             if self._stopped:
                 return []
-        time.sleep(self.window)
-        with self._cond:
             live = [j for j in self._pending if not j.cancelled.is_set()]
             if not live:
                 self._pending.clear()
