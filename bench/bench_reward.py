@@ -2,7 +2,8 @@
 (the authors' ``get_rewards`` loop).
 
 A GPT-2-shaped sequence-classification reward model (randomly initialised: the hub is not
-reachable here; ``--layers``/``--width`` set its size, default 6 × 384) with the embedded
+reachable here; ``--layers``/``--width`` set its size, default 2 × 128; the real GPT-2-large
+reward models are 36 × 1280) with the embedded
 SmolLM2 tokenizer scores (query, response) pairs from real HH-RLHF transcripts
 (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` when present, else synthetic text), built
 the authors' way (context up to the last ``\\n\\nAssistant:``, truncation at 1024 tokens). Both
@@ -10,7 +11,7 @@ modes run in this process on the same rows, alternating in rounds so load from o
 hits both alike; the script prints responses/s for each, the ratio, and how many labels (rewards
 rounded to one decimal, compared per pair) agree between the two modes.
 
-    .venv/bin/python bench/bench_reward.py [--rows 64] [--batch-size 16] [--rounds 2]
+    .venv/bin/python bench/bench_reward.py [--rows 64] [--batch-size 16] [--rounds 2] [--layers 2 --width 128]
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=64, help="pairs (each scored twice: both responses)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--width", type=int, default=384)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the rows")
+    ap.add_argument("--chunk", type=int, default=64, help="responses per alternation (default 64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import torch
@@ -82,15 +84,20 @@ def main() -> None:
         print(f"{len(answers)} responses ({args.rows} pairs) from {source}; {lengths[0]}-{lengths[-1]} tokens "
               f"(median {lengths[len(lengths) // 2]}); GPT-2-shaped reward model {args.layers}x{args.width}, "
               f"fp32, CPU, {torch.get_num_threads()} threads; {args.rounds} alternating rounds")
-        spent = {"one at a time": 0.0, f"batched ({args.batch_size})": 0.0}
-        result = {}
+        one_name, batch_name = "one at a time", f"batched ({args.batch_size})"
+        spent = {one_name: 0.0, batch_name: 0.0}
+        result = {one_name: [0.0] * len(answers), batch_name: [0.0] * len(answers)}
+        # Alternate in chunks of --chunk responses: a shared machine's load changes by the second,
+        # and each chunk is timed in both modes back to back.
         for _ in range(args.rounds):
-            t = time.perf_counter()
-            result["one at a time"] = [scorer.score_one(q, a) for q, a in zip(queries, answers)]
-            spent["one at a time"] += time.perf_counter() - t
-            t = time.perf_counter()
-            result[f"batched ({args.batch_size})"] = scorer.score(queries, answers)
-            spent[f"batched ({args.batch_size})"] += time.perf_counter() - t
+            for start in range(0, len(answers), args.chunk):
+                qs, rs = queries[start:start + args.chunk], answers[start:start + args.chunk]
+                t = time.perf_counter()
+                result[one_name][start:start + len(rs)] = [scorer.score_one(q, a) for q, a in zip(qs, rs)]
+                spent[one_name] += time.perf_counter() - t
+                t = time.perf_counter()
+                result[batch_name][start:start + len(rs)] = scorer.score(qs, rs)
+                spent[batch_name] += time.perf_counter() - t
     n = len(answers) * args.rounds
     for name, s in spent.items():
         print(f"  {name:<16} {n / s:8.1f} responses/s  ({s:.1f} s)")

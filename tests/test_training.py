@@ -399,3 +399,113 @@ def test_resume_drops_a_metrics_line_cut_short_by_the_interruption(tmp_path):
                     '{"stage": "warmup", "step": 3, "lo')
     _drop_metrics_after(path, "warmup", 1)  # the last checkpoint was at step 1
     assert path.read_text() == '{"stage": "warmup", "step": 1, "loss": 2.0}\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process launches (issue: stages release memory, NCCL timeout, FSDP gradient sync)
+
+LAUNCH = Path(__file__).resolve().parent / "launch" / "train_stages.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A randomly initialised two-layer LLaMA with a word-level tokenizer (BOS/EOS/PAD/UNK)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted(set(WORDS) | set(build_prompt("ultrafeedback", "Describe it.", "x", [OBJECTIVE]).split()))
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", model_max_length=256)
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def accelerate_launch(*args, config=None, port=29700):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port: parallel test runs must not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    # No CUDA here: --multi_gpu starts two processes through torchrun, which pick the gloo backend.
+    how = ["--config_file", str(config), "--num_processes", "2"] if config else [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([*launcher, *how, "--main_process_port", str(port), str(LAUNCH), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_process_three_stages_tear_down_each_stage_and_load(tmp_path):
+    base = tiny_llama_dir(tmp_path / "base")
+    data = make_data_dir(tmp_path / "data", n=8)
+    report = tmp_path / "report.json"
+    res = accelerate_launch("stages", data, base, tmp_path / "out", report)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads(Path(f"{report}.{r}").read_text()) for r in (0, 1)]
+    for rep in ranks:
+        assert rep["world"] == 2
+        assert len(rep["events"]) == 3  # warm-up, equal, preference
+        # Each stage starts with nothing of the earlier stages alive (gc is off in the script:
+        # only the training code's own teardown frees them), and nothing is left at the end.
+        assert [e["alive"] for e in rep["events"]] == [[], [], []]
+        assert rep["alive_at_end"] == []
+        assert rep["timeout_s"] == 1234  # set when the process group was created
+    out = tmp_path / "out"
+    assert all((out / s / "stage.json").is_file() for s in STAGES)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    # 8 rows / (2 per process × 2 processes) / 2 accumulated = 1 step per stage, logged by rank 0 only
+    assert [m["stage"] for m in metrics] == ["warmup", "equal", "preference"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.use_cache and tok.eos_token == "</s>"
+    before = AutoModelForCausalLM.from_pretrained(base)
+    import torch
+
+    assert not torch.equal(model.lm_head.weight, before.lm_head.weight)  # trained, then saved
+
+
+@pytest.mark.slow
+def test_training_args_under_an_fsdp_launch_sync_gradients_each_micro_batch(tmp_path):
+    base = tiny_llama_dir(tmp_path / "base")
+    report = tmp_path / "args.json"
+    res = accelerate_launch("args", base, tmp_path / "out", report,
+                            config=ROOT / "training" / "accelerate" / "fsdp_full_shard.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in (0, 1):
+        rep = json.loads(Path(f"{report}.{r}").read_text())
+        # The launch is FSDP (training/accelerate/fsdp_full_shard.yaml); without a GPU accelerate runs
+        # the processes as plain multi-CPU, so the FSDP wrapping itself is not exercised here.
+        assert rep["launch"] == "fsdp"
+        assert rep["args_kwargs"]["sync_each_batch"] is True  # (the Trainer adds num_steps=1 to the same dict)
+        assert rep["plugin_kwargs"].get("sync_each_batch") is True  # what the trainer's accelerator uses
+
+
+def test_sync_each_batch_only_under_fsdp_with_accumulation(monkeypatch):
+    from metaaligner_core.training import resolve_runtime
+
+    cfg = TrainConfig(data="d", base="default", device="cpu", grad_accum=4)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not resolve_runtime(cfg).sync_each_batch  # DDP/single: full gradients anyway, no extra traffic
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_runtime(cfg).sync_each_batch
+    assert not resolve_runtime(TrainConfig(data="d", base="default", device="cpu", grad_accum=1)).sync_each_batch
+    assert not resolve_runtime(TrainConfig(data="d", base="default", device="cpu", grad_accum=4,
+                                           sync_each_batch=False)).sync_each_batch
+    assert resolve_runtime(TrainConfig(data="d", base="default", device="cpu", precision="bf16")).save_dtype == "bf16"
+    assert resolve_runtime(cfg).save_dtype == "fp32"

@@ -1,0 +1,76 @@
+"""Run under ``accelerate launch`` by tests/test_training.py (not a test module itself).
+
+``stages DATA BASE OUT REPORT``: the three-stage training with a callback that records, at each
+stage's start, which earlier stages' models and optimizers are still alive. Automatic garbage
+collection is off, so only the training code's own teardown can free them.
+``args BASE OUT REPORT``: build one stage's training arguments and trainer as ``train`` does and
+report the gradient-synchronisation setting the trainer's accelerator received.
+"""
+import gc
+import json
+import os
+import sys
+import weakref
+
+gc.disable()
+
+import torch.distributed as dist  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from metaaligner_core.training import (TrainConfig, load_model, make_trainer, resolve_runtime,  # noqa: E402
+                                       _sft_config, train)
+
+
+def timeout_seconds():
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    import torch
+
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    return backend.options._timeout.total_seconds()
+
+
+def stages(data, base, out, report):
+    refs, events = [], []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            events.append({"alive": [name for name, r in refs if r() is not None]})
+            n = len(events)
+            refs.append((f"model of stage {n}", weakref.ref(model)))
+            if optimizer is not None:
+                refs.append((f"optimizer of stage {n}", weakref.ref(optimizer)))
+
+    cfg = TrainConfig(data=data, base=base, out=out, device="cpu", max_steps=2, batch_size=2, grad_accum=2,
+                      max_length=64, logging_steps=1, save_steps=100, ddp_timeout=1234, disable_tqdm=True,
+                      epochs=1, lr=1e-3, warmup_ratio=0.0)  # one step per stage: no warm-up, or lr is 0
+    final = train(cfg, callbacks=[Watch()])
+    result = {"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)),
+              "events": events, "alive_at_end": [name for name, r in refs if r() is not None],
+              "timeout_s": timeout_seconds(), "final": str(final)}
+    with open(f"{report}.{result['rank']}", "w") as fh:
+        json.dump(result, fh)
+
+
+def args_only(base, out, report):
+    import datasets
+
+    cfg = TrainConfig(data=".", base=base, out=out, device="cpu", batch_size=1, grad_accum=4, max_length=64,
+                      disable_tqdm=True)
+    rt = resolve_runtime(cfg)
+    args = _sft_config(cfg, rt, __import__("pathlib").Path(out), 8)
+    from metaaligner_core.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    ds = datasets.Dataset.from_list([{"input_ids": [1, 5, 6, 2], "labels": [-100, 5, 6, 2]}] * 8)
+    trainer = make_trainer(cfg, rt, load_model(base, cfg, rt), tok, ds, __import__("pathlib").Path(out), args=args)
+    result = {"rank": int(os.environ.get("RANK", 0)), "launch": rt.distributed, "sync_each_batch": rt.sync_each_batch,
+              "args_kwargs": args.accelerator_config.gradient_accumulation_kwargs,
+              "plugin_kwargs": dict(trainer.accelerator.gradient_state.plugin_kwargs),
+              "distributed_type": str(trainer.accelerator.distributed_type)}
+    with open(f"{report}.{result['rank']}", "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    {"stages": stages, "args": args_only}[sys.argv[1]](*sys.argv[2:])
