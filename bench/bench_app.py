@@ -126,6 +126,30 @@ def start_app(port: int, db: str, max_new: int, threads: int | None, checks: boo
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def checks_cost(n: int = 5000) -> float:
+    """Seconds the request checks of one Align request take (the same calls run_align makes)."""
+    import app_security as sec
+
+    allow = sec.ModelAllowList(["default", "openai:gpt-4o-mini"], ["default"])
+    slots = sec.SessionSlots()
+    allowed = {"ultrafeedback/helpfulness", "ultrafeedback/honesty"}
+    t0 = time.perf_counter()
+    for _ in range(n):
+        allow.check("policy", "default")
+        allow.check("aligner", "default")
+        for values in (["ultrafeedback/helpfulness"], [], [], []):
+            sec.check_choices("objectives", values, allowed)
+        sec.check_objective_lines("")
+        sec.check_text("query", QUERY, sec.LIMITS.query)
+        sec.check_text("draft", DRAFT, sec.LIMITS.draft)
+        for value in (64, 0.0, 1.0, 1.0):
+            sec.check_number("n", value, 0, 1024)
+        slots.acquire("s")
+        slots.release("s")
+        sec.strip_credentials("The aligner SmolLM2-135M-Instruct (embedded) is correcting the draft…")
+    return (time.perf_counter() - t0) / n
+
+
 def checks_ab(args) -> None:
     from gradio_client import Client
 
@@ -149,10 +173,13 @@ def checks_ab(args) -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
     on, off = statistics.median(times["with checks"]), statistics.median(times["checks off"])
+    per_request = checks_cost()
     print(f"first correction token over HTTP, pasted draft, median of {args.repeats} alternating runs:")
     for label, ts in times.items():
         print(f"  {label:12s} {statistics.median(ts):.3f} s   (runs: {', '.join(f'{t:.3f}' for t in ts)})")
     print(f"  with checks / checks off = {on / off:.3f}  (target <= 1.05)")
+    print(f"the checks alone, in-process: {per_request * 1e6:.1f} us per Align request "
+          f"= {per_request / off:.5%} of the first-token time")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
