@@ -509,3 +509,104 @@ def test_sync_each_batch_only_under_fsdp_with_accumulation(monkeypatch):
                                            sync_each_batch=False)).sync_each_batch
     assert resolve_runtime(TrainConfig(data="d", base="default", device="cpu", precision="bf16")).save_dtype == "bf16"
     assert resolve_runtime(cfg).save_dtype == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU helpers without a GPU: flash-attn detection (simulated), FLOPs per token, peak by name
+
+def _fake_flash(root: Path, version: str, interface: str = "") -> None:
+    pkg = root / "flash_attn"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    (pkg / "flash_attn_interface.py").write_text(interface)
+
+
+@pytest.fixture
+def clean_flash(monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+        del sys.modules[name]
+
+
+def test_flash_attention_detection_absent_broken_old_and_usable(tmp_path, monkeypatch, clean_flash):
+    import importlib.util
+    import sys
+
+    from metaaligner_core.hardware import flash_attention_status
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    st = flash_attention_status((9, 0))
+    assert not st.usable and "not installed" in st.reason
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+
+    # built against another torch: the package is found, its CUDA extension does not load
+    broken = tmp_path / "broken"
+    _fake_flash(broken, "2.6.3", 'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")\n')
+    monkeypatch.syspath_prepend(str(broken))
+    st = flash_attention_status((9, 0))
+    assert not st.usable and "does not load" in st.reason and "undefined symbol" in st.reason
+
+    for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+        del sys.modules[name]
+    sys.path.remove(str(broken))
+    good = tmp_path / "good"
+    _fake_flash(good, "2.6.3")
+    monkeypatch.syspath_prepend(str(good))
+    st = flash_attention_status((7, 5))  # a T4 / V100-class GPU
+    assert not st.usable and "compute capability 7.5 is below 8.0" in st.reason
+    st = flash_attention_status((8, 0))  # Ampere
+    assert st.usable and st.reason == "flash-attn 2.6.3"
+
+    for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+        del sys.modules[name]
+    (good / "flash_attn" / "__init__.py").write_text('__version__ = "2.0.4"\n')
+    st = flash_attention_status((9, 0))
+    assert not st.usable and "too old" in st.reason
+
+
+def test_training_auto_attention_uses_the_detection(monkeypatch):
+    from metaaligner_core import hardware
+    from metaaligner_core.models import auto_attention
+
+    monkeypatch.setattr(hardware, "flash_attention_status", lambda *a: hardware.FlashStatus(False, "broken"))
+    assert auto_attention("cuda") == "sdpa"
+    monkeypatch.setattr(hardware, "flash_attention_status", lambda *a: hardware.FlashStatus(True, "ok"))
+    assert auto_attention("cuda") == "flash_attention_2" and auto_attention("cpu") == "sdpa"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_against_a_hand_count(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metaaligner_core.hardware import attention_dims, non_embedding_params, train_flops_per_token
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    # by hand, per layer: q 64·64 + k 64·32 + v 64·32 + o 64·64 (4 heads of 16, 2 KV heads)
+    # + MLP 3·64·128 + two RMSNorms 2·64; then the final norm 64 and the output head 100·64
+    # (a tied head multiplies by the embedding table too); the input embedding (a lookup) is out.
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    n = 2 * per_layer + 64 + 100 * 64
+    assert n == 80448
+    assert non_embedding_params(model) == n
+    layers, d_attn = attention_dims(model.config)
+    assert (layers, d_attn) == (2, 64)
+    # 6N + 12·L·d_attn·T at T = 256
+    assert train_flops_per_token(n, layers, d_attn, 256) == 6 * 80448 + 12 * 2 * 64 * 256 == 875904
+
+
+def test_peak_flops_from_the_device_name():
+    from metaaligner_core.hardware import bf16_peak_tflops
+
+    assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert bf16_peak_tflops("NVIDIA H200") == 989
+    assert bf16_peak_tflops("NVIDIA L40S") == 362 and bf16_peak_tflops("NVIDIA L40") == 181
+    assert bf16_peak_tflops("Tesla T4") is None  # unknown: the benchmark asks for --peak-tflops
