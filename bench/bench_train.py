@@ -16,12 +16,17 @@ sampler sorts mega-batches of up to 50 batches, so a set of a few batches would 
 
     .venv/bin/python bench/bench_train.py [--steps 4] [--batch-size 8] [--max-length 192]
 
-GPU (``--gpu``, needs CUDA): tokens/s and model FLOPs utilisation for SmolLM2-135M and a randomly
-initialised 1.1B LLaMA-shaped model (TinyLlama dimensions; no weights needed), bf16 autocast over
-fp32 master weights (as in training), padded length-grouped batches vs padding-free batches
-(padding-free needs flash-attn). Rows are random token ids, lengths uniform in
-[max_length/8, max_length]. MFU = 6·N·(tokens/s) / peak, N = all parameters, peak = 989 TFLOP/s
-(H100 SXM bf16 dense; ``--peak-tflops`` for other GPUs).
+GPU (``--gpu``, needs CUDA): tokens/s, model FLOPs utilisation and peak memory for SmolLM2-135M
+and a randomly initialised 1.1B LLaMA-shaped model (TinyLlama dimensions; no weights needed),
+padded length-grouped batches vs padding-free batches (padding-free needs a working flash-attn).
+Right by construction: each mode runs the trainer's own ``train()`` for ``skip + steps`` optimizer
+steps, so bf16 autocast (accelerate wraps the model's forward), gradient checkpointing (on unless
+``--no-gradient-checkpointing``), the collator and the optimizer are exactly those of
+``metaaligner train``; a callback times the steps after ``skip`` (CUDA synchronised) and reads the
+tokens from the trainer's own count. FLOPs per token = 6·N(non-embedding) + 12·L·d_attn·T
+(``metaaligner_core.hardware.train_flops_per_token``, T = Σlen²/Σlen of the rows); the peak
+is looked up from the device name (``--peak-tflops`` overrides). Rows are random token ids,
+lengths uniform in [max_length/8, max_length].
 
     python bench/bench_train.py --gpu [--max-length 2048] [--batch-size 8] [--steps 10]
 """
@@ -39,8 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metaaligner_core.training import (TrainConfig, load_model, make_trainer, resolve_runtime,  # noqa: E402
-                                       tokenize_example)
+from metaaligner_core.training import (TrainConfig, load_model, make_trainer, release_memory,  # noqa: E402
+                                       resolve_runtime, tokenize_example)
 
 REAL = ROOT.parent / "shared" / "data" / "policy-outputs" / "ultrafeedback" / "gpt-3.5-turbo.csv"
 OBJECTIVES = ["Honesty: the response should not tell lies",
@@ -169,52 +174,92 @@ def cpu_bench(args) -> None:
     print(f"  ratio length-grouped / naive: {grouped / naive:.2f}x")
 
 
+def _step_timer(skip: int, cuda: bool):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time and input tokens of each optimizer step after the first ``skip``."""
+
+        def __init__(self):
+            self.seconds, self.tokens, self._t, self._tokens = 0.0, 0, None, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= skip:
+                if cuda:
+                    torch.cuda.synchronize()
+                self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._t is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.seconds += time.perf_counter() - self._t
+                self.tokens += state.num_input_tokens_seen - self._tokens
+                self._t = None
+
+    return StepTimer()
+
+
 def gpu_bench(args) -> None:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from metaaligner_core.embedded import embedded_model_dir
-    from metaaligner_core.models import flash_attn_available, load_tokenizer
+    from metaaligner_core.hardware import (attention_dims, bf16_peak_tflops, flash_attention_status,
+                                           non_embedding_params, train_flops_per_token)
+    from metaaligner_core.models import load_tokenizer
 
     if not torch.cuda.is_available():
         sys.exit("--gpu needs CUDA")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or bf16_peak_tflops(name)
+    if peak is None:
+        sys.exit(f"no bf16 peak known for {name!r}: pass --peak-tflops")
     tok = load_tokenizer("default")
     rng = random.Random(args.seed)
     rows = []
-    for _ in range(max(2000, 4 * args.batch_size * (args.steps + args.skip))):
+    for _ in range(max(512, 2 * args.batch_size * (args.steps + args.skip))):
         n = rng.randint(args.max_length // 8, args.max_length)
         ids = [rng.randrange(100, 30000) for _ in range(n)]
         rows.append({"input_ids": ids, "labels": [-100] * int(n * 0.6) + ids[int(n * 0.6):]})
     dataset = datasets.Dataset.from_list(rows)
-    flash = flash_attn_available()
-    print(f"GPU {torch.cuda.get_device_name()}, bf16, batch {args.batch_size}, lengths {args.max_length // 8}-"
-          f"{args.max_length}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-          f"{args.steps} timed steps per mode after {args.skip}; flash-attn "
-          f"{'installed' if flash else 'NOT installed: SDPA, padding-free skipped'}")
+    lengths = [len(r["input_ids"]) for r in rows]
+    seq_len = sum(x * x for x in lengths) / sum(lengths)  # attention span of the average token
+    flash = flash_attention_status()
+    print(f"GPU {name} (bf16 peak {peak:.0f} TFLOP/s), bf16 autocast, batch {args.batch_size}, lengths "
+          f"{args.max_length // 8}-{args.max_length}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps per mode after {args.skip}; "
+          f"flash-attn: {flash.reason}{'' if flash.usable else ' (SDPA; padding-free skipped)'}")
     models = {"SmolLM2-135M": lambda cfg, rt: load_model(str(embedded_model_dir()), cfg, rt),
               "1.1B LLaMA-shaped (random init)": lambda cfg, rt: AutoModelForCausalLM.from_config(
                   LlamaConfig(**TINYLLAMA, use_cache=False), dtype=torch.float32, attn_implementation=rt.attn)}
-    modes = {"padded, length-grouped": False, **({"padding-free": True} if flash else {})}
+    modes = {"padded, length-grouped": False, **({"padding-free": True} if flash.usable else {})}
     for model_name, make in models.items():
-        model, trainers = None, {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for mode, free in modes.items():
+        for mode, free in modes.items():
+            with tempfile.TemporaryDirectory() as tmp:
                 cfg = TrainConfig(data=".", base="default", device="cuda", precision="bf16",
                                   batch_size=args.batch_size, max_length=args.max_length, padding_free=free,
                                   group_by_length=not free, gradient_checkpointing=args.gradient_checkpointing,
-                                  disable_tqdm=True, seed=args.seed)
+                                  max_steps=args.skip + args.steps, warmup_ratio=0.0, logging_steps=10 ** 6,
+                                  save_steps=10 ** 6, disable_tqdm=True, seed=args.seed)
                 rt = resolve_runtime(cfg)
-                model = model or make(cfg, rt)
-                trainers[mode] = make_trainer(cfg, rt, model, tok, dataset, Path(tmp) / mode)
-            n_params = sum(p.numel() for p in model.parameters())
-            results = interleaved(trainers, args.steps, args.skip, cuda=True)
-        for mode, r in results.items():
-            mfu = 6 * n_params * r["tokens_per_s"] / (args.peak_tflops * 1e12)
-            print(f"  {model_name:<32} {mode:<24} {r['tokens_per_s']:12,.0f} tokens/s  MFU {mfu:6.1%}  "
-                  f"(N={n_params / 1e6:,.0f}M, padding {r['padding']:.0%})")
-        del model, trainers
-        torch.cuda.empty_cache()
+                model = make(cfg, rt)
+                n_params = non_embedding_params(model)
+                layers, d_attn = attention_dims(model.config)
+                timer = _step_timer(args.skip, cuda=True)
+                trainer = make_trainer(cfg, rt, model, tok, dataset, Path(tmp), [timer])
+                torch.cuda.reset_peak_memory_stats()
+                trainer.train()
+                mem = torch.cuda.max_memory_allocated() / 2 ** 30
+                trainer.accelerator.free_memory()
+                del trainer, model
+                release_memory()
+            tps = timer.tokens / timer.seconds
+            mfu = train_flops_per_token(n_params, layers, d_attn, seq_len) * tps / (peak * 1e12)
+            print(f"  {model_name:<32} {mode:<24} {tps:12,.0f} tokens/s  MFU {mfu:6.1%}  peak memory {mem:5.1f} GiB "
+                  f"(N non-embedding {n_params / 1e6:,.0f}M)")
 
 
 def main() -> None:
@@ -225,9 +270,10 @@ def main() -> None:
     ap.add_argument("--full-length", type=int, default=2048, help="CPU: the real setting's max length (default 2048)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 4 on CPU, 10 on GPU)")
     ap.add_argument("--skip", type=int, default=None, help="untimed warm-up steps per mode (default 1 on CPU, 3 on GPU)")
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                    help="GPU: recompute activations (the recomputation is not counted in the 6N FLOPs)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPU: recompute activations, as training does on CUDA (default on; not counted in MFU)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="GPU bf16 dense peak (default: from the device name, metaaligner_core.hardware)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
