@@ -70,6 +70,10 @@ def upgrade(engine: Engine) -> list[str]:
                 "FROM ratings ra JOIN responses r2 ON r2.id = ra.response_id "
                 "GROUP BY r2.item_id, ra.annotator_id"))
             added.append("assignments (backfilled)")
+        if "items.submitted_count" in added or "assignments (backfilled)" in added:
+            conn.execute(text(
+                "UPDATE items SET submitted_count = (SELECT COUNT(*) FROM assignments a "
+                "WHERE a.item_id = items.id AND a.status = 'submitted')"))
     if added:
         log.info("annotation database upgraded: %s", ", ".join(added))
     return added

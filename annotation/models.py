@@ -97,6 +97,9 @@ class Item(Base):
     # raters wanted for this item (k); None: the protocol's, else DEFAULT_TARGET_ANNOTATORS
     target_raters: Mapped[int | None] = mapped_column(Integer)
     is_gold: Mapped[bool | None] = mapped_column(Boolean, default=False)
+    # raters who submitted it (kept by workflow.assign), so finding items short of k raters
+    # does not count every assignment of the study on each request
+    submitted_count: Mapped[int | None] = mapped_column(Integer, default=0)
     added_by: Mapped[str | None] = mapped_column(String(200))  # account that sent it from the app; None: CLI import
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import case, create_engine, distinct, event, func, select
+from sqlalchemy import case, create_engine, distinct, event, func, or_, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -516,7 +516,7 @@ class Store:
             return self._view(s, me, item)
 
     def _view(self, s: Session, me: Annotator, item: Item) -> ItemView:
-        proto = Protocol.from_dict(item.protocol.spec, source=f"database protocol {item.protocol.name}")
+        proto = _stored_protocol(item.protocol)
         responses = [ResponseView(r.id, r.position, r.text) for r in item.responses]
         rows = s.scalars(select(Rating).join(Response, Rating.response_id == Response.id)
                          .where(Response.item_id == item.id, Rating.annotator_id == me.id))
@@ -556,7 +556,7 @@ class Store:
             item = s.scalar(select(Item).where(Item.uid == uid))
             if item is None:
                 raise MetaAlignerError(f'no item "{uid}"')
-            proto = Protocol.from_dict(item.protocol.spec, source=f"database protocol {item.protocol.name}")
+            proto = _stored_protocol(item.protocol)
             response_ids = {r.id: r.position for r in item.responses}
             clean: dict[tuple[int, str], int] = {}
             for (rid, objective), score in scores.items():
@@ -676,9 +676,21 @@ class Store:
         items left out)."""
         with self._session() as s:
             self._require_admin(s, actor)
-            rows = [(r[7], r[2], r[6], r[8]) for r in self._submitted(s, protocol) if not r[13]]
-            return agreement_mod.alpha_by_objective(rows, self._objective_order(s, protocol),
-                                                    domain=range(self._max_score(s, protocol) + 1))
+            self._check_protocol(s, protocol)
+            # the database counts raters per (objective, response, score): alpha needs no more
+            base = (select(Rating.objective, Rating.response_id, Rating.score, Rating.annotator_id)
+                    .join(Response, Response.id == Rating.response_id).join(Item, Item.id == Response.item_id)
+                    .where(Rating.status == SUBMITTED, or_(Item.is_gold.is_(None), Item.is_gold.is_(False))))
+            if protocol:
+                base = base.join(ProtocolRow, ProtocolRow.id == Item.protocol_id).where(ProtocolRow.name == protocol)
+            sub = base.subquery()
+            conn = s.connection()
+            rows = conn.execute(select(sub.c.objective, sub.c.response_id, sub.c.score, func.count())
+                                .group_by(sub.c.objective, sub.c.response_id, sub.c.score)).all()
+            raters = dict(conn.execute(select(sub.c.objective, func.count(distinct(sub.c.annotator_id)))
+                                       .group_by(sub.c.objective)).all())
+            return agreement_mod.alpha_from_counts(rows, raters, self._objective_order(s, protocol),
+                                                   domain=range(self._max_score(s, protocol) + 1))
 
     def dashboard(self, actor, protocol: str | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
         """Every figure of the admins' dashboard (and ``annotate agreement --json``)."""
@@ -885,6 +897,23 @@ def _progress_bar(seq, what: str):
     from tqdm import tqdm
 
     return tqdm(seq, desc=f"storing {what}", unit=what[:-1], disable=None, leave=False)
+
+
+_PROTOCOL_CACHE: dict[str, Protocol] = {}
+
+
+def _stored_protocol(row: ProtocolRow) -> Protocol:
+    """The protocol of a stored row, parsed once per distinct definition (keyed by its JSON, as
+    several databases may hold different protocols of one name)."""
+    import json
+
+    key = json.dumps(row.spec, sort_keys=True)
+    proto = _PROTOCOL_CACHE.get(key)
+    if proto is None:
+        if len(_PROTOCOL_CACHE) > 256:
+            _PROTOCOL_CACHE.clear()
+        proto = _PROTOCOL_CACHE[key] = Protocol.from_dict(row.spec, source=f"database protocol {row.name}")
+    return proto
 
 
 def _item_uid(proto: Protocol, item_id: str | None, query: str) -> str:

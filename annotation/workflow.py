@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -74,18 +74,32 @@ def assign(s: Session, item_id: int, annotator_id: int, submitted: bool = False)
         except IntegrityError:  # another session of this rater assigned it first
             row = s.scalar(select(Assignment).where(Assignment.item_id == item_id,
                                                     Assignment.annotator_id == annotator_id))
-    if row is not None:
-        if submitted and row.status != SUBMITTED:
-            row.status, row.submitted_at = SUBMITTED, now
-        elif not submitted and row.status == OPEN:
-            row.created_at = now  # reopened: the hold starts again
+        else:
+            if submitted:
+                _count_submission(s, item_id)
+            return
+    if submitted and row.status != SUBMITTED:
+        # conditional, so two sessions of one rater submitting at once count the item once
+        done = s.execute(update(Assignment).where(Assignment.id == row.id, Assignment.status != SUBMITTED)
+                         .values(status=SUBMITTED, submitted_at=now).execution_options(synchronize_session=False))
+        if done.rowcount == 1:
+            _count_submission(s, item_id)
+        s.expire(row)
+    elif not submitted and row.status == OPEN:
+        row.created_at = now  # reopened: the hold starts again
 
 
-def _active_counts():
-    """Per item: raters who submitted it or hold a fresh assignment."""
+def _count_submission(s: Session, item_id: int) -> None:
+    # an SQL increment, so concurrent submissions on a server database do not lose one
+    s.execute(update(Item).where(Item.id == item_id)
+              .values(submitted_count=func.coalesce(Item.submitted_count, 0) + 1))
+
+
+def _active_counts(candidates):
+    """Per candidate item: raters who submitted it or hold a fresh assignment."""
     fresh = utcnow() - ASSIGNMENT_TTL
     return (select(Assignment.item_id.label("item_id"), func.count().label("n"))
-            .where(or_(Assignment.status == SUBMITTED, Assignment.created_at >= fresh))
+            .where(Assignment.item_id.in_(candidates), or_(Assignment.status == SUBMITTED, Assignment.created_at >= fresh))
             .group_by(Assignment.item_id).subquery())
 
 
@@ -117,11 +131,14 @@ def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) ->
         g = gold_item()
         if g is not None:
             return g, True
-    counts = _active_counts()
-    n = func.coalesce(counts.c.n, 0)
     k = func.coalesce(Item.target_raters, DEFAULT_TARGET_ANNOTATORS) if target is None else target
+    # only items with fewer than k submissions can be short of raters: count assignments for those
+    short = (select(Item.id).where(func.coalesce(Item.submitted_count, 0) < k,
+                                   or_(Item.is_gold.is_(None), Item.is_gold.is_(False))))
+    counts = _active_counts(short)
+    n = func.coalesce(counts.c.n, 0)
     q = (select(Item.id).outerjoin(counts, counts.c.item_id == Item.id)
-         .where(Item.id.not_in(mine), or_(Item.is_gold.is_(None), Item.is_gold.is_(False)), n < k)
+         .where(Item.id.in_(short), Item.id.not_in(mine), n < k)
          .order_by(n, Item.id).limit(1))
     if exclude:
         q = q.where(Item.uid.not_in(exclude))

@@ -104,3 +104,22 @@ def test_ratings_csv_and_jsonl_exports(tmp_path):
         write_ratings(tmp_path / "r.txt", records)
     with pytest.raises(MetaAlignerError, match="JSON Lines"):
         write_pairs(tmp_path / "p.csv", [])
+
+
+def test_bootstrap_interval_matches_resampling_units_one_by_one():
+    """The pattern-multinomial bootstrap has the distribution of resampling units directly."""
+    from annotation.agreement import bootstrap_interval, ordinal_alpha, unit_counts
+
+    rng = np.random.default_rng(3)
+    units = []
+    for _ in range(400):
+        base = int(rng.integers(0, 4))
+        units.append({a: int(np.clip(base + rng.integers(-1, 2), 0, 3)) for a in range(int(rng.integers(2, 4)))})
+    counts = unit_counts(units)
+    lo, hi = bootstrap_interval(counts, reps=4000, seed=1)
+    n = len(counts)
+    brute = [ordinal_alpha(counts, np.bincount(rng.integers(0, n, n), minlength=n).astype(float)) for _ in range(2000)]
+    b_lo, b_hi = np.quantile(brute, [0.025, 0.975])
+    assert lo == pytest.approx(b_lo, abs=0.015) and hi == pytest.approx(b_hi, abs=0.015)
+    assert lo < ordinal_alpha(counts) < hi
+    assert bootstrap_interval(unit_counts([{0: 1, 1: 1}]), reps=100) is None  # one unit: no interval
