@@ -69,7 +69,7 @@ ANNOTATE_SHORTCUTS_JS = r"""
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); click("ma-submit"); return; }
     if ((e.ctrlKey || e.metaKey) && (e.key === "s" || e.key === "S")) { e.preventDefault(); click("ma-save"); return; }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
-    if (["0", "1", "2", "3"].includes(e.key)) {
+    if (/^[0-9]$/.test(e.key)) {
       const i = current();
       if (i < 0) return;
       const input = groups()[i].querySelector(`input[type=radio][value="${e.key}"]`)
@@ -84,7 +84,7 @@ ANNOTATE_SHORTCUTS_JS = r"""
 }
 """
 
-SHORTCUTS_HELP = ("Keys: **0–3** score the highlighted objective and move on · **↓/↑** (or **j/k**) move · "
+SHORTCUTS_HELP = ("Keys: **0–9** score the highlighted objective and move on · **↓/↑** (or **j/k**) move · "
                   "**Ctrl+Enter** submit · **Ctrl+S** save draft")
 
 

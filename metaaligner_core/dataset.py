@@ -265,6 +265,16 @@ def from_generic(rec: dict, path, line, resolve: ObjectiveResolver) -> Iterator[
     """``{"query","response_1","response_2","labels"|"scores_1"+"scores_2"}`` (DESIGN.md)."""
     query = _text(rec, "query", path, line)
     r1, r2 = _text(rec, "response_1", path, line), _text(rec, "response_2", path, line)
+    # "objectives": {key: "Name: description"} (annotate export --format pairs) defines keys that
+    # are neither --objectives nor built-ins; --objectives wins where both name a key.
+    for key, described in (_nested(rec, "objectives", path, line) or {}).items():
+        k = normalize_key(key)
+        if k not in resolve.by_key:
+            try:
+                o = Objective.parse(str(described))
+            except MetaAlignerError as e:
+                raise InputError(path, line, f"objectives.{key}", str(e)) from None
+            resolve.by_key[k] = Objective(key=k, name=o.name, description=o.description)
     labels: dict[str, str] = {}
     raw = _nested(rec, "labels", path, line)
     if raw is not None:

@@ -373,3 +373,29 @@ def test_a_database_from_the_previous_version_is_upgraded_in_place(tmp_path):
     versions = sorted((r["annotator"], r["protocol_version"] or "") for r in store.rating_records(OPERATOR))
     assert versions == [("new", "2-paper-c3"), ("old", "")]
     assert [p["version"] for p in store.stored_protocols(OPERATOR)] == ["2-paper-c3"]
+
+
+def test_pairs_of_a_custom_protocol_build_a_dataset_without_retyped_objectives(tmp_path):
+    db = f"sqlite:///{tmp_path / 'ann.db'}"
+    proto = tmp_path / "mentalllama.yaml"
+    proto.write_text(PROTOCOL, encoding="utf-8")
+    rows = [{"query": "post", "response": text, "annotator": who, "objective": obj, "score": score}
+            for text, base in (("first", 3), ("second", 1)) for who in ("e1", "e2")
+            for obj, score in (("fluency", base), ("overall", 2))]
+    res = run_cli("annotate", "import-ratings", "--db", db, "--input", write_jsonl(tmp_path / "r.jsonl", rows),
+                  "--protocol", proto)
+    assert res.returncode == 0, res.stderr
+    pairs = tmp_path / "pairs.jsonl"
+    assert run_cli("annotate", "export", "--db", db, "--format", "pairs", "--out", pairs).returncode == 0
+    (pair,) = read_jsonl(pairs)
+    assert pair["labels"] == {"fluency": ">", "overall": "="}
+    assert pair["objectives"] == {"fluency": "Fluency: the explanation should be fluent and readable",
+                                  "overall": "Overall: the explanation should be good overall"}
+    out = tmp_path / "ds"
+    res = run_cli("-q", "build-dataset", "--source", "generic", "--template", "imhi", "--input", pairs, "--out", out,
+                  "--warmup-size", "0")
+    assert res.returncode == 0, res.stderr
+    preference = read_jsonl(out / "preference.jsonl")
+    assert [r["objectives"] for r in preference] == [["fluency"]]
+    assert "Fluency: the explanation should be fluent and readable" in preference[0]["prompt"]
+    assert "Overall: the explanation should be good overall" in read_jsonl(out / "equal.jsonl")[0]["prompt"]

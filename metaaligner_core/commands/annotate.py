@@ -3,7 +3,7 @@
     annotate protocols      [--db URL] [--show NAME|FILE]
     annotate import         --db URL --input FILE [--protocol NAME|FILE] [--raters K]
     annotate import-ratings --db URL --input FILE [--protocol NAME|FILE] [--mapping FILE] [--overwrite]
-    annotate add-annotator  --db URL NAME [--admin] [--password-file FILE] [--update]
+    annotate add-annotator  --db URL NAME [--role rater|examiner|admin] [--password-file FILE] [--update]
     annotate export         --db URL --format ratings|final|pairs|hf --out FILE|DIR [--push-to-hub REPO]
     annotate agreement      --db URL [--json] [--bootstrap N]
     annotate progress       --db URL [--target N] [--json]
@@ -79,7 +79,10 @@ def register(sub) -> None:
                                     "else an interactive prompt. It is stored as a salted scrypt hash.")
     common(q)
     q.add_argument("name", metavar="NAME")
-    q.add_argument("--admin", action="store_true", help="may export, see agreement and everyone's progress")
+    q.add_argument("--admin", action="store_true", help="same as --role admin")
+    q.add_argument("--role", choices=["rater", "examiner", "admin"], default=None,
+                   help="rater (rates items), examiner (also reviews disagreements and sets final scores), "
+                        "admin (also the dashboard, exports and accounts); default rater")
     q.add_argument("--password-file", metavar="FILE")
     q.add_argument("--update", action="store_true", help="change the password / admin flag of an existing account")
     q.set_defaults(func=run_add_annotator)
@@ -195,8 +198,11 @@ def _read_password(args) -> str:
 
 def run_add_annotator(args) -> int:
     store = _store(args)
-    store.add_annotator(args.name, _read_password(args), admin=args.admin, update=args.update)
-    print(f"annotator {args.name} {'updated' if args.update else 'added'}{' (admin)' if args.admin else ''}")
+    if args.admin and args.role not in (None, "admin"):
+        raise MetaAlignerError(f"--admin and --role {args.role} contradict each other")
+    role = args.role or ("admin" if args.admin else "rater")
+    store.add_annotator(args.name, _read_password(args), role=role, update=args.update)
+    print(f"annotator {args.name} {'updated' if args.update else 'added'}{'' if role == 'rater' else f' ({role})'}")
     return 0
 
 
