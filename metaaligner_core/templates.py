@@ -1,4 +1,10 @@
-"""The aligner's prompt templates, byte-exact with the released MetaAligner checkpoints.
+"""The aligner's prompt templates.
+
+The ``ultrafeedback`` and ``hh-rlhf`` templates and their *equal* variants are, character for
+character, the strings of the authors' dataset scripts (``UltraFeedback_make_aligner_data.py``,
+``HH_RLHF_make_aligner_data.py``); the ``imhi`` template is the authors' IMHI inference prompt.
+The IMHI *equal* variant has no source — neither the paper nor the authors' code shows one —
+and is this project's analogue (``better`` → ``equal``), used only to build IMHI equal rows.
 
 One function, :func:`build_prompt`, builds every aligner prompt: the dataset builder uses it for
 training rows and the inference code for corrections, so the two can never drift apart. No chat
@@ -29,7 +35,8 @@ TEMPLATES: dict[str, str] = {
     ),
 }
 
-# The *equal* variants teach the aligner when a response needs no change (paper §3.1).
+# The *equal* variants teach the aligner when a response needs no change (paper §3.1). The
+# UltraFeedback and HH-RLHF ones are the authors'; the IMHI one is this project's analogue (no source).
 EQUAL_TEMPLATES: dict[str, str] = {
     "ultrafeedback": TEMPLATES["ultrafeedback"].replace("improve it", "make it equal"),
     "hh-rlhf": TEMPLATES["hh-rlhf"].replace("improve it", "make it equal"),
