@@ -255,3 +255,26 @@ def test_imhi_items_script_builds_items_and_refuses_missing_folders(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().endswith("nope: no such folder")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_protocols_listing_and_the_audit_trail_from_the_command_line(tmp_path):
+    db = _db(tmp_path)
+    res = run_cli("annotate", "protocols")
+    assert res.returncode == 0 and "imhi" in res.stdout and "version 2-paper-c3" in res.stdout
+    assert "ultrafeedback" in res.stdout and "--protocol FILE" in res.stdout
+    res = run_cli("annotate", "protocols", "--show", "imhi")
+    assert res.returncode == 0 and "Suicide ideation: Thoughts that you would be better off dead." in res.stdout
+    rows = [{"item_id": "x", "query": "q", "response": "a", "annotator": "ann", "objective": "correctness", "score": 2}]
+    assert run_cli("annotate", "import-ratings", "--db", db, "--input",
+                   write_jsonl(tmp_path / "r.jsonl", rows)).returncode == 0
+    res = run_cli("annotate", "import-ratings", "--db", db, "--input",
+                  write_jsonl(tmp_path / "r2.jsonl", [{**rows[0], "score": 3}]), "--overwrite")
+    assert res.returncode == 0 and "1 submitted scores replaced" in res.stdout, res.stderr
+    res = run_cli("annotate", "protocols", "--db", db)
+    assert f"in {db}:" in res.stdout and "(1 items)" in res.stdout
+    res = run_cli("annotate", "audit", "--db", db, "--json")
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(e["actor"], e["path"], e["old_score"], e["new_score"]) for e in events] == [
+        ("operator", "import-ratings", None, 2), ("operator", "import-ratings --overwrite", 2, 3)]
+    res = run_cli("annotate", "audit", "--db", db, "--item", "x")
+    assert "import-ratings --overwrite" in res.stdout and "2 -> 3" in res.stdout
