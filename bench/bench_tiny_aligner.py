@@ -132,15 +132,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--aligner", help="tiny aligner directory (default: the embedded one, adapter merged)")
-    ap.add_argument("--skip-base", action="store_true", help="run the tiny aligner only")
+    ap.add_argument("--only", choices=["base", "tiny"], help="run one of the two aligners")
     ap.add_argument("--out", help="write the table and per-row verdicts (no texts) as JSON here")
     args = ap.parse_args(argv)
 
     from metaaligner_core.embedded import default_aligner_dir, embedded_model_dir
 
     rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed)
-    candidates = {} if args.skip_base else {"base": str(embedded_model_dir())}
-    candidates["tiny"] = args.aligner or str(default_aligner_dir())
+    candidates = {}
+    if args.only in (None, "base"):
+        candidates["base"] = str(embedded_model_dir())
+    if args.only in (None, "tiny"):
+        candidates["tiny"] = args.aligner or str(default_aligner_dir())
     results, seconds = {}, {}
     for name, path in candidates.items():
         outs, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)

@@ -78,6 +78,13 @@ def export(model: str, out: str, on: str | None = None, rank: int | None = None)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
+    # The base is the embedded model wherever it is cached: record its public name, not this
+    # machine's cache path, and drop PEFT's template model card (training/tiny/README.md is the card).
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out_dir / "README.md").unlink(missing_ok=True)
     info = {"rank": r, "matrices": len(modules), "layers": layers, "modules": short,
             "max_relative_error": round(worst, 6),
             "bytes": (out_dir / "adapter_model.safetensors").stat().st_size}

@@ -40,7 +40,10 @@ MAX_QUERY_WORDS = 12             # longer queries keep their last words (the que
 # --------------------------------------------------------------------------------------------
 # Text helpers
 
-_SENTENCE = re.compile(r"[^.!?\n]*[A-Za-z][^.!?\n]*[.!?]+(?:[\"')\]]+)?")
+# Sentence ends (". ", "?!", '."') and line breaks: the text between two of them is a piece; the
+# pieces that end in a sentence end and hold a letter are sentences ("1." is not). Linear time.
+_BOUNDARY = re.compile(r"[.!?]+(?:[\"')\]]+)?|\n")
+_LETTER = re.compile(r"[A-Za-z]")
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
 
@@ -50,7 +53,33 @@ def words(text: str) -> list[str]:
 
 def sentences(text: str) -> list[str]:
     """The sentences of ``text`` (within lines; a sentence ends at . ! or ?), stripped."""
-    return [m.group(0).strip() for m in _SENTENCE.finditer(text)]
+    return [m.group(0).strip() for m in _sentence_matches(text)]
+
+
+class _Span:
+    """A sentence's place in the text (the shape of a ``re.Match`` the degradations use)."""
+
+    def __init__(self, text: str, start: int, end: int):
+        self._text, self._start, self._end = text, start, end
+
+    def start(self) -> int:
+        return self._start
+
+    def end(self) -> int:
+        return self._end
+
+    def group(self, _=0) -> str:
+        return self._text[self._start:self._end]
+
+
+def _sentence_matches(text: str) -> list[_Span]:
+    out, start = [], 0
+    for b in _BOUNDARY.finditer(text):
+        if b.group(0) != "\n" and _LETTER.search(text, start, b.start()):
+            lead = len(text[start:b.start()]) - len(text[start:b.start()].lstrip())
+            out.append(_Span(text, start + lead, b.end()))
+        start = b.end()
+    return out
 
 
 def _norm(s: str) -> str:
@@ -184,7 +213,7 @@ def usable_draft(text: str) -> bool:
 # Degradations: each breaks one objective of a draft (rng: random.Random)
 
 def _long_sentences(text: str, n: int = 4) -> list[re.Match]:
-    return [m for m in _SENTENCE.finditer(text) if len(m.group(0).split()) >= n]
+    return [m for m in _sentence_matches(text) if len(m.group(0).split()) >= n]
 
 
 def degrade_repetition(text: str, rng: random.Random) -> str:
