@@ -699,7 +699,7 @@ class Store:
         with self._session() as s:
             self._require_admin(s, actor)
             self._check_protocol(s, protocol)
-            items = workflow.load_scores(s, protocol)
+            items = workflow.load_scores(s, protocol, texts=False)
             order = self._objective_order(s, protocol)
             max_score = self._max_score(s, protocol)
             seconds = s.execute(

@@ -194,9 +194,12 @@ class ItemScores:
 
 
 def load_scores(s: Session, protocol: str | None = None, uids: list[str] | None = None,
-                item_ids: list[int] | None = None) -> list[ItemScores]:
-    """Every item (of ``protocol``) with its submitted ratings, notes and reviews, in item order."""
-    q = (select(Item.id, Item.uid, Item.query, Item.is_gold, Item.target_raters, ProtocolRow.name, ProtocolRow.spec)
+                item_ids: list[int] | None = None, texts: bool = True) -> list[ItemScores]:
+    """Every item (of ``protocol``) with its submitted ratings, notes and reviews, in item order
+    (``texts=False``: queries and responses left empty, for figures that need only scores)."""
+    query_col = Item.query if texts else Item.uid
+    text_col = Response.text if texts else Response.source
+    q = (select(Item.id, Item.uid, query_col, Item.is_gold, Item.target_raters, ProtocolRow.name, ProtocolRow.spec)
          .join(ProtocolRow, ProtocolRow.id == Item.protocol_id).order_by(Item.id))
     if protocol:
         q = q.where(ProtocolRow.name == protocol)
@@ -209,7 +212,7 @@ def load_scores(s: Session, protocol: str | None = None, uids: list[str] | None 
     for iid, uid, query, gold, target, pname, spec in s.execute(q):
         if pname not in protos:
             protos[pname] = Protocol.from_dict(spec, source=f"database protocol {pname}")
-        items[iid] = ItemScores(iid, uid, query, protos[pname], pname, bool(gold), target_of(target), [])
+        items[iid] = ItemScores(iid, uid, query if texts else "", protos[pname], pname, bool(gold), target_of(target), [])
     if not items:
         return []
     ids = list(items)
@@ -217,9 +220,9 @@ def load_scores(s: Session, protocol: str | None = None, uids: list[str] | None 
     for start in range(0, len(ids), 5000):
         chunk = ids[start:start + 5000]
         for rid, iid, pos, text, src, gold in s.execute(
-                select(Response.id, Response.item_id, Response.position, Response.text, Response.source, Response.gold)
+                select(Response.id, Response.item_id, Response.position, text_col, Response.source, Response.gold)
                 .where(Response.item_id.in_(chunk)).order_by(Response.item_id, Response.position)):
-            responses[rid] = ResponseScores(rid, pos, text, src, gold)
+            responses[rid] = ResponseScores(rid, pos, text if texts else "", src, gold)
             items[iid].responses.append(responses[rid])
         for rid, iid, who, obj, score, note in s.execute(
                 select(Rating.response_id, Response.item_id, Annotator.name, Rating.objective, Rating.score, Rating.note)
