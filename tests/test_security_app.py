@@ -137,6 +137,29 @@ class RawGradio:
                     break
         return out
 
+    def join(self, fn_index: int, data: list, session_hash: str) -> str:
+        r = self.http.post(f"{self.base}/gradio_api/queue/join",
+                           json={"data": data, "fn_index": fn_index, "session_hash": session_hash,
+                                 "event_data": None, "trigger_id": None})
+        r.raise_for_status()
+        return r.json()["event_id"]
+
+    def collect(self, session_hash: str, event_ids: list[str]) -> dict[str, dict]:
+        """One SSE stream for the session (as the browser reads it): each event's final message."""
+        done: dict[str, dict] = {}
+        with self.http.stream("GET", f"{self.base}/gradio_api/queue/data",
+                              params={"session_hash": session_hash}) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed" and msg.get("event_id") in event_ids:
+                    output = msg.get("output") or {}
+                    done[msg["event_id"]] = {"ok": bool(msg.get("success")), "error": output.get("error")}
+                    if len(done) == len(event_ids):
+                        break
+        return done
+
     def close(self):
         self.http.close()
 
@@ -284,7 +307,8 @@ def upstream():
 @pytest.fixture(scope="module", params=["configured-only", "allow-any-model"])
 def app(request, tmp_path_factory, upstream):
     # The operator's own credentials in a configured URL must not reach any page either.
-    extra = ["--allow-models", f"openai-compatible:up@{upstream.url}/v1,"
+    extra = ["--concurrency", "2",  # two generations may run at once, but never two of one session
+             "--allow-models", f"openai-compatible:up@{upstream.url}/v1,"
              f"openai-compatible:cred@http://op:{OPERATOR_SECRET}@127.0.0.1:{upstream.port}/v1"]
     if request.param == "allow-any-model":
         extra.append("--allow-any-model")
@@ -320,6 +344,9 @@ def test_every_handler_from_unsigned_sessions_leaks_nothing_and_writes_nothing(a
     calls = 0
     for fn, dep in fns:
         base = baseline(comps, dep)
+        res = app.raw.call(fn, base)  # every handler at least once, also those with only state inputs
+        calls += 1
+        assert KEY not in json.dumps(res) and ANTHROPIC_KEY not in json.dumps(res)
         for pos, i in enumerate(dep["inputs"]):
             if hostile_value(comps[i], "x") is None:
                 continue  # server-side state: a request cannot set it
@@ -472,3 +499,41 @@ def test_parallel_guessing_is_throttled_and_logged_without_passwords(app):
     log = app.log_text()
     assert "failed sign-in for account 'boss'" in log
     assert "guess-0" not in log and PASSWORD not in log
+
+
+def test_one_generation_per_session(app):
+    """With room for two generations, a second Align from the same session is refused while its
+    first runs; another session's runs alongside."""
+    cfg = app.raw.config()
+    align = fn_by_api_name(cfg, "align_stream")
+    comps = components(cfg)
+    dep = dict(backend_fns(cfg))[align]
+    by_elem = {comps[i].get("props", {}).get("elem_id"): n for n, i in enumerate(dep["inputs"])}
+    data = [comps[i].get("props", {}).get("value") for i in dep["inputs"]]
+    data[by_elem["objectives-ultrafeedback"]] = ["ultrafeedback/honesty"]
+    data[by_elem["query"]] = "Tell me about the moon."
+    data[by_elem["draft-in"]] = "The moon is made of cheese and it is very close."
+    data[by_elem["max-new-tokens"]] = 96
+    same, other = uuid.uuid4().hex[:11], uuid.uuid4().hex[:11]
+    assert app.raw.call(align, data, session_hash=same)["ok"]  # the model is loaded and warm
+    first = app.raw.join(align, data, same)
+    time.sleep(1.0)  # the first is generating now
+    second = app.raw.join(align, data, same)
+    other_result = {}
+    t = threading.Thread(target=lambda: other_result.update(app.raw.call(align, data, session_hash=other)))
+    t.start()
+    results = RawGradio(app.url).collect(same, [first, second])
+    t.join(timeout=300)
+    assert results[first]["ok"] and other_result.get("ok"), (results, other_result)
+    assert not results[second]["ok"] and "already running in this session" in str(results[second]["error"])
+
+
+def test_a_corrupt_database_stops_the_app_with_one_line(tmp_path):
+    db = tmp_path / "a.db"
+    db.write_bytes(b"not a database at all\n" * 100)
+    r = subprocess.run([sys.executable, "app.py", "--db", f"sqlite:///{db}", "--no-preload", "--port",
+                        str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "app.py: error: sqlite:///" in r.stderr and "not a valid SQLite database" in r.stderr
+
