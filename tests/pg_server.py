@@ -19,7 +19,11 @@ from pathlib import Path
 
 
 def pg_bindir() -> Path | None:
-    """The newest installed PostgreSQL's bin directory (``/usr/lib/postgresql/N/bin``), or None."""
+    """``$METAALIGNER_PG_BINDIR`` (a folder holding ``initdb`` and ``pg_ctl``, for installs outside
+    Debian's layout), else the newest ``/usr/lib/postgresql/N/bin``; None where there is none."""
+    if os.environ.get("METAALIGNER_PG_BINDIR"):
+        given = Path(os.environ["METAALIGNER_PG_BINDIR"])
+        return given if (given / "initdb").is_file() else None
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
                    if Path(p).parts[-3].isdigit() else 0)
     return Path(found[-1]).parent if found else None

@@ -317,3 +317,27 @@ def test_expired_sign_ins_are_refused_and_cleaned_up(sqlite_store, db):
     assert con.execute("SELECT COUNT(*) FROM sign_ins").fetchone()[0] == 1
     con.close()
     assert store.whoami(fresh).name == "ann"
+
+
+def test_a_missing_postgresql_skips_locally_and_fails_under_ci(tmp_path):
+    """The PostgreSQL half of the suite must not pass silently in CI when the server is absent."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("def test_needs_postgres(pg_url):\n    assert pg_url\n", encoding="utf-8")
+    base = {k: v for k, v in os.environ.items() if k != "CI"}
+    base["METAALIGNER_PG_BINDIR"] = str(tmp_path / "no-postgres")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+           "--confcutdir", str(ROOT / "tests"), "-c", str(ROOT / "pyproject.toml"), str(probe)]
+    env = {**base, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    # the probe lives outside tests/, so the suite's conftest is loaded as a plugin
+    local = subprocess.run([*cmd, "-p", "conftest"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout + local.stderr
+    assert "PostgreSQL not installed" in local.stdout  # the skip says why (-ra)
+    ci = subprocess.run([*cmd, "-p", "conftest"], env={**env, "CI": "true"}, capture_output=True, text=True,
+                        timeout=300, cwd=ROOT)
+    assert ci.returncode != 0 and "CI: PostgreSQL not installed" in ci.stdout, ci.stdout + ci.stderr
