@@ -444,7 +444,7 @@ class Store:
                                      f"{r.annotator} already submitted {row.score} for this response on "
                                      f"{r.objective}; this file says {r.score} (pass --overwrite to replace "
                                      "submitted scores; replacements are logged)")
-                changed += row is not None and row.score != r.score
+                changed += row is not None and row.status == SUBMITTED and row.score != r.score
                 self._upsert(s, resp.id, people[r.annotator].id, r.objective, r.score, r.note, None, SUBMITTED,
                              row=row, version=proto.version, audit=(who, via, item.uid, r.annotator))
                 workflow.assign(s, item.id, people[r.annotator].id, submitted=True)
