@@ -8,12 +8,17 @@ Who may do what:
 * An annotator signs in with name and password and gets a random token; every rating function
   takes that token and acts only on that annotator's own ratings. No function takes an
   annotator id from the caller, so one annotator can neither read nor change another's ratings.
-* Exports, agreement and progress of all annotators need an admin token, or :data:`OPERATOR`:
-  the local command line, whose user can open the database file anyway.
+* The review of disagreements (final scores) needs an examiner or admin token; exports, the
+  dashboard, agreement, the audit trail and progress of all annotators need an admin token, or
+  :data:`OPERATOR`: the local command line, whose user can open the database file anyway.
+
+How a study runs (k raters per item, gold items, review, final labels, audit) is in
+:mod:`annotation.workflow`; the dashboard figures in :mod:`annotation.dashboard`.
 
 SQLite (the default, ``sqlite:///data/annotations.db``) runs in WAL mode with foreign keys on;
 write transactions start with ``BEGIN IMMEDIATE`` so concurrent writers queue on the busy
-timeout instead of failing on a lock upgrade. Any other SQLAlchemy URL works too.
+timeout instead of failing on a lock upgrade. PostgreSQL (``postgresql+psycopg://...``) runs the
+same code; the test suite runs on both.
 """
 from __future__ import annotations
 
