@@ -401,6 +401,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
                 yield upd.draft, upd.aligned, sec.strip_credentials(upd.status()), upd.prompt or gr.skip(), None
             if stop.is_set():
                 stream.close()  # stops the model now and frees the generation slot
+                slots.release(session)  # before the last update: the session may start the next run at once
                 yield (upd.draft if upd else gr.skip()), (upd.aligned if upd else gr.skip()), "Stopped.", \
                     gr.skip(), None
                 return
@@ -409,6 +410,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
                       "aligned": upd.aligned, "aligner": aligner}
             done = (f"Done in {end - start:.1f} s (draft {aligning_at - start:.1f} s, "
                     f"correction {end - aligning_at:.1f} s).")
+            slots.release(session)  # the model is done; the session may start the next run at once
             yield upd.draft, upd.aligned, done, upd.prompt, result
         except Exception as e:
             raise _user_error(e) from None
