@@ -646,6 +646,7 @@ def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
         private_temp_dir()
     first_run = first_run_setup(config)
     demo = build_demo(config, first_run=first_run)
+    demo.first_run = first_run  # the set-up token's holder (None when an admin exists)
     # A bounded queue: requests beyond it are refused at once instead of piling up in memory.
     # Generation has its own limit (concurrency_id "generation"); other events are quick.
     demo.queue(max_size=config.limits.queue)
