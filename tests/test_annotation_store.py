@@ -2,7 +2,6 @@
 both): items, k raters per item, saving, isolation, review, audit, final labels, migration."""
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import pytest
