@@ -1,5 +1,6 @@
 """The rating store on SQLite and on a real PostgreSQL server (``db_url`` runs each test on
-both): items, k raters per item, saving, isolation, review, audit, final labels, migration."""
+both): items, k raters per item, saving, isolation; accounts and constraints on SQLite; the
+PostgreSQL fixture's CI rule."""
 from __future__ import annotations
 
 import sqlite3
