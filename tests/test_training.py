@@ -461,6 +461,7 @@ def test_two_process_three_stages_tear_down_each_stage_and_load(tmp_path):
         assert len(rep["events"]) == 3  # warm-up, equal, preference
         # Each stage starts with nothing of the earlier stages alive (gc is off in the script:
         # only the training code's own teardown frees them), and nothing is left at the end.
+        assert rep["alive_before_load"] == [[], [], []]
         assert [e["alive"] for e in rep["events"]] == [[], [], []]
         assert rep["alive_at_end"] == []
         assert rep["timeout_s"] == 1234  # set when the process group was created

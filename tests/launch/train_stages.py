@@ -1,7 +1,7 @@
 """Run under ``accelerate launch`` by tests/test_training.py (not a test module itself).
 
-``stages DATA BASE OUT REPORT``: the three-stage training with a callback that records, at each
-stage's start, which earlier stages' models and optimizers are still alive. Automatic garbage
+``stages DATA BASE OUT REPORT``: the three-stage training, recording which earlier stages' models
+and optimizers (seen by a callback) are still alive when each stage loads its model and starts. Automatic garbage
 collection is off, so only the training code's own teardown can free them.
 ``args BASE OUT REPORT``: build one stage's training arguments and trainer as ``train`` does and
 report the gradient-synchronisation setting the trainer's accelerator received.
@@ -31,7 +31,17 @@ def timeout_seconds():
 
 
 def stages(data, base, out, report):
-    refs, events = [], []
+    import metaaligner_core.training as training
+
+    refs, events, before_load = [], [], []
+    load_model = training.load_model
+
+    def watched_load_model(*args, **kwargs):
+        # The moment a stage loads its model: everything of the earlier stages must be gone by now.
+        before_load.append([name for name, r in refs if r() is not None])
+        return load_model(*args, **kwargs)
+
+    training.load_model = watched_load_model
 
     class Watch(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -46,7 +56,7 @@ def stages(data, base, out, report):
                       epochs=1, lr=1e-3, warmup_ratio=0.0)  # one step per stage: no warm-up, or lr is 0
     final = train(cfg, callbacks=[Watch()])
     result = {"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)),
-              "events": events, "alive_at_end": [name for name, r in refs if r() is not None],
+              "events": events, "alive_before_load": before_load, "alive_at_end": [name for name, r in refs if r() is not None],
               "timeout_s": timeout_seconds(), "final": str(final)}
     with open(f"{report}.{result['rank']}", "w") as fh:
         json.dump(result, fh)
