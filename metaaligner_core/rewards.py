@@ -182,15 +182,19 @@ class RewardScorer:
     """One loaded reward model; :meth:`score` gives raw rewards for (query, response) rows."""
 
     def __init__(self, rm: RewardModelSpec, device: str | None = None, batch_size: int = 16,
-                 dtype: str | None = None, max_batch_tokens: int = 8192):
+                 dtype: str | None = None, max_batch_tokens: int | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from .models import resolve_pretrained
 
         self.rm, self.batch_size = rm, max(1, int(batch_size))
-        self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.device = _auto_device(device)
+        # A GPU wants big batches; on a CPU large padded activations fall out of cache and the
+        # element-wise layers become memory-bound, so CPU batches stay small (bench_reward.py).
+        if max_batch_tokens is None:
+            max_batch_tokens = 8192 if self.device.startswith("cuda") else 1024
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
         # The authors load reward models in bf16 (on GPUs); a CPU runs fp32.
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
             dtype or ("bf16" if self.device.startswith("cuda") else "fp32"))
