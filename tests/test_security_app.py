@@ -524,8 +524,12 @@ def test_one_generation_per_session(app):
     t.start()
     results = RawGradio(app.url).collect(same, [first, second])
     t.join(timeout=300)
-    assert results[first]["ok"] and other_result.get("ok"), (results, other_result)
-    assert not results[second]["ok"] and "already running in this session" in str(results[second]["error"])
+    assert other_result.get("ok"), other_result
+    # Exactly one of the session's two runs went ahead (on a busy machine the queue may start the
+    # second before the first has taken the session's slot), and the other was refused.
+    outcomes = sorted((r["ok"], str(r["error"])) for r in results.values())
+    assert [ok for ok, _ in outcomes] == [False, True], results
+    assert "already running in this session" in outcomes[0][1], results
 
 
 def test_a_corrupt_database_stops_the_app_with_one_line(tmp_path):
