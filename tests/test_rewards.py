@@ -132,6 +132,7 @@ def labels_from_rows(out_dir, records):
     return got
 
 
+@pytest.mark.slow  # builds tiny reward models / runs the CLI
 def test_labels_equal_independently_computed_rewards_pairs_and_response_only(tmp_path, rms):
     records = _records()
     src = write_jsonl(tmp_path / "harmless-base-train.jsonl", records)
@@ -156,6 +157,7 @@ def test_labels_equal_independently_computed_rewards_pairs_and_response_only(tmp
     assert "make it equal" in row["prompt"] and "Context: \n\nHuman: " in row["prompt"]
 
 
+@pytest.mark.slow  # builds tiny reward models / runs the CLI
 def test_tie_margin_widens_the_tie(tmp_path, rms):
     records = _records(10, seed=1)
     src = write_jsonl(tmp_path / "hh.jsonl", records)
@@ -175,6 +177,7 @@ def test_tie_margin_widens_the_tie(tmp_path, rms):
     assert ties[1] > ties[0]
 
 
+@pytest.mark.slow  # builds tiny reward models / runs the CLI
 def test_scores_are_cached_and_a_rebuild_loads_no_model(tmp_path, rms):
     model_dir = tmp_path / "tiny-harmless-copy"
     shutil.copytree(rms["harmless"], model_dir)
@@ -193,6 +196,7 @@ def test_scores_are_cached_and_a_rebuild_loads_no_model(tmp_path, rms):
         build_dataset_files([str(src)], tmp_path / "a", **kw)
 
 
+@pytest.mark.slow  # builds tiny reward models / runs the CLI
 def test_batched_scores_equal_one_at_a_time(rms):
     recs = _records(12, seed=3)
     queries = [authors_query(r["chosen"])[0] for r in recs]
@@ -227,6 +231,7 @@ def test_reward_model_specs():
             parse_reward_models(bad)
 
 
+@pytest.mark.slow  # builds tiny reward models / runs the CLI
 def test_cli_errors_for_reward_options(tmp_path):
     src = write_jsonl(tmp_path / "hh.jsonl", _records(2))
     r = run_cli("-q", "build-dataset", "--input", src, "--out", tmp_path / "o", "--reward-models", "wisdom=x/y")
