@@ -576,7 +576,7 @@ def build_dataset_files(inputs: Sequence[str], out_dir: str | os.PathLike, *, so
                         template: str | None = "ultrafeedback", objectives: Sequence[Objective] = (),
                         warmup_size: int | str = 0, seed: int = 42, progress: bool = False,
                         reward_models=None, tie_margin: float = 0.0, reward_device: str | None = None,
-                        reward_batch_size: int = 16, holdout_last: int = 0,
+                        reward_batch_size: int | None = None, holdout_last: int = 0,
                         non_numeric_ratings: str = "skip-aspect") -> dict:
     """Read inputs, run Algorithm 1, write ``out_dir``; return the stats dict.
 

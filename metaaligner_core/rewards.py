@@ -181,19 +181,23 @@ def _auto_device(device: str | None) -> str:
 class RewardScorer:
     """One loaded reward model; :meth:`score` gives raw rewards for (query, response) rows."""
 
-    def __init__(self, rm: RewardModelSpec, device: str | None = None, batch_size: int = 16,
+    def __init__(self, rm: RewardModelSpec, device: str | None = None, batch_size: int | None = None,
                  dtype: str | None = None, max_batch_tokens: int | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from .models import resolve_pretrained
 
-        self.rm, self.batch_size = rm, max(1, int(batch_size))
+        self.rm = rm
         self.device = _auto_device(device)
         # A GPU wants big batches; on a CPU large padded activations fall out of cache and the
         # element-wise layers become memory-bound, so CPU batches stay small (bench_reward.py).
+        # On this project's 2-core CPU a 6-layer model scored one row at a time beat batches of 16
+        # (0.4-0.6x), a 2-layer one did not (1.9x): compute-bound CPUs default to one row.
+        gpu = self.device.startswith("cuda")
+        self.batch_size = max(1, int(batch_size)) if batch_size else (16 if gpu else 1)
         if max_batch_tokens is None:
-            max_batch_tokens = 8192 if self.device.startswith("cuda") else 1024
+            max_batch_tokens = 8192 if gpu else 1024
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         # The authors load reward models in bf16 (on GPUs); a CPU runs fp32.
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
@@ -306,7 +310,7 @@ class RewardScorer:
 
 
 def label_records(records: list, specs: Sequence[RewardModelSpec], *, cache_path=None, tie_margin: float = 0.0,
-                  device: str | None = None, batch_size: int = 16, progress: bool = False,
+                  device: str | None = None, batch_size: int | None = None, progress: bool = False,
                   stats: dict | None = None) -> None:
     """Score both responses of every record with every reward model (cached) and set
     ``record.labels[spec.key]`` from the rounded rewards. ``stats`` receives per-key counts."""

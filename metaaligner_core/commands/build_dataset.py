@@ -41,7 +41,9 @@ def register(sub) -> None:
     g.add_argument("--tie-margin", type=float, default=0.0, metavar="X",
                    help="with --reward-models: rounded rewards at most X apart are a tie (default 0)")
     g.add_argument("--reward-device", default=None, metavar="DEV", help="auto (default: cuda when present), cpu, cuda")
-    g.add_argument("--reward-batch-size", type=int, default=16, metavar="N", help="rows per forward pass (default 16)")
+    g.add_argument("--reward-batch-size", type=int, default=None, metavar="N",
+                   help="rows per forward pass (default: 16 on a GPU, 1 on a CPU, where batching large "
+                        "models measured slower: bench/bench_reward.py)")
     g = p.add_argument_group("test split and UltraFeedback ratings")
     g.add_argument("--holdout-last", type=int, default=0, metavar="N",
                    help="hold out the last N input records as OUT/holdout.jsonl ({query, golden}) instead of "
@@ -61,7 +63,7 @@ def run(args) -> int:
     from ..dataset import check_warmup_size
 
     warmup = check_warmup_size(args.warmup_size)
-    if args.reward_batch_size < 1:
+    if args.reward_batch_size is not None and args.reward_batch_size < 1:
         raise MetaAlignerError("--reward-batch-size: expected a number >= 1")
     objectives = parse_objectives(args.objectives, family=args.template) if args.objectives else []
     stats = build_dataset_files(args.input, args.out, source=args.source, template=args.template,
