@@ -3,6 +3,8 @@
 MODEL strings (:func:`parse_model`):
 
 - ``default``: the embedded SmolLM2-135M-Instruct;
+- ``tiny``: the embedded model with the project's tiny MetaAligner adapter merged
+  (``training/tiny``; four program-checkable objectives only, see its README);
 - a local directory (``config.json`` inside), a ``.gguf`` file, or a Hugging Face id;
 - ``openai:NAME`` (key ``OPENAI_API_KEY``), ``anthropic:NAME`` (key ``ANTHROPIC_API_KEY``);
 - ``openai-compatible:NAME@URL``: any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp).
@@ -94,6 +96,10 @@ def is_default(spec: str | None) -> bool:
     return spec is None or canonical(spec) == "default"
 
 
+def is_tiny(spec: str | None) -> bool:
+    return spec is not None and canonical(spec) == "tiny"
+
+
 def compat_api_key() -> str | None:
     """The key sent to ``openai-compatible:`` servers: never ``OPENAI_API_KEY``."""
     var = os.environ.get(COMPAT_KEY_ENV_VAR, "").strip() or COMPAT_KEY_VAR
@@ -117,6 +123,9 @@ def resolve_pretrained(spec: str | None) -> tuple[str, dict]:
     """Map a MODEL string to ``(name_or_path, extra from_pretrained kwargs)``."""
     if is_default(spec):
         return str(embedded_model_dir()), {}
+    if is_tiny(spec):
+        from .embedded import default_aligner_dir
+        return str(default_aligner_dir()), {}
     spec = str(spec)
     if is_api_model(spec):
         raise MetaAlignerError(f'"{spec}" is an API model; it can only be used as a policy, not loaded locally')

@@ -246,6 +246,15 @@ def test_shipped_adapter_is_small_and_merges_exactly(merged_dir, embedded_dir):
     assert untouched and all(bool((merged[k] == base[k]).all()) for k in untouched)
 
 
+@pytest.mark.slow
+def test_tiny_model_string_is_the_merged_aligner(merged_dir):
+    from metaaligner_core.models import is_default, parse_model, resolve_pretrained
+
+    assert resolve_pretrained("tiny") == (str(merged_dir), {})
+    assert resolve_pretrained(" tiny ") == (str(merged_dir), {})
+    assert not parse_model("tiny").is_api and not is_default("tiny")
+
+
 # The CPU-trained adapter does not reach this (README: measured figures; it tends to answer the
 # query instead of editing the draft). Strict: a better adapter that passes turns this red, so the
 # marker is removed together with the claim in the README.
