@@ -84,19 +84,25 @@ def embedded_model_dir() -> Path:
     plain.tie_weights()
     plain.generation_config = model.generation_config
 
+    _save_atomically(plain, tok, target)
+    return target
+
+
+def _save_atomically(model, tok, target: Path) -> None:
+    """Write a model directory into a temporary sibling and rename it into place, so a killed
+    process never leaves a half-written cache; a concurrent writer that finished first wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not is_cached():  # another process won the race only if it finished
+            if not (target / "model.safetensors").is_file():  # the other writer finished
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,16 +150,5 @@ def default_aligner_dir() -> Path:
     merged.config.name_or_path = ALIGNER_DISPLAY_NAME
     tok = AutoTokenizer.from_pretrained(base)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _save_atomically(merged, tok, target)
     return target
