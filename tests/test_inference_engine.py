@@ -62,3 +62,55 @@ def test_batched_equals_one_by_one_on_the_tiny_model(tiny):
     together = tiny.generate(PROMPTS, s, batch_size=3, prefix_lens=[4] * 4)
     alone = [tiny.generate([p], s, batch_size=1)[0] for p in PROMPTS]
     assert together == alone and all(together)
+
+
+def _next_in_new_thread(gen):
+    import threading
+
+    box = {}
+
+    def step():
+        try:
+            box["item"] = next(gen)
+        except StopIteration:
+            box["done"] = True
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=step)
+    t.start()
+    t.join(timeout=60)
+    if "error" in box:
+        raise box["error"]
+    return box
+
+
+@pytest.mark.parametrize("plain_cache", [False, True])
+def test_a_stream_resumed_by_other_threads_gives_the_same_tokens(tiny, monkeypatch, plain_cache):
+    """Gradio resumes a streaming generator in whichever worker thread is free; inference mode is
+    per thread, so every step must enter it itself (a stream resumed elsewhere used to fail writing
+    into its cache buffers outside inference mode)."""
+    from metaaligner_core.engine import generator as engine
+    from metaaligner_core.settings import GenerationSettings
+
+    if plain_cache:
+        monkeypatch.setattr(engine, "all_buffered", lambda cache: False)
+    greedy = GenerationSettings(max_new_tokens=8)
+    want = "".join(tiny.stream(PROMPTS[2], greedy, 4))
+    gen, pieces = tiny.stream(PROMPTS[2], greedy, 4), []
+    while True:
+        box = _next_in_new_thread(gen)
+        if box.get("done"):
+            break
+        pieces.append(box["item"])
+    assert "".join(pieces) == want and want
+    half = tiny.stream(PROMPTS[2], greedy, 4)  # closed part-way from another thread: no error, no leak
+    _next_in_new_thread(half)
+    import threading
+
+    t = threading.Thread(target=half.close)
+    t.start()
+    t.join(timeout=60)
+    import torch
+
+    assert not torch.is_inference_mode_enabled()

@@ -31,6 +31,35 @@ from .sampling import LogitsPipeline
 
 log = logging.getLogger(__name__)
 
+def _steps_in_inference_mode(steps):
+    """Run each step of a decoding generator under ``torch.inference_mode()``.
+
+    Inference mode is per thread, and a streamed generator may be resumed by another thread at
+    every step (Gradio hands each ``next()`` to a worker pool): a ``with`` block around the whole
+    loop would leave later steps outside inference mode, where writing into the cache buffers (made
+    in inference mode) raises. So the mode is entered for each step, in whichever thread runs it."""
+    import functools
+
+    @functools.wraps(steps)
+    def run(*args, **kwargs):
+        import torch
+
+        gen = steps(*args, **kwargs)
+        try:
+            while True:
+                with torch.inference_mode():
+                    try:
+                        item = next(gen)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            with torch.inference_mode():
+                gen.close()
+
+    return run
+
+
 class LocalGenerator:
     """A loaded causal LM and its tokenizer, generating from token ids.
 
@@ -212,6 +241,7 @@ class LocalGenerator:
                 logits[r] = out.logits[j, -1]
         return kv, torch.stack(logits)
 
+    @_steps_in_inference_mode
     def decode_steps(self, prompts: list[list[int]], sampling: GenerationSettings, prefix_len: int = 0,
                       batch_size: int | None = None) -> Iterator[tuple[list[int], list[int], list[int]]]:
         """The decoding loop over ``prompts`` (longest first), at most ``batch_size`` in flight.
@@ -251,100 +281,100 @@ class LocalGenerator:
         logits = None
         T = 0  # columns in use
         plan, plan_at, plan_rows = [], 0, None  # chunked attention: its runs, T and rows when made
-        with torch.inference_mode():
-            while True:
-                live = [i for i in rows if i not in finished]
-                if queue and (not live or len(live) <= batch_size - max(1, batch_size // 4)):
-                    # Compact: finished rows leave, the next prompts take their places, and the
-                    # buffer shrinks to the widest live row.
-                    keep = [k for k, i in enumerate(rows) if i not in finished]
-                    new = [queue.pop() for _ in range(min(batch_size - len(keep), len(queue)))]
-                    kv, new_logits = self._prefill([prompts[i] for i in new], P)
-                    used = [T - int(mask[k].argmax()) for k in keep]  # columns each kept row uses
-                    width = max(used + [len(prompts[i]) for i in new])
-                    keep_w = min(T, width)
-                    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-                    if keep:
-                        cache.batch_select_indices(keep_t)
-                    for li, layer in enumerate(cache.layers):
-                        if layer._k is None:
-                            k0, v0 = kv[li][0]
-                            layer.allocate(k0, v0, batch_size, width + sampling.max_new_tokens)
-                            layer.set_rows(0)
-                        if keep and width != T:
-                            layer.move_columns(T - keep_w, T, width - keep_w)
-                        for j, i in enumerate(new):
-                            r = len(keep) + j
-                            k, v = kv[li][j]
-                            if P:
-                                pk, pv = prefix_kv[li]
-                                layer.write(r, width - len(prompts[i]), pk, pv)
-                            layer.write(r, width - k.shape[-2], k, v)
-                        layer.set_rows(len(keep) + len(new))
-                        layer.set_length(width)
-                    new_mask = torch.zeros((len(keep) + len(new), width), dtype=torch.long, device=dev)
-                    if keep:
-                        new_mask[:len(keep), width - keep_w:] = mask[keep_t, T - keep_w:]
-                    for j, i in enumerate(new):
-                        new_mask[len(keep) + j, width - len(prompts[i]):] = 1
-                    mask, T = new_mask, width
-                    logits = new_logits if not keep else torch.cat([logits[keep_t], new_logits.to(logits.dtype)])
-                    rows = [rows[k] for k in keep] + new
-                    if self.chunked:  # rows by columns used, longest first (kept in order as all grow)
-                        used = (T - mask.argmax(-1)).tolist()
-                        perm = sorted(range(len(rows)), key=lambda r: -used[r])
-                        if perm != list(range(len(rows))):
-                            perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
-                            cache.batch_select_indices(perm_t)
-                            mask, logits = mask[perm_t], logits[perm_t]
-                            rows = [rows[r] for r in perm]
-                    for i in new:
-                        count[i] = 0
-                        if pick.needs_history:
-                            seen[i] = list(prompts[i])
-                if not rows:
-                    return
-                nxt = pick(logits, [seen[i] for i in rows] if pick.needs_history else None)
-                tokens = nxt.tolist()
-                emit = [(i, t) for i, t in zip(rows, tokens) if i not in finished]
-                done_now = []
-                for i, t in emit:
-                    count[i] += 1
-                    if pick.needs_history:
-                        seen[i].append(t)
-                    if t in self.eos_ids or count[i] >= sampling.max_new_tokens:
-                        finished.add(i)
-                        done_now.append(i)
-                yield [i for i, _ in emit], [t for _, t in emit], done_now
-                live = [i for i in rows if i not in finished]
-                if not live:
-                    if not queue:
-                        return
-                    continue  # everything in flight finished: the next prompts take over
-                if not queue and 4 * (len(rows) - len(live)) >= len(rows):
-                    keep = [k for k, i in enumerate(rows) if i not in finished]
-                    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        while True:
+            live = [i for i in rows if i not in finished]
+            if queue and (not live or len(live) <= batch_size - max(1, batch_size // 4)):
+                # Compact: finished rows leave, the next prompts take their places, and the
+                # buffer shrinks to the widest live row.
+                keep = [k for k, i in enumerate(rows) if i not in finished]
+                new = [queue.pop() for _ in range(min(batch_size - len(keep), len(queue)))]
+                kv, new_logits = self._prefill([prompts[i] for i in new], P)
+                used = [T - int(mask[k].argmax()) for k in keep]  # columns each kept row uses
+                width = max(used + [len(prompts[i]) for i in new])
+                keep_w = min(T, width)
+                keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+                if keep:
                     cache.batch_select_indices(keep_t)
-                    rows = [rows[k] for k in keep]
-                    nxt, mask = nxt[keep_t], mask[keep_t]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-                T += 1
-                positions = mask.sum(-1, keepdim=True) - 1
-                if self.chunked and mask.shape[0] > 1:
-                    # Every row grows by one column a step, so a plan holds until the rows change.
-                    if plan_rows != rows:
-                        plan, plan_at, plan_rows = attention.chunk_plan((positions[:, 0] + 1).tolist()), T, list(rows)
-                    shift = T - plan_at
-                    attention.PLAN.chunks = [(a, b, w + shift) for a, b, w in plan] if len(plan) > 1 else None
-                try:
-                    out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                     use_cache=True, **self._cache_kw(cache))
-                finally:
-                    attention.PLAN.chunks = None
-                logits = out.logits[:, -1, :]
+                for li, layer in enumerate(cache.layers):
+                    if layer._k is None:
+                        k0, v0 = kv[li][0]
+                        layer.allocate(k0, v0, batch_size, width + sampling.max_new_tokens)
+                        layer.set_rows(0)
+                    if keep and width != T:
+                        layer.move_columns(T - keep_w, T, width - keep_w)
+                    for j, i in enumerate(new):
+                        r = len(keep) + j
+                        k, v = kv[li][j]
+                        if P:
+                            pk, pv = prefix_kv[li]
+                            layer.write(r, width - len(prompts[i]), pk, pv)
+                        layer.write(r, width - k.shape[-2], k, v)
+                    layer.set_rows(len(keep) + len(new))
+                    layer.set_length(width)
+                new_mask = torch.zeros((len(keep) + len(new), width), dtype=torch.long, device=dev)
+                if keep:
+                    new_mask[:len(keep), width - keep_w:] = mask[keep_t, T - keep_w:]
+                for j, i in enumerate(new):
+                    new_mask[len(keep) + j, width - len(prompts[i]):] = 1
+                mask, T = new_mask, width
+                logits = new_logits if not keep else torch.cat([logits[keep_t], new_logits.to(logits.dtype)])
+                rows = [rows[k] for k in keep] + new
+                if self.chunked:  # rows by columns used, longest first (kept in order as all grow)
+                    used = (T - mask.argmax(-1)).tolist()
+                    perm = sorted(range(len(rows)), key=lambda r: -used[r])
+                    if perm != list(range(len(rows))):
+                        perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
+                        cache.batch_select_indices(perm_t)
+                        mask, logits = mask[perm_t], logits[perm_t]
+                        rows = [rows[r] for r in perm]
+                for i in new:
+                    count[i] = 0
+                    if pick.needs_history:
+                        seen[i] = list(prompts[i])
+            if not rows:
+                return
+            nxt = pick(logits, [seen[i] for i in rows] if pick.needs_history else None)
+            tokens = nxt.tolist()
+            emit = [(i, t) for i, t in zip(rows, tokens) if i not in finished]
+            done_now = []
+            for i, t in emit:
+                count[i] += 1
+                if pick.needs_history:
+                    seen[i].append(t)
+                if t in self.eos_ids or count[i] >= sampling.max_new_tokens:
+                    finished.add(i)
+                    done_now.append(i)
+            yield [i for i, _ in emit], [t for _, t in emit], done_now
+            live = [i for i in rows if i not in finished]
+            if not live:
+                if not queue:
+                    return
+                continue  # everything in flight finished: the next prompts take over
+            if not queue and 4 * (len(rows) - len(live)) >= len(rows):
+                keep = [k for k, i in enumerate(rows) if i not in finished]
+                keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+                cache.batch_select_indices(keep_t)
+                rows = [rows[k] for k in keep]
+                nxt, mask = nxt[keep_t], mask[keep_t]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            T += 1
+            positions = mask.sum(-1, keepdim=True) - 1
+            if self.chunked and mask.shape[0] > 1:
+                # Every row grows by one column a step, so a plan holds until the rows change.
+                if plan_rows != rows:
+                    plan, plan_at, plan_rows = attention.chunk_plan((positions[:, 0] + 1).tolist()), T, list(rows)
+                shift = T - plan_at
+                attention.PLAN.chunks = [(a, b, w + shift) for a, b, w in plan] if len(plan) > 1 else None
+            try:
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                                 use_cache=True, **self._cache_kw(cache))
+            finally:
+                attention.PLAN.chunks = None
+            logits = out.logits[:, -1, :]
 
     _decode_steps = decode_steps  # the name metaaligner_core.serve used first
 
+    @_steps_in_inference_mode
     def _decode_plain(self, prompts: list[list[int]], sampling: GenerationSettings):
         """One padded batch through transformers' own cache (models whose layers are not all full attention)."""
         import torch
@@ -363,22 +393,21 @@ class LocalGenerator:
         pick = LogitsPipeline(sampling, dev)
         seen = [list(p) for p in prompts]
         finished = [False] * n
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             use_cache=True, logits_to_keep=1, **self._cache_kw(cache))
-            for step in range(sampling.max_new_tokens):
-                nxt = pick(out.logits[:, -1, :], seen if pick.needs_history else None)
-                emit = [(r, t) for r, t in enumerate(nxt.tolist()) if not finished[r]]
-                done_now = []
-                for r, t in emit:
-                    seen[r].append(t)
-                    if t in self.eos_ids or step == sampling.max_new_tokens - 1:
-                        finished[r] = True
-                        done_now.append(r)
-                yield [r for r, _ in emit], [t for _, t in emit], done_now
-                if all(finished):
-                    return
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                                 position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
-                                 **self._cache_kw(cache))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1, **self._cache_kw(cache))
+        for step in range(sampling.max_new_tokens):
+            nxt = pick(out.logits[:, -1, :], seen if pick.needs_history else None)
+            emit = [(r, t) for r, t in enumerate(nxt.tolist()) if not finished[r]]
+            done_now = []
+            for r, t in emit:
+                seen[r].append(t)
+                if t in self.eos_ids or step == sampling.max_new_tokens - 1:
+                    finished[r] = True
+                    done_now.append(r)
+            yield [r for r, _ in emit], [t for _, t in emit], done_now
+            if all(finished):
+                return
+            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                             position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
+                             **self._cache_kw(cache))
