@@ -10,7 +10,10 @@ Pure functions over :class:`annotation.workflow.ItemScores`:
   mean absolute difference from the other raters' mean on the same response, gold accuracy;
 * ``distribution``: how often each score was given, per objective;
 * ``progress``: items, complete (k raters submitted), reviewed, waiting for review, gold;
-* ``time``: median seconds per item, overall and per rater.
+* ``time``: median seconds per item, overall and per rater;
+* ``alpha_by_batch``: alpha per objective within consecutive batches of items in the order they
+  were completed (their last submission), so a change of serving order (a protocol's
+  ``order: disagreement``) or of guidelines shows in the figures of later batches.
 """
 from __future__ import annotations
 
@@ -22,8 +25,30 @@ from . import agreement as agreement_mod
 from .workflow import ItemScores, final_label, gold_accuracy
 
 
+DEFAULT_BATCH = 20  # items per batch of alpha_by_batch
+
+
+def alpha_by_batch(items: list[ItemScores], keys: Sequence[str], domain: Sequence[int], completed_at: dict,
+                   batch_size: int = DEFAULT_BATCH) -> dict:
+    """Alpha per objective in batches of ``batch_size`` complete items, in order of completion."""
+    done = sorted((it for it in items if it.complete and it.item_id in completed_at),
+                  key=lambda it: (completed_at[it.item_id], it.item_id))
+    batches = []
+    for start in range(0, len(done), batch_size):
+        chunk = done[start:start + batch_size]
+        alphas = {}
+        for key in keys:
+            counts = agreement_mod.unit_counts([r.raters[key] for it in chunk for r in it.responses if key in r.raters],
+                                               domain)
+            a = agreement_mod.ordinal_alpha(counts)
+            alphas[key] = None if a is None else round(a, 4)
+        batches.append({"batch": len(batches) + 1, "items": len(chunk),
+                        "completed_until": completed_at[chunk[-1].item_id].isoformat(), "alpha": alphas})
+    return {"batch_size": batch_size, "batches": batches}
+
+
 def figures(items: list[ItemScores], order: Sequence[str], max_score: int, seconds, bootstrap: int = 1000,
-            seed: int = 0) -> dict:
+            seed: int = 0, completed_at: dict | None = None, batch_size: int = DEFAULT_BATCH) -> dict:
     domain = list(range(max_score + 1))
     regular = [it for it in items if not it.is_gold]
     keys = list(dict.fromkeys([*order, *(o.key for it in items for o in it.protocol.objectives)]))
@@ -105,6 +130,7 @@ def figures(items: list[ItemScores], order: Sequence[str], max_score: int, secon
         "progress": progress,
         "time": {"median_seconds_per_item": round(statistics.median(all_seconds), 1) if all_seconds else None},
         "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "response"},
+        "alpha_by_batch": alpha_by_batch(regular, keys, domain, completed_at or {}, batch_size),
     }
 
 

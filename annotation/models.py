@@ -205,3 +205,38 @@ class RatingEvent(Base):
     old_status: Mapped[str | None] = mapped_column(String(16))
     new_status: Mapped[str | None] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)  # the examiner's reason
+
+
+class ABStudy(Base):
+    """A blind A/B study: the same held-out queries' drafts corrected by a baseline and a
+    candidate aligner, rated by the study's raters without knowing which is which. Which
+    response came from which aligner is recorded here (and in :class:`ABResponse`) for admins."""
+
+    __tablename__ = "ab_studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    baseline: Mapped[str] = mapped_column(Text)  # MODEL strings
+    candidate: Mapped[str] = mapped_column(Text)
+    template: Mapped[str] = mapped_column(String(40))
+    seed: Mapped[int] = mapped_column(Integer)
+    queries: Mapped[list] = mapped_column(JSON)  # uids of the study items whose queries (and drafts) were used
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ABResponse(Base):
+    """Which aligner (``baseline`` or ``candidate``) wrote one response of an A/B item."""
+
+    __tablename__ = "ab_responses"
+    # Both arms may point at one response: two identical corrections are one response (a tie).
+    __table_args__ = (CheckConstraint("arm IN ('baseline', 'candidate')", name="ck_ab_arm"),
+                      UniqueConstraint("response_id", "arm", name="uq_ab_response_arm"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("ab_studies.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    arm: Mapped[str] = mapped_column(String(16))
+    source_item: Mapped[str] = mapped_column(String(200))  # uid of the study item the query came from

@@ -8,6 +8,7 @@ A protocol is a YAML or JSON file::
     source: ...                       # optional citation
     raters: 2                         # optional: raters per item (k); default 2
     review: any                       # optional: which items the examiner reviews (see below)
+    order: disagreement               # optional: which items raters get first (see below)
     procedure: ...                    # optional: the study's procedure, shown above the rubric
     guidelines: |
       ...
@@ -28,6 +29,13 @@ A protocol is a YAML or JSON file::
 ``review`` is ``any`` (an item goes to the examiner when any two of its raters' scores differ on
 any response and objective), ``range:N`` (when they differ by N or more), ``all`` or ``none``.
 
+``order`` is ``default`` (items short of their k raters, least-assigned first) or
+``disagreement``: among the items still short of raters, those whose submitted scores disagree
+most come first (disagreement: the mean, over responses and objectives rated by two or more,
+of the highest minus the lowest score); items with no disagreement yet follow, least-rated
+first. A team's hours then go where agreement is low; the dashboard's alpha per batch shows the
+effect.
+
 Built-in protocols ship in ``annotation/protocols/`` (``imhi``, ``ultrafeedback``); any other
 protocol is a path to such a file. Objective keys that are built-in objective keys keep the
 built-in wording unless a description is given; every exported pair carries each objective's
@@ -46,6 +54,7 @@ SCORES = (0, 1, 2, 3)  # the IMHI scale, and the default
 MAX_LEVEL = 10
 DEFAULT_VERSION = "1"
 REVIEW_RULES = ("any", "all", "none")  # and "range:N"
+ORDERS = ("default", "disagreement")
 PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
 
 
@@ -97,6 +106,7 @@ class Protocol:
     procedure: str | None = None
     raters: int | None = None  # raters per item (k); None: the store's default
     review: str = "any"
+    order: str = "default"
 
     @property
     def max_score(self) -> int:
@@ -122,7 +132,10 @@ class Protocol:
 
     def to_dict(self) -> dict:
         """Plain JSON-able data that :meth:`from_dict` reads back (the database stores it)."""
-        return _plain(asdict(self))
+        data = _plain(asdict(self))
+        if data["order"] == "default":  # absent, as in databases written before the option existed
+            del data["order"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<protocol>") -> "Protocol":
@@ -213,6 +226,9 @@ def _parse(data, source: str) -> Protocol:
     review = data.get("review", "any")
     if not isinstance(review, str) or not (review in REVIEW_RULES or _range_rule(review)):
         raise bad("review", 'expected "any", "all", "none" or "range:N"')
+    order = data.get("order", "default")
+    if order not in ORDERS:
+        raise bad("order", f'expected {" or ".join(repr(o) for o in ORDERS)}')
     objs = data.get("objectives")
     if not isinstance(objs, list) or not objs:
         raise bad("objectives", "expected a non-empty list")
@@ -285,7 +301,8 @@ def _parse(data, source: str) -> Protocol:
     return Protocol(name=name.strip(), title=str(data.get("title") or name).strip(),
                     guidelines=guidelines.strip(), objectives=tuple(parsed), version=version.strip(),
                     source=(data.get("source") or "").strip() or None,
-                    procedure=(data.get("procedure") or "").strip() or None, raters=raters, review=review)
+                    procedure=(data.get("procedure") or "").strip() or None, raters=raters, review=review,
+                    order=order)
 
 
 def _range_rule(rule: str) -> bool:

@@ -697,8 +697,11 @@ class Store:
             return agreement_mod.alpha_from_counts(rows, raters, self._objective_order(s, protocol),
                                                    domain=range(self._max_score(s, protocol) + 1))
 
-    def dashboard(self, actor, protocol: str | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
-        """Every figure of the admins' dashboard (and ``annotate agreement --json``)."""
+    def dashboard(self, actor, protocol: str | None = None, bootstrap: int = 1000, seed: int = 0,
+                  batch_size: int = 20) -> dict:
+        """Every figure of the admins' dashboard (and ``annotate agreement --json``); ``batch_size``:
+        items per batch of ``alpha_by_batch``."""
+        from . import ab as ab_mod
         from . import dashboard as dashboard_mod
 
         with self._session() as s:
@@ -714,7 +717,15 @@ class Store:
                 .where(Rating.status == SUBMITTED, Rating.seconds.is_not(None),
                        *([ProtocolRow.name == protocol] if protocol else []))
                 .group_by(Response.item_id, Annotator.name)).all()
-        return dashboard_mod.figures(items, order, max_score, seconds, bootstrap=bootstrap, seed=seed)
+            ab_figures = ab_mod.figures_in_session(s, protocol, bootstrap=bootstrap, seed=seed)
+            completed_at = {iid: _aware(at) for iid, at in s.execute(
+                select(Assignment.item_id, func.max(Assignment.submitted_at))
+                .where(Assignment.status == SUBMITTED, Assignment.submitted_at.is_not(None))
+                .group_by(Assignment.item_id))}
+        out = dashboard_mod.figures(items, order, max_score, seconds, bootstrap=bootstrap, seed=seed,
+                                    completed_at=completed_at, batch_size=batch_size)
+        out["ab"] = ab_figures
+        return out
 
     def rating_records(self, actor, protocol: str | None = None) -> list[dict]:
         """Submitted ratings in the ratings format (plus note, seconds, protocol, its version, gold)."""

@@ -132,6 +132,9 @@ def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) ->
         if g is not None:
             return g, True
     k = func.coalesce(Item.target_raters, DEFAULT_TARGET_ANNOTATORS) if target is None else target
+    found = _most_disagreeing(s, k, mine, exclude)
+    if found is not None:
+        return found, True
     # only items with fewer than k submissions can be short of raters: count assignments for those
     short = (select(Item.id).where(func.coalesce(Item.submitted_count, 0) < k,
                                    or_(Item.is_gold.is_(None), Item.is_gold.is_(False))))
@@ -147,6 +150,44 @@ def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) ->
         return found, True
     g = gold_item()
     return (g, True) if g is not None else (None, False)
+
+
+def disagreement(scores_by_unit) -> float:
+    """Mean, over units (response, objective) with two or more scores, of highest minus lowest."""
+    spreads = [max(v) - min(v) for v in scores_by_unit if len(v) >= 2]
+    return sum(spreads) / len(spreads) if spreads else 0.0
+
+
+def _most_disagreeing(s: Session, k, mine, exclude: list[str]) -> int | None:
+    """Under a protocol with ``order: disagreement``: the item still short of raters whose
+    submitted scores disagree most (ties: fewer raters, then import order); None when no such
+    item disagrees yet (the caller then serves the least-rated item)."""
+    protocols = [pid for pid, spec in s.execute(select(ProtocolRow.id, ProtocolRow.spec))
+                 if (spec or {}).get("order") == "disagreement"]
+    if not protocols:
+        return None
+    short = (select(Item.id).where(Item.protocol_id.in_(protocols), func.coalesce(Item.submitted_count, 0) >= 2,
+                                   func.coalesce(Item.submitted_count, 0) < k,
+                                   or_(Item.is_gold.is_(None), Item.is_gold.is_(False))))
+    counts = _active_counts(short)
+    n = func.coalesce(counts.c.n, 0)
+    q = (select(Item.id, n).outerjoin(counts, counts.c.item_id == Item.id)
+         .where(Item.id.in_(short), Item.id.not_in(mine), n < k))
+    if exclude:
+        q = q.where(Item.uid.not_in(exclude))
+    candidates = dict(s.execute(q).all())
+    if not candidates:
+        return None
+    units: dict[int, dict[tuple[int, str], list[int]]] = defaultdict(lambda: defaultdict(list))
+    ids = list(candidates)
+    for start in range(0, len(ids), 5000):
+        for iid, rid, obj, score in s.execute(
+                select(Response.item_id, Rating.response_id, Rating.objective, Rating.score)
+                .join(Response, Response.id == Rating.response_id)
+                .where(Response.item_id.in_(ids[start:start + 5000]), Rating.status == SUBMITTED)):
+            units[iid][(rid, obj)].append(score)
+    best = max(ids, key=lambda i: (disagreement(units[i].values()), -candidates[i], -i))
+    return best if disagreement(units[best].values()) > 0 else None
 
 
 # ----------------------------------------------------------------------------- review and final labels
@@ -289,5 +330,6 @@ def gold_accuracy(items: list[ItemScores]) -> dict[str, dict]:
             for who, d in sorted(out.items()) if d["ratings"]}
 
 
-__all__ = ["ASSIGNMENT_TTL", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "final_label", "gold_accuracy",
+__all__ = ["ASSIGNMENT_TTL", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "disagreement", "final_label",
+           "gold_accuracy",
            "load_scores", "pair_score", "pick_next", "record", "actor_name", "target_of"]

@@ -8,6 +8,8 @@
     annotate agreement      --db URL [--json] [--bootstrap N]
     annotate progress       --db URL [--target N] [--json]
     annotate audit          --db URL [--item ID] [--json]
+    annotate train          --db URL [--protocol P] --base MODEL --out DIR [train options]
+    annotate ab             --db URL --baseline MODEL --candidate MODEL --queries N [--protocol P]
 
 The command line acts as the database's operator (it can open the file anyway), so it may
 export and read agreement without signing in; the app's Export tab needs an admin account.
@@ -23,6 +25,9 @@ from pathlib import Path
 from annotation import DEFAULT_DB_URL as DEFAULT_DB, DEFAULT_TARGET_ANNOTATORS
 
 from ..errors import MetaAlignerError
+from ..templates import TEMPLATE_NAMES
+
+DEFAULT_MIN_PAIRS = 32  # annotation.training_run.DEFAULT_MIN_PAIRS (kept here so --help imports nothing heavy)
 
 PASSWORD_ENV = "METAALIGNER_ANNOTATOR_PASSWORD"
 
@@ -112,7 +117,52 @@ def register(sub) -> None:
     q.add_argument("--protocol", default=None, help="only items of this protocol")
     q.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% interval (0: none)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch", type=int, default=20, metavar="N",
+                   help="items per batch for alpha per batch (in order of completion; default 20)")
     q.set_defaults(func=run_agreement)
+
+    q = asub.add_parser("train", help="train an aligner on the study's final labels (pairs → Algorithm 1 → 3 stages)",
+                        description="The study's final labels (the examiner's score where an item was reviewed) → "
+                                    "preference pairs → build-dataset (objective texts from the protocol, warm-up on) → "
+                                    "train (LoRA unless --no-lora; every train option below passes through). DIR gets "
+                                    "pairs.jsonl, dataset/, stats.json, commands.sh (the exact build-dataset and train "
+                                    "commands) and study.json (protocol version, counts, items trained on and held "
+                                    "out); DIR/final is the aligner. Rerunning the same command resumes.")
+    common(q)
+    q.add_argument("--protocol", default=None, metavar="P", help="the study (default: the database's only protocol)")
+    q.add_argument("--base", required=True, metavar="MODEL", help='model to start from (HF id, directory, .gguf, "default")')
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--template", default="ultrafeedback", choices=TEMPLATE_NAMES,
+                   help="prompt template of the aligner (default ultrafeedback, what align uses for a local directory)")
+    q.add_argument("--warmup-size", default="auto", metavar="N|auto", help="warm-up rows (default auto: 10%% of equal rows)")
+    q.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="hold N items out of training (recorded; annotate ab takes its queries from them first)")
+    q.add_argument("--min-pairs", type=int, default=None, metavar="N",
+                   help="refuse to train on fewer pairs (default %d)" % DEFAULT_MIN_PAIRS)
+    from .train import add_train_options
+
+    add_train_options(q)
+    q.set_defaults(func=run_train, parser=q)
+
+    q = asub.add_parser("ab", help="a blind A/B study: held-out queries corrected by two aligners, rated blind",
+                        description="Takes N queries of the study held out from the candidate's training (recorded), "
+                                    "corrects each item's first response (the draft) with both aligners, and enqueues "
+                                    "one item per query with the two corrections in random order; raters do not see "
+                                    "which aligner wrote which (admins do: export, dashboard). `annotate agreement` "
+                                    "then reports candidate minus baseline per objective.")
+    common(q)
+    q.add_argument("--baseline", required=True, metavar="MODEL")
+    q.add_argument("--candidate", required=True, metavar="MODEL")
+    q.add_argument("--queries", required=True, type=int, metavar="N")
+    q.add_argument("--protocol", default=None, metavar="P", help="the study (default: the candidate's, else the only one)")
+    q.add_argument("--name", default=None, help="the A/B study's name (default ab<N>-<time>)")
+    q.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
+                   help="aligner template (default: the one the candidate was trained with, else the usual rule)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=8, metavar="N")
+    q.add_argument("--max-new-tokens", type=int, default=None, metavar="N")
+    q.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    q.set_defaults(func=run_ab)
 
     q = asub.add_parser("progress", help="items rated, overall and per annotator")
     common(q)
@@ -222,7 +272,10 @@ def run_agreement(args) -> int:
 
     if args.bootstrap < 0:
         raise MetaAlignerError(f"--bootstrap {args.bootstrap}: expected 0 or more resamples")
-    dash = _store(args).dashboard(OPERATOR, protocol=args.protocol, bootstrap=args.bootstrap, seed=args.seed)
+    if args.batch < 1:
+        raise MetaAlignerError(f"--batch {args.batch}: expected 1 or more items")
+    dash = _store(args).dashboard(OPERATOR, protocol=args.protocol, bootstrap=args.bootstrap, seed=args.seed,
+                                  batch_size=args.batch)
     if args.json:
         print(json.dumps(dash, indent=2))
         return 0
@@ -241,6 +294,22 @@ def run_agreement(args) -> int:
         for src, block in dash["by_source"].items():
             vals = ", ".join(f"{k} {'n/a' if a['alpha'] is None else format(a['alpha'], '.3f')}" for k, a in block.items())
             print(f"  {src}: {vals}")
+    batches = dash["alpha_by_batch"]["batches"]
+    if len(batches) > 1:
+        print(f"alpha per batch of {args.batch} items, in order of completion:")
+        for b in batches:
+            print(f"  batch {b['batch']} ({b['items']} items, until {b['completed_until'][:19]}): "
+                  + ", ".join(f"{k} {'n/a' if a is None else format(a, '.3f')}" for k, a in b["alpha"].items()))
+    for name, study in dash.get("ab", {}).items():
+        print(f"A/B study {name}: candidate {study['candidate']} vs baseline {study['baseline']} "
+              f"({study['items']} items; candidate minus baseline, mean score; paired bootstrap 95% CI over items)")
+        for key, a in study["objectives"].items():
+            if not a["n"]:
+                print(f"  {key}: not rated yet")
+                continue
+            ci = a["ci95"]
+            print(f"  {key}: {a['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                  + f"  wins {a['wins']} / ties {a['ties']} / losses {a['losses']}  (n={a['n']})")
     p = dash["progress"]
     print(f"items: {p['items']}, complete {p['complete']}, reviewed {p['reviewed']}, "
           f"waiting for review {p['waiting_for_review']}, gold {p['gold_items']}")
@@ -278,4 +347,58 @@ def run_audit(args) -> int:
                   + (f"  reason: {e['reason']}" if e["reason"] else ""))
     if not events and not args.json:
         print("no changes recorded")
+    return 0
+
+
+def _db_label(url: str) -> str:
+    """The database URL without its password (for DIR/study.json)."""
+    from sqlalchemy.engine import make_url
+
+    from annotation.store import normalize_db_url
+
+    return make_url(normalize_db_url(url)).render_as_string(hide_password=True)
+
+
+def run_train(args) -> int:
+    from annotation import training_run
+    from annotation.store import OPERATOR
+
+    from .train import train_option_argv
+
+    final = training_run.run(_store(args), OPERATOR, protocol=args.protocol, base=args.base, out=args.out,
+                             train_options=train_option_argv(args, args.parser), template=args.template,
+                             warmup_size=args.warmup_size, holdout=args.holdout,
+                             min_pairs=args.min_pairs or training_run.DEFAULT_MIN_PAIRS,
+                             seed=42 if args.seed is None else args.seed, db_label=_db_label(args.db))
+    print(final)
+    return 0
+
+
+def run_ab(args) -> int:
+    from annotation import ab
+    from annotation.store import OPERATOR
+    from annotation.training_run import read_record
+
+    from ..objectives import Objective
+    from ..pipeline import ModelRegistry, Pipeline, choose_template
+    from ..settings import GenerationSettings
+
+    store = _store(args)
+    record = read_record(args.candidate)
+    proto, queries, how = ab.pick_queries(store, OPERATOR, args.protocol, args.queries, record, args.seed)
+    template = args.template or (record or {}).get("options", {}).get("template") or choose_template(None, args.candidate)
+    objectives = [Objective(o.key, o.name, o.description) for o in proto.objectives]
+    settings = GenerationSettings(**({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
+    pipe = Pipeline(ModelRegistry(device=args.device, max_models=2), policy=None, aligner=args.baseline,
+                    template=template, settings=settings)
+    texts = {}
+    for arm, model in (("baseline", args.baseline), ("candidate", args.candidate)):
+        texts[arm] = pipe.correct_batch([q.query for q in queries], [q.draft for q in queries], objectives,
+                                        aligner=model, template=template, batch_size=args.batch_size)
+    res = ab.enqueue(store, OPERATOR, protocol=proto.name, baseline=args.baseline, candidate=args.candidate,
+                     template=template, rows=list(zip(queries, texts["baseline"], texts["candidate"])), seed=args.seed,
+                     name=args.name)
+    print(f"A/B study {res['name']}: {res['items']} items enqueued under protocol {proto.name} "
+          f"(version {proto.version}); queries: {how}")
+    print("held-out queries (study item ids): " + ", ".join(q.item_id for q in queries))
     return 0

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 
 
-
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="fine-tune an aligner: warm-up, equal, preference stages",
@@ -16,6 +15,12 @@ def register(sub) -> None:
     p.add_argument("--base", metavar="MODEL",
                    help='model to start from: HF id, local dir, .gguf file or "default" (required unless --config sets it)')
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (OUT/final is the trained aligner)")
+    add_train_options(p)
+    p.set_defaults(func=run)
+
+
+def add_train_options(p) -> None:
+    """The options of ``train`` besides --data/--base/--out (``annotate train`` takes them too)."""
     p.add_argument("--config", metavar="FILE", help="a recipe (YAML/JSON of TrainConfig fields, e.g. training/recipes/"
                    "metaaligner-1.1b.yaml); the flags below override it")
     p.add_argument("--stages", help="comma list of warmup,equal,preference (default: all three)")
@@ -52,7 +57,33 @@ def register(sub) -> None:
     g.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--dataset-num-proc", type=int, metavar="N")
     g.add_argument("--no-progress", dest="disable_tqdm", action="store_const", const=True, default=None)
-    p.set_defaults(func=run)
+
+
+def train_option_argv(args, parser) -> list[str]:
+    """The ``train`` options set in ``args`` as command-line words, in the parser's order (the
+    exact command ``annotate train`` records and runs)."""
+    words: list[str] = []
+    for action in parser._actions:  # argparse has no public API to walk a parser's options
+        if action.dest not in TRAIN_DESTS or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreConstAction):
+            if value == action.const:
+                words.append(flag)
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def _train_dests() -> frozenset[str]:
+    probe = argparse.ArgumentParser(add_help=False)
+    add_train_options(probe)
+    return frozenset(a.dest for a in probe._actions)
 
 
 def config_from_args(args):
@@ -75,3 +106,6 @@ def run(args) -> int:
     if is_main_process():  # under accelerate/torchrun every process runs this
         print(final)
     return 0
+
+
+TRAIN_DESTS = _train_dests()
