@@ -282,3 +282,28 @@ def test_ab_compare_is_a_paired_bootstrap():
     shifted = compare({"k": [(a + 10 * i, b + 10 * i) for i, (a, b) in enumerate(pairs)]}, bootstrap=500, seed=0)["k"]
     assert shifted["ci95"] == pytest.approx(got["ci95"])
     assert compare({"k": []})["k"]["difference"] is None
+
+
+def test_ab_items_show_both_arms_in_both_positions_and_no_model_names(tmp_path, db_url):
+    from annotation import ab
+
+    build_study(tmp_path, db_url, n_items=6)
+    store = Store(db_url)
+    queries = [ab.Query(f"it{i:02d}", f"query {i}", "draft") for i in range(20)]
+    rows = [(q, f"baseline text {i}", f"candidate text {i}") for i, q in enumerate(queries)]
+    ab.enqueue(store, OPERATOR, protocol="imhi", baseline="secret-base-model", candidate="/runs/secret-candidate",
+               template="ultrafeedback", rows=rows, seed=5, name="blind")
+    firsts = []
+    for i in range(20):
+        arms = ab.arms_of(store, OPERATOR, f"blind-{i + 1:04d}")
+        assert sorted(a for v in arms.values() for a in v) == ["baseline", "candidate"]
+        first = min(arms, key=lambda rid: rid)
+        firsts.append(arms[first][0])
+    assert 3 <= firsts.count("baseline") <= 17  # random order, not one arm always first
+    store.add_annotator("eve", "eve-password-123")
+    token = store.sign_in("eve", "eve-password-123")
+    with pytest.raises(Exception, match="admin"):
+        ab.arms_of(store, token, "blind-0001")
+    view = store.item_view(token, "blind-0001")
+    assert "secret" not in repr(view)
+    assert {r.text for r in view.responses} == {"baseline text 0", "candidate text 0"}
