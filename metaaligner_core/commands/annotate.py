@@ -30,6 +30,7 @@ from ..templates import TEMPLATE_NAMES
 DEFAULT_MIN_PAIRS = 32  # annotation.training_run.DEFAULT_MIN_PAIRS (kept here so --help imports nothing heavy)
 
 PASSWORD_ENV = "METAALIGNER_ANNOTATOR_PASSWORD"
+DB_ENV = "METAALIGNER_DB"  # the --db default, so a URL with a password need not appear in the process list
 
 
 def register(sub) -> None:
@@ -39,8 +40,8 @@ def register(sub) -> None:
     asub = p.add_subparsers(dest="annotate_command", required=True, metavar="ACTION")
 
     def common(q):
-        q.add_argument("--db", default=DEFAULT_DB, metavar="URL",
-                       help=f"SQLAlchemy URL or SQLite file path (default: {DEFAULT_DB})")
+        q.add_argument("--db", default=os.environ.get(DB_ENV) or DEFAULT_DB, metavar="URL",
+                       help=f"SQLAlchemy URL or SQLite file path (default: ${DB_ENV}, else {DEFAULT_DB})")
 
     q = asub.add_parser("protocols", help="list the protocols (built-in, and those stored in --db)",
                         description="Built-in protocols, and the protocols stored in the database with their "
