@@ -122,3 +122,64 @@ def train_flops_per_token(n_params: int, layers: int, d_attn: int, seq_len: floa
     attends within its own sequence).
     """
     return 6.0 * n_params + 12.0 * layers * d_attn * seq_len
+
+
+GB = 1e9
+CUDA_CONTEXT_GB = 4.0  # CUDA context, allocator slack, NCCL buffers
+
+
+@dataclass
+class MemoryEstimate:
+    """Memory per GPU of one training configuration, in GB (10⁹ bytes); docs/training.md derives
+    each term. ``total`` is their sum."""
+
+    state: float        # weights + gradients + optimizer states, as the strategy shards them
+    unsharded: float    # FSDP without sync_each_batch: full bf16 gradients between micro-batches
+    transient: float    # gathered layers (FSDP) or prefetch and reduce buckets (ZeRO-3)
+    activations: float  # kept for the backward pass, including the logits
+    context: float = CUDA_CONTEXT_GB
+
+    @property
+    def total(self) -> float:
+        return self.state + self.unsharded + self.transient + self.activations + self.context
+
+
+def train_memory_estimate(n_params: float, hidden: int, layers: int, vocab: int, batch: int, seq_len: int, *,
+                          strategy: str = "fsdp", world: int = 1, checkpointing: bool = True,
+                          sync_each_batch: bool = True, heads: int | None = None, eager_attention: bool = False,
+                          act_bytes: int = 2) -> MemoryEstimate:
+    """Memory per GPU for full fine-tuning with AdamW and mixed precision (docs/training.md, "Memory
+    per GPU"): the arithmetic of that section, so the table there and ``gradient_checkpointing:
+    auto`` agree.
+
+    ``strategy``: ``fsdp`` (full shard), ``deepspeed`` (ZeRO-3), ``ddp`` or ``no`` (one process).
+    State: fp32 weights, fp32 gradients and Adam's two moments, 16 B per parameter, divided by
+    ``world`` under FSDP; ZeRO-3 also holds bf16 copies (18 B); DDP and one process hold all of
+    it. Transient: FSDP gathers up to three decoder layers' bf16 weights (2 B × N/L × 3); ZeRO-3's
+    prefetch and reduce buckets ≈ 3 GB. Activations with checkpointing: each layer's input
+    (b·s·h·2 B × L) plus one layer recomputed (34·b·s·h B, Korthikanti et al. 2022, with
+    flash/SDPA attention, no s² term); without: 34·b·s·h B for every layer, plus 5·a·s²·b B per
+    layer with eager attention (the score matrices). Logits: b·s·V × 10 B (bf16 logits, their fp32
+    copy and its gradient). ``act_bytes`` 4 (fp32 training) doubles the 16-bit activation terms.
+    """
+    n = float(n_params)
+    tokens = batch * seq_len
+    scale = act_bytes / 2
+    if strategy == "fsdp":
+        state = 16 * n / world
+        transient = 2 * n / layers * 3
+    elif strategy == "deepspeed":
+        state = 18 * n / world
+        transient = 3 * GB
+    else:
+        state, transient = 16 * n, 0.0
+    unsharded = 2 * n if strategy == "fsdp" and world > 1 and not sync_each_batch else 0.0
+    per_layer = 34 * tokens * hidden * scale
+    if eager_attention:
+        per_layer += 5 * (heads or 1) * seq_len * seq_len * batch * scale
+    if checkpointing:
+        acts = tokens * hidden * 2 * scale * layers + per_layer
+    else:
+        acts = per_layer * layers
+    acts += tokens * vocab * (act_bytes + 8)
+    return MemoryEstimate(state / GB, unsharded / GB, transient / GB, acts / GB)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import InputError, MetaAlignerError
+from .hardware import GB, train_memory_estimate
 from .io import atomic_write, dumps, iter_records
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ ADAPTER = "adapter"
 # Settings that change how a run is logged or saved, not what it learns: a rerun may change them.
 RESUME_NEUTRAL = frozenset({"out", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints",
                             "dataloader_num_workers", "dataset_num_proc", "disable_tqdm", "ddp_timeout",
-                            "save_dtype"})
+                            "save_dtype", "gradient_checkpointing"})  # checkpointing: memory and speed only
 # Tokens kept from the end of an over-long prompt: the end of the answer and the "| Edit: " cue.
 PROMPT_TAIL_TOKENS = 32
 
@@ -90,13 +91,17 @@ class TrainConfig:
     lora_dropout (`float`, defaults to ``0.05``), lora_target_modules (`str`, defaults to ``"all-linear"``).
 
     > Hardware (``"auto"``/`None` picks by device: on CUDA bf16, Flash-Attention 2 when installed
-    > else SDPA, gradient checkpointing, padding-free batches with Flash-Attention only; on CPU
-    > fp32, SDPA, length-grouped batches)
+    > else SDPA, gradient checkpointing when the memory estimate needs it, padding-free batches
+    > with Flash-Attention only; on CPU fp32, SDPA, length-grouped batches)
 
     device (`str`, defaults to ``"auto"``): ``cuda``, ``cpu``, ``mps`` or ``auto``.
     precision (`str`, defaults to ``"auto"``): ``bf16``, ``fp16``, ``fp32`` or ``auto``.
     attn (`str`, defaults to ``"auto"``): ``flash_attention_2``, ``sdpa``, ``eager`` or ``auto``.
-    gradient_checkpointing (`bool` or `None`): recompute activations in the backward pass.
+    gradient_checkpointing (`bool` or ``"auto"``, defaults to ``"auto"``): recompute activations in
+        the backward pass (~25-33% more compute, far less activation memory). ``auto``: on CUDA, on
+        only when :func:`metaaligner_core.hardware.train_memory_estimate` without it (the model's
+        size, ``batch_size`` full-length rows, the launch's sharding) exceeds the GPU's memory;
+        off on CPU and MPS. ``true``/``false`` are obeyed.
     padding_free (`bool` or `None`): flatten each batch into one unpadded sequence (needs
         Flash-Attention 2, which keeps the sequences apart).
     group_by_length (`bool` or `None`): batch rows of similar length together (less padding);
@@ -156,7 +161,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     attn: str = "auto"
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | str | None = "auto"
     padding_free: bool | None = None
     group_by_length: bool | None = None
 
@@ -196,6 +201,10 @@ class TrainConfig:
             raise MetaAlignerError(f'save_dtype: "{self.save_dtype}" (valid: auto, bf16, fp16, fp32)')
         if int(self.ddp_timeout) < 60:
             raise MetaAlignerError(f"ddp_timeout must be at least 60 seconds (got {self.ddp_timeout})")
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = "auto"
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise MetaAlignerError(f'gradient_checkpointing: "{self.gradient_checkpointing}" (valid: auto, true, false)')
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise MetaAlignerError(f'device: "{self.device}" (valid: auto, cuda, cuda:N, cpu, mps)')
 
@@ -348,6 +357,7 @@ class Runtime:
     distributed: str = "no"        # "fsdp", "deepspeed", "ddp" or "no": how the job was launched
     sync_each_batch: bool = False  # gradients reduced on every micro-batch (FSDP with accumulation)
     save_dtype: str = "fp32"       # dtype of the saved stage weights
+    memory_estimate_gb: float | None = None  # per GPU without checkpointing (gradient_checkpointing: auto)
 
 
 def launch_kind() -> str:
@@ -378,8 +388,7 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         raise MetaAlignerError("padding_free needs attn=flash_attention_2 (pip install flash-attn): with "
                                f"{attn}, sequences flattened into one batch row would attend to each other")
     padding_free = flash if config.padding_free is None else config.padding_free
-    checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
-    grouped = (not padding_free) if config.group_by_length is None else config.group_by_length
+    kind = launch_kind()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = config.grad_accum
     if config.effective_batch_size:
@@ -388,12 +397,59 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         if accum * per_step != config.effective_batch_size:
             log.warning("effective batch %d is not a multiple of batch_size %d × %d processes; using %d",
                         config.effective_batch_size, config.batch_size, world, accum * per_step)
-    kind = launch_kind()
     sync = (kind == "fsdp" and accum > 1) if config.sync_each_batch is None else bool(config.sync_each_batch)
+    estimate = None
+    if config.gradient_checkpointing == "auto":
+        checkpointing = False
+        if on_cuda:
+            estimate = memory_without_checkpointing(config, attn, precision, kind, world, sync)
+            checkpointing = estimate * GB > device_memory_bytes(device)
+    else:
+        checkpointing = bool(config.gradient_checkpointing)
+    grouped = (not padding_free) if config.group_by_length is None else config.group_by_length
     save_dtype = config.save_dtype if config.save_dtype != "auto" else (
         precision if precision in ("bf16", "fp16") else "fp32")
     return Runtime(device, precision, attn, checkpointing, padding_free, grouped, world, accum, kind, sync,
-                   save_dtype)
+                   save_dtype, None if estimate is None else round(estimate, 1))
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of the CUDA device ``device`` (``cuda`` or ``cuda:N``)."""
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def model_dims(spec: str) -> dict:
+    """Parameters, hidden size, layers, heads and vocabulary of a model, from its config alone
+    (the parameters are counted on a model built on the meta device: nothing is read or allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_pretrained
+
+    name, extra = resolve_pretrained(spec)
+    cfg = AutoConfig.from_pretrained(name, **extra)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.tie_weights()  # a tied output head is the embedding table, counted once
+    text = cfg.get_text_config()
+    return {"n_params": sum(p.numel() for p in model.parameters()), "hidden": text.hidden_size,
+            "layers": text.num_hidden_layers, "heads": text.num_attention_heads, "vocab": text.vocab_size}
+
+
+def memory_without_checkpointing(config: TrainConfig, attn: str, precision: str, kind: str, world: int,
+                                 sync_each_batch: bool) -> float:
+    """GB per GPU the run would need without gradient checkpointing, for full-length batches
+    (:func:`metaaligner_core.hardware.train_memory_estimate`). LoRA is estimated as full
+    fine-tuning (an upper bound: its gradients and optimizer states are tiny)."""
+    dims = model_dims(config.base)
+    est = train_memory_estimate(dims["n_params"], dims["hidden"], dims["layers"], dims["vocab"], config.batch_size,
+                                config.max_length, strategy=kind, world=world, checkpointing=False,
+                                sync_each_batch=sync_each_batch, heads=dims["heads"],
+                                eager_attention=attn == "eager", act_bytes=4 if precision == "fp32" else 2)
+    return est.total
 
 
 def _sft_config(config: TrainConfig, rt: Runtime, output_dir: Path, n_rows: int):
@@ -493,20 +549,60 @@ def _no_final_checkpoint_callback():
     return NoFinalCheckpoint()
 
 
-def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
-    """The causal LM to train, on CPU (the trainer places it): fp32 master weights for full
-    fine-tuning; LoRA keeps the frozen base in the training precision."""
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def rank0_loads_for_all() -> bool:
+    """An FSDP launch with ``fsdp_cpu_ram_efficient_loading``: accelerate replaces the weights of
+    every rank but rank 0 by rank 0's when it shards the model (``fsdp2_load_full_state_dict``
+    broadcasts them; FSDP1's ``sync_module_states`` does the same), so only rank 0 needs to read
+    them. transformers 5.x does not skip the read on the other ranks by itself (only under
+    DeepSpeed ZeRO-3), so :func:`load_model` builds them from the config on the meta device."""
+    return (launch_kind() == "fsdp" and _env_on("FSDP_CPU_RAM_EFFICIENT_LOADING")
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def load_dtype(config: TrainConfig, rt: Runtime):
+    """The dtype the weights are read in.
+
+    fp32 master weights for full fine-tuning in one process or DDP (the trainer keeps the model's
+    dtype as master dtype there). Under FSDP with bf16/fp16 mixed precision accelerate upcasts the
+    trainable parameters to fp32 itself when it shards them, so the weights are read in the
+    training precision: half the bytes read and held on rank 0. LoRA keeps the frozen base in the
+    training precision."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision)
+    if low is not None and (config.lora or launch_kind() == "fsdp"):
+        return low
+    return torch.float32
+
+
+def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
+    """The causal LM to train, on CPU (the trainer places it), in :func:`load_dtype`.
+
+    Under an FSDP launch with ``fsdp_cpu_ram_efficient_loading`` (:func:`rank0_loads_for_all`),
+    ranks other than 0 never open the weight files: they build the model from its config with
+    its parameters on the meta device (buffers such as rotary frequencies are computed as usual,
+    since FSDP does not broadcast non-persistent buffers), and receive rank 0's weights when
+    accelerate shards the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .models import resolve_pretrained
 
     name, extra = resolve_pretrained(str(spec))
-    dtype = torch.float32
-    if config.lora and rt.precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float16
+    dtype = load_dtype(config, rt)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=rt.attn, **extra)
+        if rank0_loads_for_all() and int(os.environ.get("RANK", "0")) != 0 and "gguf_file" not in extra:
+            from accelerate import init_empty_weights
+
+            model_config = AutoConfig.from_pretrained(name, **extra)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=rt.attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=rt.attn, **extra)
     except (OSError, ValueError) as e:
         raise MetaAlignerError(f'cannot load model "{spec}": {str(e).splitlines()[0]}') from None
     model.config.use_cache = False  # no KV cache in training (restored before the weights are saved)
@@ -525,8 +621,35 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     args = args or _sft_config(config, rt, output_dir, len(dataset))
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
+    _fp32_gradient_reduction(trainer, rt)
+    return trainer
+
+
+def _fp32_gradient_reduction(trainer, rt: Runtime) -> None:
+    """Under FSDP with bf16/fp16 mixed precision, reduce-scatter gradients in fp32.
+
+    accelerate's FSDP plugin sets ``reduce_dtype`` to the compute dtype; with gradient
+    accumulation over 32-64 micro-batches (each reduced when ``sync_each_batch`` is on) the sums
+    then lose bits at every step. The policy is read when the trainer shards the model (at
+    ``train()``), so setting it here takes effect."""
+    import torch
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision)
+    if plugin is None or low is None:
+        return
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        buffers = getattr(plugin.mixed_precision_policy, "buffer_dtype", None) or low
+        plugin.mixed_precision_policy = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32,
+                                                       buffer_dtype=buffers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,6 +710,19 @@ def _save_full_model(trainer, stage_dir: Path, tokenizer, save_dtype: str) -> No
         unwrapped.save_pretrained(str(stage_dir), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(stage_dir))
         _set_config_dtype(stage_dir, save_dtype)
+    del state_dict
+
+
+def _save_adapter(trainer, adapter_dir: Path) -> None:
+    """The stage's LoRA adapter. Under FSDP with ``SHARDED_STATE_DICT`` the trainer's own
+    ``save_model`` writes no weights (only its sharded checkpoints), so the full state dict is
+    gathered (all ranks take part) and rank 0 writes the adapter from it."""
+    if trainer.accelerator.distributed_type.value != "FSDP":
+        trainer.save_model(str(adapter_dir))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.accelerator.is_main_process:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(adapter_dir), state_dict=state_dict)
     del state_dict
 
 
@@ -731,7 +867,7 @@ def _train_stage(stage: str, rows: list[dict], start_from: str, config: TrainCon
 
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # saved for inference
     if config.lora:
-        trainer.save_model(str(stage_dir / ADAPTER))
+        _save_adapter(trainer, stage_dir / ADAPTER)
         _barrier()
         if is_main_process():
             _merge_lora(start_from, stage_dir / ADAPTER, stage_dir, tokenizer, rt.save_dtype)

@@ -429,7 +429,7 @@ def tiny_llama_dir(path: Path) -> Path:
     return path
 
 
-def accelerate_launch(*args, config=None, port=29700):
+def accelerate_launch(*args, config=None, port=29700, launch_args=()):
     import os
     import socket
     import subprocess
@@ -444,7 +444,8 @@ def accelerate_launch(*args, config=None, port=29700):
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([*launcher, *how, "--main_process_port", str(port), str(LAUNCH), *map(str, args)],
+    return subprocess.run([*launcher, *how, *launch_args, "--main_process_port", str(port), str(LAUNCH),
+                           *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -495,6 +496,75 @@ def test_training_args_under_an_fsdp_launch_sync_gradients_each_micro_batch(tmp_
         assert rep["launch"] == "fsdp"
         assert rep["args_kwargs"]["sync_each_batch"] is True  # (the Trainer adds num_steps=1 to the same dict)
         assert rep["plugin_kwargs"].get("sync_each_batch") is True  # what the trainer's accelerator uses
+
+
+def _fsdp_launch(tmp_path, name, *args, launch_args=()):
+    base, data = tmp_path / "base", tmp_path / "data"
+    res = accelerate_launch("fsdp", data, base, tmp_path / name, tmp_path / f"{name}.json", *args,
+                            config=ROOT / "training" / "accelerate" / "fsdp_full_shard.yaml", launch_args=launch_args)
+    reports = [json.loads(Path(f"{tmp_path / name}.json.{r}").read_text()) for r in (0, 1)]
+    return res, reports
+
+
+@pytest.mark.slow
+def test_fsdp_only_rank0_reads_the_weights_sharded_checkpoints_resume_and_the_result_is_unchanged(tmp_path):
+    """Two CPU processes under training/accelerate/fsdp_full_shard.yaml, FSDP2 over gloo, bf16.
+
+    Every safetensors file a process opens is recorded (tests/launch/train_stages.py). With the
+    yaml's ``fsdp_cpu_ram_efficient_loading`` rank 1 opens none, in any of the three stages; with
+    it off (``--fsdp_cpu_ram_efficient_loading false``) rank 1 reads every stage's weights as
+    transformers does by itself. The run with rank-0 loading is interrupted after the equal
+    stage's step 2 and resumed from its sharded checkpoint-1; its final weights are bitwise those
+    of the uninterrupted run in which every rank read the weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tiny_llama_dir(tmp_path / "base")
+    make_data_dir(tmp_path / "data", n=16)  # 16 rows / (2 per process × 2 processes) / 2 accumulated = 2 steps
+    res, stopped = _fsdp_launch(tmp_path, "rank0", "full", "equal", 2)
+    assert res.returncode == 0 and all(r.get("stopped") for r in stopped), res.stderr[-3000:]
+    ckpt = tmp_path / "rank0" / "equal" / "checkpoints" / "checkpoint-1"
+    # SHARDED_STATE_DICT: each rank wrote its shard of the weights and of the optimizer state
+    assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (ckpt / "optimizer_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(ckpt.glob("*.safetensors"))
+    res, resumed = _fsdp_launch(tmp_path, "rank0", "full")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res, everyone = _fsdp_launch(tmp_path, "all", "full", launch_args=["--fsdp_cpu_ram_efficient_loading", "false"])
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    out, ref = tmp_path / "rank0", tmp_path / "all"
+    weights = lambda d: str(d / "model.safetensors")  # noqa: E731
+    assert stopped[0]["opened"] == [weights(base), weights(out / "warmup")]
+    assert resumed[0]["opened"] == [weights(out / "warmup"), weights(out / "equal")]
+    assert stopped[1]["opened"] == [] and resumed[1]["opened"] == []
+    assert everyone[1]["opened"] == [weights(base), weights(ref / "warmup"), weights(ref / "equal")]  # the hook sees reads
+    for rep in (*stopped, *resumed, *everyone):
+        expected = "meta" if rep["rank"] == 1 and rep in (*stopped, *resumed) else "cpu"
+        assert {(x["device"], x["dtype"]) for x in rep["loaded"]} == {(expected, "torch.bfloat16")}  # read in bf16
+        assert rep["seen"] == {"distributed_type": "DistributedType.FSDP", "state_dict_type":
+                               "StateDictType.SHARDED_STATE_DICT", "param_dtype": "torch.bfloat16",
+                               "reduce_dtype": "torch.float32", "sharded": "DTensor", "rank": rep["rank"]}
+    equal = json.loads((out / "equal" / "stage.json").read_text())
+    assert (equal["resumed_from"], equal["steps"]) == ("checkpoint-1", 2)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [(m["stage"], m["step"]) for m in metrics] == [(s, k) for s in STAGES for k in (1, 2)]
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in read_jsonl(ref / "metrics.jsonl")]
+
+    final, reference, start = (load_file(weights(d)) for d in (out / "final", ref / "final", base))
+    assert final.keys() == reference.keys() == start.keys()
+    assert all(v.dtype == torch.bfloat16 for v in final.values())  # stage folders: full bf16 models
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(torch.equal(final[k], reference[k]) for k in final)
+    assert not torch.equal(final["lm_head.weight"], start["lm_head.weight"].bfloat16())  # it trained
+
+    res, lora = _fsdp_launch(tmp_path, "lora", "lora")  # LoRA: the adapter is gathered, merged by rank 0
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert lora[1]["opened"] == [] and {x["device"] for x in lora[1]["loaded"]} == {"meta"}
+    merged = load_file(weights(tmp_path / "lora" / "final"))
+    assert merged.keys() == start.keys()
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           start["model.layers.0.self_attn.q_proj.weight"].bfloat16())
 
 
 def test_sync_each_batch_only_under_fsdp_with_accumulation(monkeypatch):
@@ -611,3 +681,120 @@ def test_peak_flops_from_the_device_name():
     assert bf16_peak_tflops("NVIDIA H200") == 989
     assert bf16_peak_tflops("NVIDIA L40S") == 362 and bf16_peak_tflops("NVIDIA L40") == 181
     assert bf16_peak_tflops("Tesla T4") is None  # unknown: the benchmark asks for --peak-tflops
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory estimate (docs/training.md's table) and gradient_checkpointing: auto
+
+def _doc_memory_table() -> dict:
+    import re
+
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    table = {}
+    for line in text.splitlines():
+        m = re.match(r"\| (1\.1B|7B|13B) \| (.*) \|$", line)
+        if m and "**" in line:
+            table[m.group(1)] = [[float(x) for x in re.findall(r"\d+\.\d", cell)] for cell in m.group(2).split(" | ")]
+    return table
+
+
+def test_memory_estimate_is_the_docs_table():
+    from metaaligner_core.hardware import train_memory_estimate
+
+    table = _doc_memory_table()
+    assert set(table) == {"1.1B", "7B", "13B"}
+    # the recipes: N, h, L, per-GPU batch, max length; 4 GPUs; vocabulary 32,000
+    recipes = {"1.1B": (1.10e9, 2048, 22, 8, 2048), "7B": (6.74e9, 4096, 32, 4, 4096), "13B": (13.0e9, 5120, 40, 2, 4096)}
+    columns = [("fsdp", True, True), ("fsdp", False, True), ("deepspeed", True, True), ("ddp", True, True),
+               ("fsdp", True, False)]
+    for model, (n, h, layers, batch, seq) in recipes.items():
+        for cell, (strategy, sync, ckpt) in zip(table[model], columns, strict=True):
+            est = train_memory_estimate(n, h, layers, 32000, batch, seq, strategy=strategy, world=4,
+                                        sync_each_batch=sync, checkpointing=ckpt)
+            parts = [x for x in (est.state, est.unsharded, est.transient, est.activations, est.context) if x]
+            assert cell == [round(x, 1) for x in parts] + [round(est.total, 1)], (model, strategy, sync, ckpt)
+    # the terms by hand, 1.1B under FSDP on 4 GPUs with checkpointing (bytes, then GB)
+    est = train_memory_estimate(1.10e9, 2048, 22, 32000, 8, 2048, strategy="fsdp", world=4)
+    tokens = 8 * 2048
+    assert est.state == pytest.approx(16 * 1.10e9 / 4 / 1e9)
+    assert est.transient == pytest.approx(2 * 1.10e9 / 22 * 3 / 1e9)
+    assert est.activations == pytest.approx((tokens * 2048 * 2 * 22 + 34 * tokens * 2048 + tokens * 32000 * 10) / 1e9)
+    no_ckpt = train_memory_estimate(1.10e9, 2048, 22, 32000, 8, 2048, strategy="fsdp", world=4, checkpointing=False)
+    assert no_ckpt.activations == pytest.approx((34 * tokens * 2048 * 22 + tokens * 32000 * 10) / 1e9)
+    eager = train_memory_estimate(1.10e9, 2048, 22, 32000, 8, 2048, strategy="fsdp", world=4, checkpointing=False,
+                                  heads=32, eager_attention=True)
+    assert eager.activations - no_ckpt.activations == pytest.approx(5 * 32 * 2048 * 2048 * 8 * 22 / 1e9)
+
+
+def test_gradient_checkpointing_auto_follows_the_estimate_and_explicit_values_win(monkeypatch, embedded_dir):
+    from metaaligner_core import training
+    from metaaligner_core.hardware import train_memory_estimate
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dims = training.model_dims("default")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir)
+    assert dims["n_params"] == sum(p.numel() for p in model.parameters())  # counted on the meta device
+    needed = train_memory_estimate(dims["n_params"], model.config.hidden_size, model.config.num_hidden_layers,
+                                   model.config.vocab_size, 8, 2048, strategy="no", checkpointing=False).total
+    cfg = dict(data="d", base="default", device="cuda", precision="bf16", attn="sdpa", batch_size=8, max_length=2048)
+    for gpu_gb, expected in ((needed * 1.05, False), (needed * 0.95, True)):
+        monkeypatch.setattr(training, "device_memory_bytes", lambda device, gb=gpu_gb: int(gb * 1e9))
+        rt = training.resolve_runtime(TrainConfig(**cfg))
+        assert rt.gradient_checkpointing is expected and rt.memory_estimate_gb == round(needed, 1)
+        assert training.resolve_runtime(TrainConfig(**cfg, gradient_checkpointing=not expected)).gradient_checkpointing \
+            is (not expected)
+    assert TrainConfig(data="d", gradient_checkpointing=None).gradient_checkpointing == "auto"  # CLI: no flag
+    assert training.resolve_runtime(TrainConfig(data="d", device="cpu")).gradient_checkpointing is False
+    with pytest.raises(MetaAlignerError, match="gradient_checkpointing"):
+        TrainConfig(data="d", gradient_checkpointing="sometimes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding-free batches with SDPA
+
+@pytest.mark.slow
+def test_padding_free_batch_with_sdpa_has_the_padded_batch_loss(tmp_path):
+    """The trainer's own collators: one padded batch and the same rows flattened into one
+    unpadded row with ``position_ids`` (TRL's padding-free collator). transformers builds a
+    block-diagonal causal mask from the restarting positions for SDPA, so the loss (mean over the
+    same completion tokens) is the same; with the positions of one long sequence instead, the
+    rows would attend to each other and the loss differs."""
+    import dataclasses
+
+    import torch
+
+    from metaaligner_core.models import load_tokenizer
+    from metaaligner_core.training import build_stage_dataset, load_model, make_trainer, resolve_runtime
+
+    base = tiny_llama_dir(tmp_path / "base")
+    tok = load_tokenizer(str(base))
+    rows = [row(d, target=t) for d, t in [("green horse", "green quiet horse stands by the river"), ("lamp", "lamp"),
+                                          ("seven cloud bread", "seven cloud"), ("apple", "apple stone")]]
+    cfg = TrainConfig(data=".", base=str(base), device="cpu", batch_size=len(rows), max_length=128, disable_tqdm=True,
+                      group_by_length=False)
+    rt = resolve_runtime(cfg)
+    assert rt.attn == "sdpa"
+    dataset = build_stage_dataset(rows, tok, cfg.max_length)
+    model = load_model(str(base), cfg, rt).eval()
+    batches = {}
+    for free in (False, True):
+        trainer = make_trainer(cfg, dataclasses.replace(rt, padding_free=free), model, tok, dataset, tmp_path / str(free))
+        batches[free] = next(iter(trainer.get_train_dataloader()))
+    padded, flat = batches[False], batches[True]
+    assert padded["input_ids"].shape[0] == len(rows) and (padded["attention_mask"] == 0).any()  # really padded
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    assert flat["input_ids"].shape[1] == int(padded["attention_mask"].sum())  # no padding at all
+    assert (flat["position_ids"][0] == 0).sum() == len(rows)
+    assert int((flat["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
+    with torch.no_grad():
+        loss_padded = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                            labels=padded["labels"]).loss
+        loss_flat = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"]).loss
+        n = flat["input_ids"].shape[1]
+        loss_mixed = model(input_ids=flat["input_ids"], position_ids=torch.arange(n)[None], labels=flat["labels"]).loss
+    print(f"loss padded {loss_padded.item():.7f}, flattened {loss_flat.item():.7f}, one sequence {loss_mixed.item():.7f}")
+    assert abs(loss_flat.item() - loss_padded.item()) < 1e-6
+    assert abs(loss_mixed.item() - loss_padded.item()) > 1e-4  # one long sequence: the rows see each other

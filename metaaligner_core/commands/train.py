@@ -47,7 +47,8 @@ def add_train_options(p) -> None:
     g.add_argument("--device", help="auto (default), cuda, cpu, mps")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     g.add_argument("--attn", metavar="IMPL", help="auto (default), flash_attention_2, sdpa, eager")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations (default auto: on a GPU, only when the memory estimate needs it)")
     g.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=None,
                    help="unpadded batches (needs flash_attention_2; default: on with it)")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None)
