@@ -49,6 +49,8 @@ class GenerationSettings:
             raise MetaAlignerError(f"temperature: expected 0..5, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise MetaAlignerError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise MetaAlignerError(f"seed: expected a 64-bit integer, got {self.seed}")
         if self.repetition_penalty <= 0.0:
             raise MetaAlignerError(f"repetition_penalty: expected > 0, got {self.repetition_penalty}")
 

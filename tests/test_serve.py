@@ -94,8 +94,8 @@ def assert_still_serving(client):
 
 def test_models_and_health(serve, client):
     assert [m.id for m in client.models.list().data] == ["tiny", "up", "down"]
-    health = httpx.get(serve.url + "/healthz").json()  # no key needed
-    assert health["status"] == "ok" and health["default_objectives"][0].startswith("Honesty:")
+    health = httpx.get(serve.url + "/healthz")  # no key needed, and so it names no model, URL or objective
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
 
 
 def test_plain_completion_is_the_correction_of_the_policy_draft(serve, client):

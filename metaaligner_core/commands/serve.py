@@ -1,6 +1,7 @@
 """``metaaligner serve``: an OpenAI-compatible chat-completions server that answers with corrections."""
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from ..errors import MetaAlignerError
@@ -28,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--api-keys", metavar="FILE", help="bearer keys accepted, one per line; without it the server "
                    "only listens on loopback")
+    p.add_argument("--forwarded-allow-ips", metavar="ADDRS", default="",
+                   help="comma list of proxy addresses (or CIDR networks) whose X-Forwarded-For / X-Forwarded-Proto "
+                        "headers are trusted for the client's address; default: none, the peer's own address counts")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="draft and correction length when a request gives no max_tokens (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded at once per model (default: %(default)s)")
@@ -79,6 +83,13 @@ def check_args(args) -> list[str] | None:
         raise MetaAlignerError(f"--threads: expected a positive number, got {args.threads}")
     if args.template not in ("auto", *TEMPLATE_NAMES):
         raise MetaAlignerError(f'--template "{args.template}": expected auto, {", ".join(TEMPLATE_NAMES)}')
+    for addr in (a.strip() for a in args.forwarded_allow_ips.split(",")):
+        try:
+            if addr:
+                ipaddress.ip_network(addr, strict=False)
+        except ValueError:
+            raise MetaAlignerError(f'--forwarded-allow-ips: "{addr}" is not an IP address or network '
+                                   "(e.g. 10.0.0.5,10.1.0.0/16)") from None
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     if keys is None and not is_loopback(args.host):
         raise MetaAlignerError(f"--host {args.host}: without --api-keys the server only listens on loopback "
@@ -86,11 +97,38 @@ def check_args(args) -> list[str] | None:
     return keys
 
 
+def forwarded_settings(allow: str) -> dict:
+    """uvicorn's proxy settings for ``--forwarded-allow-ips``: forwarded headers are applied only
+    from the listed peers; with none listed they are ignored (uvicorn's own default trusts
+    127.0.0.1, so that any local process could claim any address)."""
+    ips = [a.strip() for a in (allow or "").split(",") if a.strip()]
+    return {"proxy_headers": bool(ips), "forwarded_allow_ips": ",".join(ips) if ips else None}
+
+
+def launch_warnings(host: str, keys) -> list[str]:
+    """What the operator should know before the server listens (printed as warnings)."""
+    if is_loopback_host(host):
+        return []
+    if not keys:  # check_args refuses this; kept so that no caller can listen openly in silence
+        return [f"listening on {host} without --api-keys: anyone who reaches this port can use the server, its "
+                "web app and the upstream API keys' quota"]
+    return [f"listening on {host}: the bearer keys and the /ui sign-in travel in clear text unless a TLS reverse "
+            "proxy fronts this server (see docs/security.md)"]
+
+
+def is_loopback_host(host: str) -> bool:
+    from ..serve import is_loopback
+
+    return is_loopback(host)
+
+
 def run(args) -> int:
     import logging
 
     log = logging.getLogger("metaaligner_core.serve")
     keys = check_args(args)
+    for warning in launch_warnings(args.host, keys):
+        log.warning("warning: %s", warning)
     import uvicorn
 
     from ..pipeline import ModelRegistry
@@ -114,11 +152,13 @@ def run(args) -> int:
     service.load()
     app = create_app(service, api_keys=keys, max_request_bytes=args.max_request_bytes)
     if args.ui:
-        mount_ui(app, service, db_url=args.db_url)
+        mount_ui(app, service, db_url=args.db_url, api_keys=keys)
     log.info("serving %s on http://%s:%d/v1 (policies: %s; keys: %s)", service.describe()["aligner"], args.host,
              args.port, ", ".join(service.policies), f"{len(keys)} from {args.api_keys}" if keys else "none, loopback only")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+        # uvicorn's own access log would write query strings (?api_key=...): RequestGuard logs instead.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False,
+                    **forwarded_settings(args.forwarded_allow_ips))
     finally:
         service.close()
     return 0

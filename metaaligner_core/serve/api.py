@@ -3,7 +3,12 @@
 Routes: ``POST /v1/chat/completions`` (plain and ``stream: true``), ``GET /v1/models``,
 ``GET /healthz``; the Gradio app at ``/ui`` when mounted (:func:`mount_ui`). Errors are OpenAI
 error objects (``{"error": {"message", "type", "param", "code"}}``) with OpenAI's status codes.
-Neither request texts nor keys are logged.
+
+Every path is guarded by :class:`RequestGuard`: bodies over ``max_request_bytes`` are refused
+(413) whatever the path, chunked uploads included, and each request is logged as method, path
+(no query string) and status. With API keys, ``/v1`` takes ``Authorization: Bearer KEY`` and
+``/ui`` a sign-in whose password is a key (:func:`mount_ui`). Neither request texts nor keys
+are logged.
 """
 from __future__ import annotations
 
@@ -29,12 +34,124 @@ from .service import Correction, CorrectionService, RequestError, conversation_q
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1_000_000
+MAX_JSON_DEPTH = 32  # deepest nesting of arrays/objects a request body may have
+JSON_CONTENT_TYPES = ("application/json",)
+access_log = logging.getLogger("metaaligner_core.serve.access")
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
                    param: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type, code=code, param=param))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _error_bytes(status: int, message: str, code: str | None) -> bytes:
+    return ErrorResponse(error=ErrorDetail(message=message, type="invalid_request_error", code=code)
+                         ).model_dump_json().encode()
+
+
+class RequestGuard:
+    """ASGI middleware over every path (mounted apps included): the bearer key on ``/v1``
+    (``authorised(headers)``), the body size limit and the access log.
+
+    A body announced larger than ``max_bytes`` (``Content-Length``) is refused before it is
+    read; a body without a length (chunked) is read up to ``max_bytes`` here and refused as
+    soon as it is larger, so no route — the Gradio app's included — ever holds more. Each
+    request is logged as ``METHOD /path STATUS``: the query string is left out (it may carry a
+    key), and so is the client's address.
+    """
+
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, authorised=None):
+        self.app, self.max_bytes, self.authorised = app, max_bytes, authorised
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [0]
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, logged_send)
+        finally:
+            access_log.info("%s %s %s", scope.get("method", "?"), scope.get("path", "?"), status[0] or "-")
+
+    async def _refuse(self, send, status: int, message: str, code: str | None = None) -> None:
+        body = _error_bytes(status, message, code)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _guarded(self, scope, receive, send):
+        headers = dict(scope.get("headers") or ())
+        path = scope.get("path", "")
+        if (path == "/v1" or path.startswith("/v1/")) and self.authorised and not self.authorised(headers):
+            return await self._refuse(send, 401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                                      "invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return await self._refuse(send, 400, "Content-Length is not a number")
+            if int(length) > self.max_bytes:
+                return await self._refuse(send, 413, f"The request body is {int(length)} bytes; this server accepts "
+                                                     f"at most {self.max_bytes}", "request_too_large")
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, receive, send)
+        # No length given: read the body here, never more than the limit, then hand it on.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(send, 413, f"The request body is over {self.max_bytes} bytes",
+                                          "request_too_large")
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def json_depth_exceeds(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests arrays/objects deeper than ``limit`` (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_body(body: bytes):
+    """The request body as JSON, or :class:`RequestError` (400): not JSON, ``NaN``/``Infinity``,
+    integers too long to parse, or nesting deeper than :data:`MAX_JSON_DEPTH`."""
+    try:
+        value = json.loads(body or b"null", parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"The body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+    except RecursionError:  # the parser's own guard, far below the body limit's worth of brackets
+        raise RequestError(f"The body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # NaN/Infinity, an integer of thousands of digits
+        raise RequestError(f"The body is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    if json_depth_exceeds(value):
+        raise RequestError(f"The body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -53,26 +170,18 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
     keys = [k.encode() for k in (api_keys or [])]
     created = int(time.time())
 
-    def authorised(request: Request) -> bool:
+    def authorised(headers: dict) -> bool:
         if not keys:
             return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
-        given = token.strip().encode()
+        given = token.strip().encode("latin-1")
         return any(hmac.compare_digest(given, k) for k in keys)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
-            if not authorised(request):
-                return error_response(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                                      code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_request_bytes:
-                return error_response(413, f"The request body is {length} bytes; this server accepts at most "
-                                           f"{max_request_bytes}", code="request_too_large")
-        return await call_next(request)
+    # Outermost: every path, mounted apps included; a plain ASGI middleware, so a client that
+    # goes away mid-stream is not an error.
+    app.add_middleware(RequestGuard, max_bytes=max_request_bytes, authorised=authorised)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
@@ -94,8 +203,8 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
                               "server_error")
 
     @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", **service.describe()}
+    async def healthz():  # open to anyone: names no model, URL or objective
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
@@ -103,16 +212,17 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in JSON_CONTENT_TYPES:
+            return error_response(400, f"Content-Type must be application/json, got {ctype or 'none'}",
+                                  param="Content-Type")
         body = bytearray()
         async for part in request.stream():  # a chunked upload has no Content-Length to check earlier
             body += part
             if len(body) > max_request_bytes:
                 return error_response(413, f"The request body is over {max_request_bytes} bytes",
                                       code="request_too_large")
-        try:
-            raw = json.loads(bytes(body) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"The body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}")
+        raw = parse_json_body(bytes(body))
         if not isinstance(raw, dict):
             return error_response(400, "The body must be a JSON object")
         try:
@@ -221,12 +331,31 @@ def web_app_modules():
     return importlib.import_module("app"), importlib.import_module("webapp.service")
 
 
-def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url: str | None = None):
+UI_SIGN_IN_MESSAGE = ("This server requires an API key. Sign in with any user name and one of the server's "
+                      "API keys as the password; the page keeps the sign-in for the session.")
+
+
+def key_checker(api_keys: list[str]):
+    """Gradio's ``auth`` callable for ``/ui``: any user name, and a server key as the password
+    (compared in constant time)."""
+    keys = [k.encode() for k in api_keys]
+
+    def check(username: str, password: str) -> bool:
+        given = (password or "").strip().encode()
+        return bool(given) and any(hmac.compare_digest(given, k) for k in keys)
+
+    return check
+
+
+def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url: str | None = None,
+             api_keys: list[str] | None = None):
     """Mount the Gradio app (``app.py``) at ``path`` on the service's registry, so the page and
     the API share the loaded models; set up as ``app.py`` launches it (model allow-list: the
     server's policies and aligner; private upload folder; first-admin token; bounded queue).
-    ``db_url``: the annotation database (default: the app's). Returns the Blocks, or None (and a
-    warning) when the web app is not installed."""
+    ``db_url``: the annotation database (default: the app's). ``api_keys``: the page and every
+    Gradio route behind it (``/gradio_api/queue/join``, uploads, files, config) require Gradio's
+    sign-in, whose password is one of these keys; it is asked for once and kept in a session
+    cookie. Returns the Blocks, or None (and a warning) when the web app is not installed."""
     import os
 
     modules = web_app_modules()
@@ -250,5 +379,6 @@ def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url
                              db_url=config.db_url)
     demo = ui.build_demo(config, service=align, first_run=ui.first_run_setup(config))
     demo.queue(max_size=config.limits.queue)
-    gr.mount_gradio_app(app, demo, path=path, show_error=False, max_file_size=config.limits.upload)
+    auth = dict(auth=key_checker(api_keys), auth_message=UI_SIGN_IN_MESSAGE) if api_keys else {}
+    gr.mount_gradio_app(app, demo, path=path, show_error=False, max_file_size=config.limits.upload, **auth)
     return demo
