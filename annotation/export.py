@@ -10,8 +10,6 @@ so ``build-dataset`` needs no ``--objectives`` for a custom protocol.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,43 +18,28 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from metaaligner_core.errors import MetaAlignerError
-from metaaligner_core.io import atomic_write, write_jsonl
+from metaaligner_core.io import csv_cell, write_csv, write_jsonl
 
 RATING_FIELDS = ("item_id", "query", "response", "source", "annotator", "objective", "score", "note", "seconds",
                  "protocol", "protocol_version", "gold")
 FINAL_FIELDS = ("item_id", "query", "response", "source", "objective", "ratings", "notes", "final_score",
                 "decided_by", "reason", "protocol", "protocol_version", "gold")
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
 def neutralise_cell(value) -> str:
-    """Text for one CSV cell; a leading formula character gets an apostrophe in front."""
-    if value is None:
-        return ""
-    text = str(value)
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+    """Text for one CSV cell (see :func:`metaaligner_core.io.csv_cell`)."""
+    return csv_cell(value)
 
 
 def write_ratings(path: str | os.PathLike, records: Iterable[dict], fields=RATING_FIELDS,
                   what: str = "ratings") -> int:
-    """Write rating records to ``.jsonl`` or ``.csv`` (by suffix), atomically; returns the count."""
+    """Write rating records to ``.jsonl`` or ``.csv`` (by suffix), atomically and owner-only
+    (mode 0600, as the database); returns the count."""
     path = Path(path)
     suffix = path.name.lower()
-    n = 0
     if suffix.endswith(".jsonl"):
-        n = write_jsonl(path, records)
-    elif suffix.endswith(".csv"):
-        with atomic_write(path) as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(fields)
-            for rec in records:
-                writer.writerow([neutralise_cell(json.dumps(v, ensure_ascii=False) if isinstance(v, dict) else v)
-                                 for v in (rec.get(f) for f in fields)])
-                n += 1
-    else:
-        raise MetaAlignerError(f"{path}: {what} export must end in .jsonl or .csv")
-    return n
+        return write_jsonl(path, records, private=True)
+    if suffix.endswith(".csv"):
+        return write_csv(path, fields, records, private=True)
+    raise MetaAlignerError(f"{path}: {what} export must end in .jsonl or .csv")
 
 
 def write_final(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -124,4 +107,4 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[dict]) -> int:
     path = Path(path)
     if not path.name.lower().endswith(".jsonl"):
         raise MetaAlignerError(f"{path}: pairs are written as JSON Lines (use a .jsonl file name)")
-    return write_jsonl(path, pairs)
+    return write_jsonl(path, pairs, private=True)

@@ -118,17 +118,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file next to ``path``; rename it over ``path`` only on success."""
+def atomic_write(path: str | os.PathLike, mode: str = "w", private: bool = False, newline: str | None = None):
+    """Open a temporary file next to ``path``; rename it over ``path`` only on success.
+
+    private: the file keeps mode 0600 (owner only: exports of the annotation data, as the
+    database itself); otherwise it gets the umask's ordinary permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get ordinary permissions
+        os.chmod(tmp, 0o600 if private else 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -157,11 +160,55 @@ def dumps_bytes(record: dict) -> bytes:
     return orjson.dumps(record) + b"\n"
 
 
-def write_jsonl(path: str | os.PathLike, records) -> int:
+def write_jsonl(path: str | os.PathLike, records, private: bool = False) -> int:
     n = 0
-    with atomic_write(path) as fh:
+    with atomic_write(path, private=private) as fh:
         for rec in records:
             fh.write(dumps(rec) + "\n")
+            n += 1
+    return n
+
+
+# --- CSV: the one writer for every CSV file the project produces ---------------------------------
+
+# A spreadsheet runs a cell whose text starts with one of these as a formula (CSV injection);
+# full-width forms count, since some spreadsheets fold them to ASCII. Leading whitespace and
+# line breaks do not protect a cell: spreadsheets skip them.
+FORMULA_CHARS = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+_CONTROL_START = ("\t", "\r", "\n")
+
+
+def csv_cell(value) -> str:
+    """Text for one CSV cell: None is empty, dicts/lists are JSON, numbers and booleans as
+    written; text that a spreadsheet would run as a formula — a formula character first, after
+    any leading whitespace or line breaks, ASCII or full-width — or that starts with a tab or a
+    line break gets an apostrophe in front."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (bool, int, float)):
+        return str(value)
+    text = str(value)
+    stripped = text.lstrip()
+    if text.startswith(_CONTROL_START) or (stripped and stripped[0] in FORMULA_CHARS):
+        return "'" + text
+    return text
+
+
+def write_csv(path: str | os.PathLike, fields, rows, private: bool = False) -> int:
+    """Write ``rows`` (dicts, or sequences in ``fields`` order) under a ``fields`` header,
+    atomically; returns the row count. Every cell is quoted (a line break or quote inside a
+    cell cannot start a row or a cell) and passes through :func:`csv_cell`. UTF-8, ``\\n``
+    line ends between rows."""
+    fields = list(fields)
+    n = 0
+    with atomic_write(path, private=private, newline="") as fh:
+        writer = csv.writer(fh, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerow([csv_cell(f) for f in fields])
+        for row in rows:
+            values = [row.get(f) for f in fields] if isinstance(row, dict) else list(row)
+            writer.writerow([csv_cell(v) for v in values])
             n += 1
     return n
 
