@@ -171,4 +171,4 @@ def bootstrap_interval(counts, reps: int = 1000, seed: int = 0, level: float = 0
     if len(vals) < reps // 2:
         return None
     lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [round(float(lo), 4), round(float(hi), 4)]
+    return [float(lo), float(hi)]  # full precision: displays round

@@ -61,8 +61,6 @@ def figures(items: list[ItemScores], order: Sequence[str], max_score: int, secon
             annotators = {a for u in units for a in u}
             entry = {"alpha": agreement_mod.ordinal_alpha(counts), "units": int(counts.shape[0]),
                      "annotators": len(annotators)}
-            if entry["alpha"] is not None:
-                entry["alpha"] = round(entry["alpha"], 4)
             if with_ci:
                 entry["ci95"] = agreement_mod.bootstrap_interval(counts, bootstrap, seed) if entry["alpha"] is not None else None
             out[key] = entry
@@ -108,11 +106,10 @@ def figures(items: list[ItemScores], order: Sequence[str], max_score: int, secon
         rater_out[who] = {
             "ratings": d["ratings"] if d else 0,
             "items": len(d["items"]) if d else 0,
-            "agreement_with_final": round(d["final_equal"] / d["final_checked"], 4) if d and d["final_checked"] else None,
-            "mean_abs_diff_from_others": round(d["diff_sum"] / d["diff_n"], 4) if d and d["diff_n"] else None,
+            "agreement_with_final": d["final_equal"] / d["final_checked"] if d and d["final_checked"] else None,
+            "mean_abs_diff_from_others": d["diff_sum"] / d["diff_n"] if d and d["diff_n"] else None,
             "gold": gold.get(who),
-            "median_seconds_per_item": round(statistics.median(per_item_seconds[who]), 1)
-            if per_item_seconds.get(who) else None,
+            "median_seconds_per_item": statistics.median(per_item_seconds[who]) if per_item_seconds.get(who) else None,
         }
     all_seconds = [s for v in per_item_seconds.values() for s in v]
     progress = {
@@ -128,7 +125,7 @@ def figures(items: list[ItemScores], order: Sequence[str], max_score: int, secon
         "raters": rater_out,
         "distribution": distribution,
         "progress": progress,
-        "time": {"median_seconds_per_item": round(statistics.median(all_seconds), 1) if all_seconds else None},
+        "time": {"median_seconds_per_item": statistics.median(all_seconds) if all_seconds else None},
         "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "response"},
         "alpha_by_batch": alpha_by_batch(regular, keys, domain, completed_at or {}, batch_size),
     }

@@ -363,24 +363,31 @@ def build_review_section(store: Store, token):
     return box, review_item
 
 
+def _shown(value, digits: int = 3):
+    """A figure rounded for the page (the dashboard's data and ``--json`` keep full precision)."""
+    return None if value is None else round(value, digits)
+
+
 def export_view(store: Store, token: str | None, target: int | None = None):
     """The dashboard for an admin (the store raises AccessDenied otherwise):
     -> (status, agreement rows, source rows, rater rows, distribution plot path)."""
     dash = store.dashboard(token, bootstrap=500)
     overall, people = store.progress_by_annotator(token, target)
-    agreement_rows = [[k, a["alpha"], None if not a.get("ci95") else f"{a['ci95'][0]:.3f} – {a['ci95'][1]:.3f}",
+    agreement_rows = [[k, _shown(a["alpha"]), None if not a.get("ci95") else f"{a['ci95'][0]:.3f} – {a['ci95'][1]:.3f}",
                        a["units"], a["annotators"]] for k, a in dash["objectives"].items()]
-    source_rows = [[src, *[block[k]["alpha"] for k in dash["objectives"]]] for src, block in dash["by_source"].items()]
+    source_rows = [[src, *[_shown(block[k]["alpha"]) for k in dash["objectives"]]]
+                   for src, block in dash["by_source"].items()]
     by_name = {p["annotator"]: p for p in people}
     rater_rows = []
     for name in sorted(set(by_name) | set(dash["raters"])):
         p, r = by_name.get(name, {}), dash["raters"].get(name, {})
         gold = (r.get("gold") or {}).get("accuracy")
         rater_rows.append([name, p.get("items", r.get("items", 0)), p.get("ratings", r.get("ratings", 0)),
-                           p.get("drafts", 0), r.get("agreement_with_final"), r.get("mean_abs_diff_from_others"),
-                           None if gold is None else round(gold, 3), r.get("median_seconds_per_item")])
+                           p.get("drafts", 0), _shown(r.get("agreement_with_final")),
+                           _shown(r.get("mean_abs_diff_from_others")), _shown(gold),
+                           _shown(r.get("median_seconds_per_item"), 1)])
     pr = dash["progress"]
-    t = dash["time"]["median_seconds_per_item"]
+    t = _shown(dash["time"]["median_seconds_per_item"], 1)
     status = (f"{overall.complete} / {overall.total} items complete (each with its k raters); "
               f"{pr['reviewed']} reviewed, {pr['waiting_for_review']} waiting for review, {pr['gold_items']} gold. "
               f"Median time per item: {t if t is not None else 'n/a'} s. Alpha: Krippendorff's alpha, ordinal, "

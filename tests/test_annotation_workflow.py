@@ -320,7 +320,10 @@ def test_hf_export_writes_a_datasets_folder_with_a_card_and_push_fails_clearly_o
     assert (tmp_path / "hf2" / "README.md").is_file()  # the folder stays for a later push
     # no hub reachable (a closed local port stands in for an offline machine): one line too
     res = run_cli("annotate", "export", "--db", db_url, "--format", "hf", "--out", tmp_path / "hf3",
-                  "--push-to-hub", "someone/ratings", env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "x"},
+                  "--push-to-hub", "someone/ratings", env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "x",
+                                                           # online for this case, whatever the user's shell says
+                                                           "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                                                           "HF_DATASETS_OFFLINE": "0"},
                   timeout=300)
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
     assert res.returncode == 2 and len(errors) == 1 and "could not upload" in errors[0], res.stderr

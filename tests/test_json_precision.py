@@ -1,0 +1,42 @@
+"""Machine-readable output carries full precision (issue 26): ``annotate agreement --json``
+against the ``krippendorff`` package to 1e-9; displays round, JSON does not."""
+from __future__ import annotations
+
+import json
+
+import krippendorff
+import numpy as np
+
+from conftest import run_cli, write_jsonl
+
+
+def _ratings(n_items: int = 23):
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(n_items):
+        base = int(rng.integers(0, 4))
+        for who in ("x", "y", "z"):
+            noise = int(rng.integers(-1, 2)) if who != "x" else 0
+            rows.append({"item_id": f"i{i}", "query": f"q{i}", "response": f"r{i}", "source": "m",
+                         "annotator": who, "objective": "correctness", "score": int(np.clip(base + noise, 0, 3)),
+                         "seconds": float(rng.uniform(3, 40))})
+    return rows
+
+
+def test_agreement_json_is_krippendorff_to_1e9_and_unrounded(tmp_path):
+    rows = _ratings()
+    db = f"sqlite:///{tmp_path / 'ann.db'}"
+    res = run_cli("annotate", "import-ratings", "--db", db, "--input", write_jsonl(tmp_path / "r.jsonl", rows))
+    assert res.returncode == 0, res.stderr
+    res = run_cli("annotate", "agreement", "--db", db, "--json", "--bootstrap", "200")
+    assert res.returncode == 0, res.stderr
+    block = json.loads(res.stdout)["objectives"]["correctness"]
+    matrix = np.array([[r["score"] for r in rows if r["annotator"] == a] for a in ("x", "y", "z")], dtype=float)
+    expected = krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal", value_domain=[0, 1, 2, 3])
+    assert abs(block["alpha"] - expected) < 1e-9
+    assert round(expected, 4) != expected  # so a 4-decimal rounding could not pass the line above
+    lo, hi = block["ci95"]
+    assert lo < block["alpha"] < hi and (round(lo, 4), round(hi, 4)) != (lo, hi)
+    # the text output rounds for display
+    text = run_cli("annotate", "agreement", "--db", db, "--bootstrap", "200").stdout
+    assert f"{expected:.3f}" in text and repr(block["alpha"]) not in text
