@@ -41,7 +41,7 @@ def alpha_by_batch(items: list[ItemScores], keys: Sequence[str], domain: Sequenc
             counts = agreement_mod.unit_counts([r.raters[key] for it in chunk for r in it.responses if key in r.raters],
                                                domain)
             a = agreement_mod.ordinal_alpha(counts)
-            alphas[key] = None if a is None else round(a, 4)
+            alphas[key] = a  # full precision: displays round
         batches.append({"batch": len(batches) + 1, "items": len(chunk),
                         "completed_until": completed_at[chunk[-1].item_id].isoformat(), "alpha": alphas})
     return {"batch_size": batch_size, "batches": batches}
