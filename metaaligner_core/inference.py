@@ -327,11 +327,27 @@ class RemoteAligner:
             if own:
                 bar.close()
 
-    def stream(self, query: str, draft: str, objectives: Objectives, **gen) -> Iterator[str]:
+    def stream(self, query: str, draft: str, objectives: Objectives, finish: dict | None = None,
+               **gen) -> Iterator[str]:
+        """Text deltas of the correction; ``finish``, when given, receives the server's
+        ``reason`` (``"stop"``/``"length"``) and ``completion_tokens`` (when it reports usage)."""
         s = GenerationSettings.from_kwargs(**gen)
+        finish = {} if finish is None else finish
+
+        def texts(chunks):
+            for c in chunks:
+                if getattr(c, "usage", None) is not None and c.usage.completion_tokens is not None:
+                    finish["completion_tokens"] = c.usage.completion_tokens
+                if not c.choices:
+                    continue
+                if c.choices[0].finish_reason:
+                    finish["reason"] = c.choices[0].finish_reason
+                if c.choices[0].text:
+                    yield c.choices[0].text
+
         try:
             chunks = self.client.completions.create(**self._request(self.prompt(query, draft, objectives), s, True))
-            yield from strip_stream(c.choices[0].text for c in chunks if c.choices and c.choices[0].text)
+            yield from strip_stream(texts(chunks))
         except self._openai.OpenAIError as e:
             raise self._error(e) from None
 

@@ -49,6 +49,7 @@ class FakeProvider:
     delay: float = 0.0
     calls: list[Call] = field(default_factory=list)
     max_in_flight: int = 0
+    cut_at_max_tokens: bool = False  # cut replies to max_tokens words, with finish_reason "length"
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -87,6 +88,10 @@ class FakeProvider:
                                                          "message": f"injected {status}"}},
                                       extra={"retry-after": "0"} if status == 429 else None)
                 text = provider.reply(body)
+                self.finish = "stop"
+                limit = body.get("max_tokens") or body.get("max_completion_tokens")
+                if provider.cut_at_max_tokens and limit and len(text.split(" ")) > limit:
+                    text, self.finish = " ".join(text.split(" ")[:limit]), "length"
                 if self.path.rstrip("/").endswith("/chat/completions"):
                     return self._openai(body, text)
                 if self.path.rstrip("/").endswith("/completions"):
@@ -129,12 +134,12 @@ class FakeProvider:
                                                                "finish_reason": None}]})) for p in pieces]
                     events.append((None, json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 0,
                                                       "model": model, "choices": [{"index": 0, "delta": {},
-                                                                                   "finish_reason": "stop"}]})))
+                                                                                   "finish_reason": self.finish}]})))
                     events.append((None, "[DONE]"))
                     return self._sse(events)
                 return self._json(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": model,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                     "finish_reason": "stop"}], "usage": usage})
+                                                     "finish_reason": self.finish}], "usage": usage})
 
             def _completion(self, body, text):
                 model = body.get("model", "fake")
@@ -146,11 +151,15 @@ class FakeProvider:
                                                   "choices": [{"index": 0, "text": w if i == 0 else " " + w,
                                                                "logprobs": None, "finish_reason": None}]}))
                               for i, w in enumerate(words)]
+                    if provider.cut_at_max_tokens:
+                        events.append((None, json.dumps({"id": "t1", "object": "text_completion", "created": 0,
+                                                          "model": model, "choices": [{"index": 0, "text": "",
+                                                          "logprobs": None, "finish_reason": self.finish}]})))
                     events.append((None, "[DONE]"))
                     return self._sse(events)
                 return self._json(200, {"id": "t1", "object": "text_completion", "created": 0, "model": model,
                                         "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                     "finish_reason": "stop"}], "usage": usage})
+                                                     "finish_reason": self.finish}], "usage": usage})
 
             def _anthropic(self, body, text):
                 model = body.get("model", "fake")

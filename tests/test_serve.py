@@ -111,7 +111,7 @@ def test_plain_completion_is_the_correction_of_the_policy_draft(serve, client):
     assert info["objectives"] == ["Honesty: the response should not tell lies",
                                   "Helpfulness: the response should provide useful resources and suggestions to the user"]
     assert info["template"] == "ultrafeedback" and set(info["timings"]) == {"draft_s", "correction_s", "total_s"}
-    # usage counts both stages, each counted independently here
+    # metaaligner.usage has both stages, each counted independently here; usage is the answer's
     svc = serve.service
     ids = svc.aligner.generator.tokenizer.apply_chat_template([{"role": "user", "content": query}],
                                                               add_generation_prompt=True, tokenize=True)
@@ -119,7 +119,7 @@ def test_plain_completion_is_the_correction_of_the_policy_draft(serve, client):
     aligner_ids, _ = svc.aligner.encode(query, draft, "honesty,helpfulness", N)
     assert info["usage"] == {"draft": {"prompt_tokens": len(ids), "completion_tokens": N},
                              "correction": {"prompt_tokens": len(aligner_ids), "completion_tokens": N}}
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids) + len(aligner_ids), 2 * N)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(aligner_ids), N)  # the correction only
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
@@ -285,8 +285,10 @@ def test_upstream_failure_is_502(client, upstream):
     with pytest.raises(openai.InternalServerError) as e:  # the upstream answers 500
         ask(client, model="up")
     assert e.value.status_code == 502 and "injected 500" in e.value.body["message"]
-    with pytest.raises(openai.InternalServerError):  # streamed: the error comes before any chunk
+    with pytest.raises(openai.APIError) as e:  # streamed: the role chunk is out at once, the error follows it
         list(ask(client, model="down", stream=True))
+    assert e.value.body["type"] == "upstream_error" and e.value.body["code"] == "upstream_unavailable" \
+        or e.value.body["code"] == "upstream_error"
     assert ask(client, model="up").metaaligner["original"] == UPSTREAM_DRAFT
     assert_still_serving(client)
 

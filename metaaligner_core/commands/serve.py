@@ -155,10 +155,18 @@ def run(args) -> int:
         mount_ui(app, service, db_url=args.db_url, api_keys=keys)
     log.info("serving %s on http://%s:%d/v1 (policies: %s; keys: %s)", service.describe()["aligner"], args.host,
              args.port, ", ".join(service.policies), f"{len(keys)} from {args.api_keys}" if keys else "none, loopback only")
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # SIGTERM/SIGINT: requests in flight get a 503 error within one decoding step, so the
+            # connections close and the process exits in seconds, however busy the models are.
+            service.shutdown(wait=False)
+            await super().shutdown(sockets)
+
     try:
         # uvicorn's own access log would write query strings (?api_key=...): RequestGuard logs instead.
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False,
-                    **forwarded_settings(args.forwarded_allow_ips))
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
+                              timeout_graceful_shutdown=10, **forwarded_settings(args.forwarded_allow_ips))).run()
     finally:
         service.close()
     return 0

@@ -1,7 +1,7 @@
 """The HTTP layer: OpenAI's chat-completions API over :class:`~.service.CorrectionService`.
 
 Routes: ``POST /v1/chat/completions`` (plain and ``stream: true``), ``GET /v1/models``,
-``GET /healthz``; the Gradio app at ``/ui`` when mounted (:func:`mount_ui`). Errors are OpenAI
+``GET /v1/models/{id}``, ``GET /healthz``; the Gradio app at ``/ui`` when mounted (:func:`mount_ui`). Errors are OpenAI
 error objects (``{"error": {"message", "type", "param", "code"}}``) with OpenAI's status codes.
 
 Every path is guarded by :class:`RequestGuard`: bodies over ``max_request_bytes`` are refused
@@ -9,6 +9,10 @@ Every path is guarded by :class:`RequestGuard`: bodies over ``max_request_bytes`
 (no query string) and status. With API keys, ``/v1`` takes ``Authorization: Bearer KEY`` and
 ``/ui`` a sign-in whose password is a key (:func:`mount_ui`). Neither request texts nor keys
 are logged.
+
+A client that disconnects — streamed or not, during the draft or the correction — cancels its
+request: its rows leave the decoding batch at the next step. A stream's first chunk (the role)
+is sent at once, before the draft is written.
 """
 from __future__ import annotations
 
@@ -206,9 +210,17 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
     async def healthz():  # open to anyone: names no model, URL or objective
         return {"status": "ok"}
 
+    def card(model_id: str) -> ModelCard:
+        return ModelCard(id=model_id, created=created, metaaligner=service.model_info(model_id))
+
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=m, created=created) for m in service.policies]).model_dump()
+        return ModelList(data=[card(m) for m in service.policies]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        service.policy_spec(model_id)  # 404 in OpenAI's shape for an unknown id
+        return card(model_id).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -230,9 +242,9 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
         except ValidationError as e:
             message, param = _validation_message(e)
             return error_response(400, message, param=param)
-        return await complete(req)
+        return await complete(req, request)
 
-    async def complete(req: ChatCompletionRequest):
+    async def complete(req: ChatCompletionRequest, request: Request):
         start = time.monotonic()
         service.policy_spec(req.model)  # 404 before any work
         opts = req.metaaligner
@@ -250,11 +262,12 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
         except MetaAlignerError as e:
             raise RequestError(str(e)) from None
         service.check_query(query, objectives, settings)
-        draft = await service.draft(req.model, messages, settings)
-        result = Correction()
+        await service.check_draft(req.model, messages, settings)  # context errors before any answer starts
         return_original = opts.return_original if opts else True
+        stage: dict = {"draft": None, "result": Correction()}
 
         def info() -> MetaAlignerInfo:
+            draft, result = stage["draft"], stage["result"]
             return MetaAlignerInfo(
                 original=draft.text if return_original else None, corrected=bool(objectives), policy=req.model,
                 aligner=display_name(service.aligner_name), template=service.template,
@@ -266,50 +279,98 @@ def create_app(service: CorrectionService, *, api_keys: list[str] | None = None,
                                 total_s=round(time.monotonic() - start, 4)))
 
         def usage() -> Usage:
-            p = draft.prompt_tokens + result.prompt_tokens
-            c = draft.completion_tokens + result.completion_tokens
+            """The answer's stage: the correction (its prompt holds the query and the draft), or
+            the draft when it is passed through; both stages are in ``metaaligner.usage``."""
+            draft, result = stage["draft"], stage["result"]
+            answer = result if objectives else draft
+            p, c = answer.prompt_tokens, answer.completion_tokens
             return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
+        def finish_reason() -> str:
+            return stage["result"].finish_reason if objectives else stage["draft"].finish_reason
+
         async def deltas() -> AsyncIterator[str]:
+            draft = stage["draft"] = await service.draft(req.model, messages, settings)
+            result = stage["result"]
             if not objectives:  # pass-through: the draft is the answer
                 result.text = draft.text
                 if draft.text:
                     yield draft.text
                 return
+            result.started = time.monotonic()
             async for d in service.correct(query, draft.text, objectives, settings, result):
                 yield d
 
         if not req.stream:
-            async for _ in deltas():
-                pass
-            return ChatCompletion(model=req.model, usage=usage(), metaaligner=info(), choices=[
-                Choice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)]
-            ).model_dump()
+            async def answer():
+                async for _ in deltas():
+                    pass
+                return ChatCompletion(model=req.model, usage=usage(), metaaligner=info(), choices=[
+                    Choice(message=AssistantMessage(content=stage["result"].text), finish_reason=finish_reason())]
+                ).model_dump()
+
+            return await until_disconnected(request, answer())
 
         cid, created_at = completion_id(), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(**kw) -> str:
-            c = ChatCompletionChunk(id=cid, created=created_at, model=req.model, **kw)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+        def chunk(choices: list[ChunkChoice], **extra) -> str:
+            """A chunk as OpenAI sends it: the choice's ``finish_reason``/``logprobs`` present as null,
+            ``usage`` null on every chunk but the last when usage was asked for."""
+            c = ChatCompletionChunk(id=cid, created=created_at, model=req.model, choices=choices, **extra)
+            data = c.model_dump(exclude_none=True)
+            data["system_fingerprint"] = None
+            data["choices"] = [{"index": ch.index, "delta": ch.delta.model_dump(exclude_none=True),
+                                "logprobs": None, "finish_reason": ch.finish_reason} for ch in choices]
+            if include_usage and "usage" not in data:
+                data["usage"] = None
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+            yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])  # at once, before the draft
             try:
                 async for d in deltas():
-                    yield chunk(choices=[ChunkChoice(delta=Delta(content=d))])
+                    yield chunk([ChunkChoice(delta=Delta(content=d))])
             except RequestError as e:  # the headers are sent: the error goes in the stream
                 err = ErrorResponse(error=ErrorDetail(message=str(e), type=e.type, code=e.code, param=e.param))
                 yield f"data: {err.model_dump_json()}\n\n"
                 return
-            yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=result.finish_reason)], metaaligner=info())
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk(choices=[], usage=usage())
+            yield chunk([ChunkChoice(delta=Delta(), finish_reason=finish_reason())], metaaligner=info())
+            if include_usage:
+                yield chunk([], usage=usage())
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def until_disconnected(request: Request, work):
+    """Await ``work`` (a coroutine); if the client disconnects first, cancel it (its rows leave the
+    batch at the next step) and return an empty 499 response nobody reads."""
+    import asyncio
+
+    async def gone():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001  (nobody is there to answer)
+        pass
+    log.info("client disconnected; its generation was stopped")
+    return JSONResponse({}, status_code=499)
 
 
 def web_app_modules():

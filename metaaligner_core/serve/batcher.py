@@ -1,10 +1,13 @@
-"""Requests from concurrent clients decoded together: one engine batch, tokens streamed per request.
+"""Jobs, and the batch-at-a-time scheduler.
 
-Each HTTP request submits its prompt (token ids) as a :class:`Job`. One thread per model takes
-every pending job that can share a batch (same settings) and runs them through the engine's
-continuous-batching loop (:meth:`~metaaligner_core.engine.generator.LocalGenerator.decode_steps`)
-in one call, at most ``batch_size`` rows in flight; each new token goes straight back to its
-request. Jobs that arrive while a batch is running form the next batch.
+A :class:`Job` is one prompt to continue, submitted by a request. The server schedules jobs with
+:class:`~metaaligner_core.engine.scheduler.StepScheduler` (a job joins the running batch at the
+next decoding step). :class:`Batcher` is the earlier, batch-at-a-time scheduler, kept for models
+whose cache layers the step scheduler cannot hold (sliding-window attention) and as the baseline
+of ``bench/bench_serve.py``: one thread per model takes every pending job that can share a batch
+(same settings) and runs them through the engine's loop
+(:meth:`~metaaligner_core.engine.generator.LocalGenerator.decode_steps`) in one call, at most
+``batch_size`` rows in flight; jobs that arrive while a batch is running wait for it to end.
 
 Under greedy decoding a row's tokens do not depend on the other rows of its batch (the engine
 guarantees this), so a request gets the same answer whether it was batched or alone.
@@ -84,11 +87,14 @@ class Batcher:
             self._cond.notify()
         return job
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the server is shutting down", timeout: float = 30.0) -> None:
+        """Stop: the batch in flight ends at its next step, every unfinished job gets an error."""
+        from ..engine.scheduler import ShuttingDown
+
         with self._cond:
-            self._stopped = True
+            self._stopped = ShuttingDown(reason)
             self._cond.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
     def _take(self) -> list[Job]:
         """Wait for jobs and for the burst they belong to (until ``window`` passes without a new
@@ -118,7 +124,7 @@ class Batcher:
             batch = self._take()
             if self._stopped:
                 for j in batch + self._pending:
-                    j.emit("error", RuntimeError("the server is shutting down"))
+                    j.emit("error", self._stopped)
                 return
             if batch:
                 self._decode(batch)
@@ -132,6 +138,11 @@ class Batcher:
         steps = gen.decode_steps([j.ids for j in jobs], sampling, common_prefix_len(jobs), self.batch_size)
         try:
             for rows, tokens, finished in steps:
+                if self._stopped:
+                    for j, d in zip(jobs, done):
+                        if not d:
+                            j.emit("error", self._stopped)
+                    break
                 for r, t in zip(rows, tokens):
                     last[r] = t
                     if not jobs[r].cancelled.is_set():

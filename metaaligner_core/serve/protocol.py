@@ -177,11 +177,23 @@ class ChatCompletionChunk(BaseModel):
     metaaligner: MetaAlignerInfo | None = None
 
 
+class ModelInfo(BaseModel):
+    """What this server does with a model id: ``default_max_tokens`` (each stage's length when a
+    request gives no ``max_tokens``), ``context_length`` (the local policy's; None for an API
+    policy), the aligner and its template."""
+
+    default_max_tokens: int
+    context_length: int | None = None
+    aligner: str
+    template: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "metaaligner"
+    metaaligner: ModelInfo | None = None
 
 
 class ModelList(BaseModel):

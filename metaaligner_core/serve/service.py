@@ -3,7 +3,9 @@
 This is the only module of :mod:`metaaligner_core.serve` that touches models; the HTTP layer
 (:mod:`.api`) only translates. Models come from the shared registry (one set of weights for a
 local policy and an aligner with the same MODEL string); every local model's generations go
-through its :class:`~.batcher.Batcher`, so concurrent requests decode together.
+through its :class:`~metaaligner_core.engine.scheduler.StepScheduler` (one decoding loop per
+model: a request joins the running batch at the next step, drafts and corrections share it, a
+client that goes away frees its row at once).
 
 The conversation and the aligner's query
     The policy answers the whole conversation (its chat template for a local model; the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import re
 import threading
 import time
@@ -28,6 +31,7 @@ from ..models import display_name, is_api_model
 from ..objectives import Objective, builtin_objectives
 from ..pipeline import ModelRegistry, choose_template, parse_api_objectives, with_template
 from ..settings import GenerationSettings
+from ..engine.scheduler import ShuttingDown, StepScheduler
 from .batcher import Batcher, Job
 
 log = logging.getLogger(__name__)
@@ -62,12 +66,26 @@ def conversation_query(messages: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{'User' if r == 'user' else 'Assistant'}: {t}" for r, t in turns)
 
 
+def _shutting_down() -> RequestError:
+    return RequestError("The server is shutting down; retry the request", 503, type="server_error",
+                        code="server_shutting_down")
+
+
+def context_length_error(limit: int, prompt_tokens: int, max_tokens: int, what: str = "messages") -> RequestError:
+    """OpenAI's context-length error (its wording and code, which client libraries match)."""
+    return RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
+                        "completion). Please reduce the length of the messages or the completion (max_tokens).",
+                        code="context_length_exceeded", param="messages")
+
+
 @dataclass
 class Draft:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    finish_reason: str = "stop"  # "length": the policy was cut at max_tokens
 
 
 @dataclass
@@ -90,10 +108,11 @@ class TokenText:
         self.ids: list[int] = []
         self.sent = ""
 
-    def add(self, token: int) -> str:
-        if token in self.skip:
+    def add(self, *tokens: int) -> str:
+        """The new text after ``tokens`` (possibly empty: an incomplete character is held back)."""
+        self.ids.extend(t for t in tokens if t not in self.skip)
+        if not tokens:
             return ""
-        self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
             delta, self.sent = text[len(self.sent):], text
@@ -130,12 +149,19 @@ class CorrectionService:
 
     policies: ``--policy`` values (``MODEL`` or ``NAME=MODEL``); the first is listed first.
     objectives: the server's default SPEC; None: every built-in objective of the template's family.
+    scheduling: ``"step"`` (iteration-level: requests join and leave the running batch at every
+    decoding step) or ``"batch"`` (a batch at a time: requests that arrive while one decodes wait
+    for it to end; kept for comparison, and for models whose cache the step scheduler cannot hold).
     """
 
     def __init__(self, *, policies: list[str], aligner: str = "default", template: str | None = None,
                  objectives: str | None = None, max_new_tokens: int = 1024, batch_size: int = 16,
                  window: float = 0.02, device: str | None = None, upstream_retries: int = 2,
-                 upstream_timeout: float = 120.0, registry_class=ModelRegistry):
+                 upstream_timeout: float = 120.0, registry_class=ModelRegistry, scheduling: str = "step",
+                 prefill_chunk: int = 256):
+        if scheduling not in ("step", "batch"):
+            raise MetaAlignerError(f'scheduling "{scheduling}": expected step or batch')
+        self.scheduling, self.prefill_chunk = scheduling, prefill_chunk
         self.policies: dict[str, str] = {}
         for value in policies or ["default"]:
             model_id, spec = parse_policy(value)
@@ -153,8 +179,9 @@ class CorrectionService:
         # server's retry and timeout settings.
         self.registry = registry_class(device=device, max_models=len(self.policies) + 1,
                                        policy_options={"timeout": upstream_timeout, "max_retries": upstream_retries})
-        self._batchers: dict[int, Batcher] = {}
+        self._batchers: dict[int, StepScheduler | Batcher] = {}
         self.aligner = None
+        self.stopping = False
 
     # -- models --------------------------------------------------------------------------------
     def load(self) -> None:
@@ -167,20 +194,37 @@ class CorrectionService:
             if getattr(backend, "generator", None) is not None:
                 self._batcher(backend.generator)
 
-    def _batcher(self, generator) -> Batcher:
+    def _batcher(self, generator) -> StepScheduler | Batcher:
         b = self._batchers.get(id(generator))
         if b is None:
-            b = self._batchers[id(generator)] = Batcher(generator, batch_size=self.batch_size, window=self.window,
-                                                       name=f"batcher-{len(self._batchers)}")
+            name = f"scheduler-{len(self._batchers)}"
+            if self.scheduling == "step":
+                try:
+                    b = StepScheduler(generator, batch_size=self.batch_size, prefill_chunk=self.prefill_chunk,
+                                      name=name)
+                except ValueError as e:  # e.g. sliding-window layers
+                    log.info("%s: batch-at-a-time scheduling (%s)", generator.name, e)
+            if b is None:
+                b = Batcher(generator, batch_size=self.batch_size, window=self.window, name=name)
+            self._batchers[id(generator)] = b
         return b
 
+    def schedulers(self) -> list:
+        return list(self._batchers.values())
+
     def batch_sizes(self) -> list[int]:
-        """Rows per engine call so far, over every model (tests and benchmarks read it)."""
-        return [n for b in self._batchers.values() for n in b.batches]
+        """Rows per decoding step (batch-at-a-time: per engine call) so far, over every model."""
+        return [n for b in self._batchers.values() for n in list(b.batches)]
+
+    def shutdown(self, reason: str = "the server is shutting down", wait: bool = True) -> None:
+        """Stop every decoding loop: requests in flight are answered with a 503 error within one
+        decoding step. ``wait``: until the loops have ended (else only tell them)."""
+        self.stopping = True
+        for b in self._batchers.values():
+            b.stop(reason, timeout=30.0 if wait else 0.0)
 
     def close(self) -> None:
-        for b in self._batchers.values():
-            b.stop()
+        self.shutdown()
 
     def policy_spec(self, model_id: str) -> str:
         spec = self.policies.get(model_id)
@@ -208,26 +252,46 @@ class CorrectionService:
 
     # -- generation through the batchers ---------------------------------------------------------
     async def _tokens(self, generator, ids: list[int], prefix_len: int, settings: GenerationSettings,
-                      group: str) -> AsyncIterator[tuple[str, object]]:
-        """``("token", id)`` items then ``("done", reason)``, decoded in a batch with other requests."""
+                      group: str) -> AsyncIterator[list[tuple[str, object]]]:
+        """Lists of ``("token", id)`` items, the last ending with ``("done", reason)``: what the
+        decoding loop produced since the request last looked (one list per step while it keeps
+        up; several steps' worth, sent as one chunk, when it falls behind)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        pending: deque = deque()
+        ready = asyncio.Event()
+        waking = [False]
 
-        def emit(kind, value):
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        def emit(kind, value):  # the scheduler's thread: one wake-up of the event loop per batch of items
+            pending.append((kind, value))
+            if not waking[0]:
+                waking[0] = True
+                loop.call_soon_threadsafe(ready.set)
 
         job = Job(ids, prefix_len, settings, emit, group=group)
-        self._batcher(generator).submit(job)
+        try:
+            self._batcher(generator).submit(job)
+        except (ShuttingDown, RuntimeError):
+            raise _shutting_down() from None
         try:
             while True:
-                kind, value = await queue.get()
-                if kind == "error":
+                await ready.wait()
+                ready.clear()
+                waking[0] = False
+                items = []
+                while pending:
+                    items.append(pending.popleft())
+                if not items:
+                    continue
+                if items[-1][0] == "error":
+                    value = items[-1][1]
+                    if isinstance(value, ShuttingDown) or self.stopping:
+                        raise _shutting_down()
                     raise RequestError(f"generation failed ({type(value).__name__})", 500, type="server_error")
-                yield kind, value
-                if kind == "done":
+                yield items
+                if items[-1][0] == "done":
                     return
         finally:
-            job.cancelled.set()  # a client that went away frees its row's output
+            job.cancelled.set()  # a client that went away frees its row at the next step
 
     # -- draft -----------------------------------------------------------------------------------
     async def draft(self, model_id: str, messages: list[tuple[str, str]], settings: GenerationSettings) -> Draft:
@@ -245,7 +309,22 @@ class CorrectionService:
         draft.seconds = time.monotonic() - start
         return draft
 
-    async def _local_draft(self, gen, messages, settings: GenerationSettings) -> Draft:
+    def model_info(self, model_id: str) -> dict:
+        """``/v1/models``' ``metaaligner`` object of a model id."""
+        backend = self.registry.loaded("policy", self.policies[model_id]) if hasattr(self.registry, "loaded") else None
+        gen = getattr(backend, "generator", None)
+        return {"default_max_tokens": self.max_new_tokens, "context_length": gen.max_length if gen else None,
+                "aligner": display_name(self.aligner_name), "template": self.template}
+
+    async def check_draft(self, model_id: str, messages: list[tuple[str, str]], settings: GenerationSettings) -> None:
+        """Refuse a conversation too long for a local policy's context (with ``max_tokens``)."""
+        spec = self.policy_spec(model_id)
+        backend = self.registry.loaded("policy", spec) if hasattr(self.registry, "loaded") else None
+        if getattr(backend, "generator", None) is not None:
+            self._draft_ids(backend.generator, messages, settings)
+
+    @staticmethod
+    def _draft_ids(gen, messages, settings: GenerationSettings) -> list[int]:
         tok = gen.tokenizer
         chat = [{"role": "system" if r == "developer" else r, "content": t} for r, t in messages]
         if getattr(tok, "chat_template", None):
@@ -253,17 +332,21 @@ class CorrectionService:
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
             ids = tok("\n\n".join(t for _, t in messages)).input_ids
-        budget = gen.max_length - settings.max_new_tokens
-        if len(ids) > budget:
-            raise RequestError(f"This conversation is {len(ids)} tokens; the policy's context of {gen.max_length} "
-                               f"tokens leaves {max(budget, 0)} after {settings.max_new_tokens} new tokens. "
-                               "Shorten the messages or lower max_tokens", code="context_length_exceeded",
-                               param="messages")
+        if len(ids) + settings.max_new_tokens > gen.max_length:
+            raise context_length_error(gen.max_length, len(ids), settings.max_new_tokens)
+        return ids
+
+    async def _local_draft(self, gen, messages, settings: GenerationSettings) -> Draft:
+        ids = self._draft_ids(gen, messages, settings)
         out: list[int] = []
-        async for kind, value in self._tokens(gen, ids, 0, settings, "draft"):
-            if kind == "token" and value not in gen.eos_ids:
-                out.append(value)
-        return Draft(gen.decode(out).strip(), len(ids), len(out))
+        reason = "stop"
+        async for items in self._tokens(gen, ids, 0, settings, "draft"):
+            for kind, value in items:
+                if kind == "token" and value not in gen.eos_ids:
+                    out.append(value)
+                elif kind == "done":
+                    reason = value
+        return Draft(gen.decode(out).strip(), len(ids), len(out), finish_reason=reason)
 
     def _api_draft(self, backend, model_id: str, messages, settings: GenerationSettings) -> Draft:
         from ..backends.base import BackendError
@@ -284,12 +367,17 @@ class CorrectionService:
                     raise BackendError(describe_api_error(model_id, e, getattr(backend, "_key", None))) from None
                 text = (resp.choices[0].message.content or "") if resp.choices else ""
                 usage = resp.usage
-                return Draft(text.strip(), usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+                reason = "length" if resp.choices and resp.choices[0].finish_reason == "length" else "stop"
+                return Draft(text.strip(), usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                             finish_reason=reason)
             system = "\n\n".join(t for r, t in messages if r in ("system", "developer")) or None
             turns = [(r, t) for r, t in messages if r not in ("system", "developer")]
             done = backend.complete(conversation_query(turns), max_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, system=system)
-            return Draft(done.text.strip(), done.usage.get("prompt_tokens", 0), done.usage.get("completion_tokens", 0))
+            n = done.usage.get("completion_tokens", 0)
+            reason = getattr(done, "finish_reason", None) or ("length" if n >= settings.max_new_tokens else "stop")
+            return Draft(done.text.strip(), done.usage.get("prompt_tokens", 0), n,
+                         finish_reason="length" if reason in ("length", "max_tokens") else "stop")
         except BackendError as e:
             log.warning("upstream %s failed", model_id)
             raise RequestError(f"upstream model {model_id} failed: {e}", 502, type="upstream_error",
@@ -300,8 +388,12 @@ class CorrectionService:
         """``(ids, shared prefix length)`` of a local aligner's prompt; a query too long is a 400."""
         try:
             ids, cut = self.aligner.encode(query, draft, objectives, settings.max_new_tokens)
-        except MetaAlignerError as e:
-            raise RequestError(str(e), code="context_length_exceeded", param="messages") from None
+        except MetaAlignerError:
+            from ..inference import encode_aligner_prompt
+
+            fixed = len(encode_aligner_prompt(self.aligner.generator.tokenizer, self.aligner.prompt(query, "", objectives)))
+            raise context_length_error(self.aligner.generator.max_length, fixed, settings.max_new_tokens,
+                                       "messages and the aligner's instructions") from None
         if cut:
             log.warning("a draft was shortened to fit the aligner's context of %d tokens",
                         self.aligner.generator.max_length)
@@ -319,34 +411,37 @@ class CorrectionService:
         gen = self.aligner.generator
         pieces: list[str] = []
         if gen is None:  # a remote aligner (openai-compatible:NAME@URL): its server batches
-            async for d in self._remote_correct(query, draft, objectives, settings):
+            async for d in self._remote_correct(query, draft, objectives, settings, result):
                 pieces.append(d)
                 yield d
         else:
             ids, prefix = self.aligner_prompt(query, draft, objectives, settings)
             result.prompt_tokens = len(ids)
             text, strip = TokenText(gen.tokenizer, gen.eos_ids), Stripper()
-            async for kind, value in self._tokens(gen, ids, prefix, settings, "correction"):
-                if kind == "token":
-                    result.completion_tokens += value not in gen.eos_ids
-                    d = strip.feed(text.add(value))
-                else:
-                    result.finish_reason = value
-                    d = strip.feed(text.finish())
+            async for items in self._tokens(gen, ids, prefix, settings, "correction"):
+                new = [v for k, v in items if k == "token"]
+                result.completion_tokens += sum(v not in gen.eos_ids for v in new)
+                d = text.add(*new)
+                if items[-1][0] == "done":
+                    result.finish_reason = items[-1][1]
+                    d += text.finish()
+                d = strip.feed(d)
                 if d:
                     pieces.append(d)
                     yield d
         result.text = "".join(pieces)
         result.seconds = time.monotonic() - result.started
 
-    async def _remote_correct(self, query, draft, objectives, settings: GenerationSettings) -> AsyncIterator[str]:
+    async def _remote_correct(self, query, draft, objectives, settings: GenerationSettings,
+                              result: Correction) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        finish: dict = {}
 
         def work():
             try:
-                for d in self.aligner.stream(query, draft, objectives, **settings.aligner_kwargs()):
+                for d in self.aligner.stream(query, draft, objectives, finish=finish, **settings.aligner_kwargs()):
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, ("delta", d))
@@ -359,6 +454,8 @@ class CorrectionService:
             while True:
                 kind, value = await queue.get()
                 if kind == "done":
+                    result.finish_reason = "length" if finish.get("reason") == "length" else "stop"
+                    result.completion_tokens = finish.get("completion_tokens", 0)
                     return
                 if kind == "error":
                     raise RequestError(f"the aligner failed: {value}" if isinstance(value, MetaAlignerError)
