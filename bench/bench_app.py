@@ -99,9 +99,9 @@ def in_process_first_delta(aligner, max_new: int, repeats: int) -> tuple[float, 
 
 
 def serve_without_checks(app_args: list[str]) -> None:
-    """``python app.py`` with the request checks of app_security replaced by identity functions
+    """``python app.py`` with the request checks of webapp.security replaced by identity functions
     (the "before" side of --checks-ab; never used outside this benchmark)."""
-    import app_security as sec
+    from webapp import security as sec
 
     sec.check_text = lambda label, value, limit, required=False: value if isinstance(value, str) else ""
     sec.check_objective_lines = lambda text, limits=None: text or ""
@@ -128,7 +128,7 @@ def start_app(port: int, db: str, max_new: int, threads: int | None, checks: boo
 
 def checks_cost(n: int = 5000) -> float:
     """Seconds the request checks of one Align request take (the same calls run_align makes)."""
-    import app_security as sec
+    from webapp import security as sec
 
     allow = sec.ModelAllowList(["default", "openai:gpt-4o-mini"], ["default"])
     slots = sec.SessionSlots()

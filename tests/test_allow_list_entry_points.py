@@ -6,16 +6,11 @@ any provider is called. Nothing here goes through Gradio's dropdown.
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from conftest import ROOT
 from metaaligner_core.errors import MetaAlignerError
-
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
-import app_security as sec  # noqa: E402
+from webapp import security as sec
+from webapp.config import AppConfig, make_service
 
 UNLISTED = ["some/hub-model", "MetaAligner/MetaAligner-HH-RLHF-7B", "/etc/passwd", "./runs/aligner/final",
             "~/models/x.gguf", "openai:gpt-4o-mini", "anthropic:claude-3-5-haiku-latest", "openai:gpt-4o@http://x/v1"]
@@ -34,9 +29,9 @@ def test_check_refuses_unlisted_plain_strings(kind, spec):
 
 @pytest.fixture
 def service(tmp_path):
-    config = app.AppConfig(preload=False, max_new_tokens=8, db_url=f"sqlite:///{tmp_path / 'ann.db'}",
+    config = AppConfig(preload=False, max_new_tokens=8, db_url=f"sqlite:///{tmp_path / 'ann.db'}",
                            allow_models=["openai-compatible:m@http://127.0.0.1:9/v1"])
-    return app.make_service(config)
+    return make_service(config)
 
 
 @pytest.mark.parametrize("spec", UNLISTED)

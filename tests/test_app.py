@@ -7,7 +7,6 @@ generation is kept to 24 new tokens so the module costs a few minutes of CPU.
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
 import urllib.request
@@ -15,12 +14,11 @@ import urllib.request
 import pytest
 
 from api_server import FakeProvider
-from conftest import ROOT, require_chromium
-from webapp.service import GenerationSettings, collect_objectives
+from conftest import require_chromium
 from metaaligner_core.errors import MetaAlignerError
-
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
+from webapp.config import AppConfig
+from webapp.launch import launch
+from webapp.service import GenerationSettings, collect_objectives
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +36,8 @@ def free_port() -> int:
 def server(tmp_path_factory, embedded_dir):
     """``python app.py``'s launch path, in-process on a free port; closed at teardown."""
     db = tmp_path_factory.mktemp("app") / "annotations.db"
-    config = app.AppConfig(port=free_port(), db_url=f"sqlite:///{db}", max_new_tokens=MAX_NEW)
-    demo = app.launch(config, block=False, quiet=True)
+    config = AppConfig(port=free_port(), db_url=f"sqlite:///{db}", max_new_tokens=MAX_NEW)
+    demo = launch(config, block=False, quiet=True)
     url = f"http://127.0.0.1:{config.port}/"
     try:
         yield demo, url

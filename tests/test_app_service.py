@@ -15,8 +15,7 @@ from metaaligner_core.errors import MetaAlignerError
 from metaaligner_core.objectives import builtin_objectives
 from metaaligner_core.templates import build_prompt
 
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402  (app.py lives at the repository root)
+from webapp.config import AppConfig, make_service, parse_args
 
 
 def test_checkbox_values_resolve_to_the_family_of_the_box():
@@ -112,7 +111,7 @@ def test_generation_settings_validate():
     from metaaligner_core import pipeline
     assert hf.GenerationSettings is pipeline.GenerationSettings is GenerationSettings
     assert GenerationSettings().max_new_tokens == 1024
-    assert app.make_service(app.AppConfig()).settings.max_new_tokens == 256
+    assert make_service(AppConfig()).settings.max_new_tokens == 256
 
 
 def test_missing_api_key_message(monkeypatch):
@@ -133,23 +132,23 @@ def test_missing_api_key_message(monkeypatch):
 
 
 def test_preview_is_the_template_prompt():
-    service = app.make_service(app.AppConfig())
+    service = make_service(AppConfig())
     objs = collect_objectives(["unseen/length"], "", "imhi")
     assert service.preview("Why?", "Because.", objs, "imhi") == build_prompt("imhi", "Why?", "Because.", objs)
     assert "<the policy's draft>" in service.preview("Why?", "", objs, "imhi")
 
 
 def test_flags():
-    cfg = app.parse_args([])
+    cfg = parse_args([])
     assert (cfg.policy, cfg.aligner, cfg.db_url, cfg.host, cfg.port, cfg.auth) == (
         "default", "default", "sqlite:///data/annotations.db", "127.0.0.1", 7860, None)
-    cfg = app.parse_args(["--policy", "openai:gpt-4o", "--aligner", "out/aligner", "--template", "imhi",
+    cfg = parse_args(["--policy", "openai:gpt-4o", "--aligner", "out/aligner", "--template", "imhi",
                           "--db", "sqlite:////tmp/x.db", "--host", "0.0.0.0", "--port", "8000",
                           "--share", "--auth", "ann:pa:ss"])
     assert (cfg.policy, cfg.aligner, cfg.template, cfg.db_url, cfg.host, cfg.port, cfg.share, cfg.auth) == (
         "openai:gpt-4o", "out/aligner", "imhi", "sqlite:////tmp/x.db", "0.0.0.0", 8000, True, ("ann", "pa:ss"))
     with pytest.raises(SystemExit):
-        app.parse_args(["--auth", "nopassword"])
+        parse_args(["--auth", "nopassword"])
 
 
 def test_core_holds_no_app_code():
@@ -168,8 +167,10 @@ def test_core_holds_no_app_code():
 
 
 def test_import_is_light():
-    """Importing app.py must not import gradio, torch or transformers, nor build the UI."""
-    code = ("import sys, app; heavy = [m for m in ('gradio', 'torch', 'transformers') if m in sys.modules]; "
+    """Importing app.py (and the web app's modules) must not import gradio, torch or transformers,
+    nor build the UI."""
+    code = ("import sys, app, webapp.launch, webapp.align_tab, webapp.annotation_tabs, webapp.accounts_tab; "
+            "heavy = [m for m in ('gradio', 'torch', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy; assert 'demo' not in vars(app)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

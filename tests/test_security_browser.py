@@ -1,17 +1,15 @@
 """First run in a real browser: on an empty database the app offers to create the first admin
 with the one-time token from the server log; that admin then adds a rater on the Accounts tab,
-who signs in. Headless Chromium through Playwright against ``app.launch`` on a free port."""
+who signs in. Headless Chromium through Playwright against ``webapp.launch.launch`` on a free port."""
 from __future__ import annotations
 
 import socket
-import sys
 
 import pytest
 
-from conftest import ROOT, require_chromium
-
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
+from conftest import require_chromium
+from webapp.config import AppConfig
+from webapp.launch import launch
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
@@ -35,9 +33,9 @@ def test_first_admin_then_a_rater_in_the_browser(tmp_path, artifacts_dir, caplog
 
     expect.set_options(timeout=30_000)
     db = f"sqlite:///{tmp_path / 'fresh.db'}"
-    config = app.AppConfig(port=free_port(), db_url=db, preload=False, max_new_tokens=8)
+    config = AppConfig(port=free_port(), db_url=db, preload=False, max_new_tokens=8)
     caplog.set_level("WARNING", logger="metaaligner.app")
-    demo = app.launch(config, block=False, quiet=True)
+    demo = launch(config, block=False, quiet=True)
     try:
         token = demo.first_run.token
         assert f"set-up token: {token}" in caplog.text  # only the server log shows it

@@ -2,31 +2,27 @@
 comes from, the warnings for a server reachable beyond this machine, and the model allow-list."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from conftest import ROOT
 from metaaligner_core.errors import MetaAlignerError
-
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
-import app_security as sec  # noqa: E402
+from webapp import security as sec
+from webapp.config import parse_args
 
 
 def test_auth_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(sec.AUTH_ENV, raising=False)
     f = tmp_path / "auth"
     f.write_text("team:s3cret pass\nignored\n")
-    assert app.parse_args(["--auth-file", str(f)]).auth == ("team", "s3cret pass")
+    assert parse_args(["--auth-file", str(f)]).auth == ("team", "s3cret pass")
     monkeypatch.setenv(sec.AUTH_ENV, "envuser:envpass")
-    assert app.parse_args([]).auth == ("envuser", "envpass")
-    assert app.parse_args(["--auth-file", str(f)]).auth == ("team", "s3cret pass")  # the file wins
+    assert parse_args([]).auth == ("envuser", "envpass")
+    assert parse_args(["--auth-file", str(f)]).auth == ("team", "s3cret pass")  # the file wins
     monkeypatch.delenv(sec.AUTH_ENV)
-    assert app.parse_args(["--auth", "cli:pass"]).auth == ("cli", "pass")
+    assert parse_args(["--auth", "cli:pass"]).auth == ("cli", "pass")
     f.write_text("no-colon\n")
     with pytest.raises(SystemExit):
-        app.parse_args(["--auth-file", str(f)])
+        parse_args(["--auth-file", str(f)])
     with pytest.raises(MetaAlignerError, match="--auth-file .*missing"):
         sec.read_auth(None, str(tmp_path / "missing"))
 

@@ -131,19 +131,19 @@ def run(args) -> int:
         log.warning("warning: %s", warning)
     import uvicorn
 
-    from ..pipeline import ModelRegistry
-    from ..serve.api import create_app, mount_ui, web_app_modules
+    from ..serve.api import create_app, mount_ui
     from ..serve.service import CorrectionService
 
-    web = web_app_modules() if args.ui else None
-    # The web app's registry adds the status line its page shows; the models are the same.
-    registry_class = web[1].ModelRegistry if web else ModelRegistry
+    if args.ui:  # the web app's registry adds the status line its page shows; the models are the same
+        from webapp.service import ModelRegistry
+    else:
+        from ..pipeline import ModelRegistry
     service = CorrectionService(policies=args.policy or ["default"], aligner=args.aligner,
                                 template=None if args.template == "auto" else args.template,
                                 objectives=args.objectives, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, device=args.device,
                                 upstream_retries=args.upstream_retries, upstream_timeout=args.upstream_timeout,
-                                registry_class=registry_class)
+                                registry_class=ModelRegistry)
     if args.threads:
         import torch
 

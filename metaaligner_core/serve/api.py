@@ -373,25 +373,6 @@ async def until_disconnected(request: Request, work):
     return JSONResponse({}, status_code=499)
 
 
-def web_app_modules():
-    """``(app, webapp.service)`` of the web app, or None when it is not installed. A source
-    checkout has ``app.py`` beside the package; it is found there too."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    try:
-        return importlib.import_module("app"), importlib.import_module("webapp.service")
-    except ModuleNotFoundError as e:
-        if e.name not in ("app", "webapp", "webapp.service"):
-            raise
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "app.py").is_file() or not (root / "webapp").is_dir():
-        return None
-    sys.path.insert(0, str(root))
-    return importlib.import_module("app"), importlib.import_module("webapp.service")
-
-
 UI_SIGN_IN_MESSAGE = ("This server requires an API key. Sign in with any user name and one of the server's "
                       "API keys as the password; the page keeps the sign-in for the session.")
 
@@ -410,35 +391,34 @@ def key_checker(api_keys: list[str]):
 
 def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url: str | None = None,
              api_keys: list[str] | None = None):
-    """Mount the Gradio app (``app.py``) at ``path`` on the service's registry, so the page and
-    the API share the loaded models; set up as ``app.py`` launches it (model allow-list: the
-    server's policies and aligner; private upload folder; first-admin token; bounded queue).
-    ``db_url``: the annotation database (default: the app's). ``api_keys``: the page and every
-    Gradio route behind it (``/gradio_api/queue/join``, uploads, files, config) require Gradio's
-    sign-in, whose password is one of these keys; it is asked for once and kept in a session
-    cookie. Returns the Blocks, or None (and a warning) when the web app is not installed."""
+    """Mount the web app (:mod:`webapp`, the page ``python app.py`` serves) at ``path`` on the
+    service's registry, so the page and the API share the loaded models; set up as ``app.py``
+    launches it (model allow-list: the server's policies and aligner; private upload folder;
+    first-admin token; bounded queue). ``db_url``: the annotation database (default: the app's).
+    ``api_keys``: the page and every Gradio route behind it (``/gradio_api/queue/join``, uploads,
+    files, config) require Gradio's sign-in, whose password is one of these keys; it is asked for
+    once and kept in a session cookie. Returns the Blocks."""
     import os
 
-    modules = web_app_modules()
-    if modules is None:
-        log.warning("the web app (app.py) is not installed; /ui is not served")
-        return None
-    ui, web = modules
     import gradio as gr
 
+    from webapp.align_tab import build_demo
+    from webapp.config import AppConfig, allow_list
+    from webapp.launch import first_run_setup, private_temp_dir
+    from webapp.service import APP_MAX_NEW_TOKENS, AlignService, GenerationSettings
+
     first, *others = service.policies.values()
-    config = ui.AppConfig(policy=first, aligner=service.aligner_name, template=service.template, preload=False,
-                          max_new_tokens=min(service.max_new_tokens, web.APP_MAX_NEW_TOKENS), allow_models=others,
-                          **({"db_url": db_url} if db_url else {}))
-    allow = ui.allow_list(config)
+    config = AppConfig(policy=first, aligner=service.aligner_name, template=service.template, preload=False,
+                       max_new_tokens=min(service.max_new_tokens, APP_MAX_NEW_TOKENS), allow_models=others,
+                       **({"db_url": db_url} if db_url else {}))
+    allow = allow_list(config)
     service.registry.check = lambda kind, name: allow.check(kind, name, config.limits)
     service.registry.allow_list = allow
     if not os.environ.get("GRADIO_TEMP_DIR"):
-        ui.private_temp_dir()
-    align = web.AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template,
-                             settings=web.GenerationSettings(max_new_tokens=config.max_new_tokens),
-                             db_url=config.db_url)
-    demo = ui.build_demo(config, service=align, first_run=ui.first_run_setup(config))
+        private_temp_dir()
+    align = AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template,
+                         settings=GenerationSettings(max_new_tokens=config.max_new_tokens), db_url=config.db_url)
+    demo = build_demo(config, service=align, first_run=first_run_setup(config))
     demo.queue(max_size=config.limits.queue)
     auth = dict(auth=key_checker(api_keys), auth_message=UI_SIGN_IN_MESSAGE) if api_keys else {}
     gr.mount_gradio_app(app, demo, path=path, show_error=False, max_file_size=config.limits.upload, **auth)

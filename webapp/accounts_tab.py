@@ -1,6 +1,6 @@
 """The app's Accounts tab: first-run set-up of the first admin, and account management for admins.
 
-First run: while the annotation database has no admin, ``app.py`` prints a one-time set-up token
+First run: while the annotation database has no admin, the launcher prints a one-time set-up token
 in the server log (only the operator sees it) and this tab offers a form to create the first
 admin with it. Afterwards admins add accounts (rater, examiner or admin), disable and re-enable
 them, change roles and reset passwords here. Every handler checks, on the server, that the

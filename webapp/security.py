@@ -2,7 +2,7 @@
 generation per session, what the model status may show, and launch-time checks.
 
 Every Gradio event handler is a public HTTP endpoint (``/gradio_api/queue/join`` accepts any
-``fn_index`` and any ``session_hash``), whatever the page shows or hides. So ``app.py`` calls these
+``fn_index`` and any ``session_hash``), whatever the page shows or hides. So the web app calls these
 checks inside each handler, on the server, for every request. See docs/security.md.
 """
 from __future__ import annotations
