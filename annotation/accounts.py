@@ -48,7 +48,7 @@ from .models import Annotator, SignIn, utcnow
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .store import Store
+    from .database import Database
 
 log = logging.getLogger("annotation.accounts")
 
@@ -257,7 +257,7 @@ class Throttle:
 THROTTLE = Throttle()
 
 
-def _keys(store: "Store", name: str, client: str | None) -> list[tuple]:
+def _keys(store: "Database", name: str, client: str | None) -> list[tuple]:
     keys = [("account", store.url, name.casefold())]
     if client:
         keys.append(("client", store.url, client))
@@ -266,7 +266,7 @@ def _keys(store: "Store", name: str, client: str | None) -> list[tuple]:
 
 # ----------------------------------------------------------------------------- sign-in
 
-def sign_in(store: "Store", name: str, password: str, client: str | None = None) -> str:
+def sign_in(store: "Database", name: str, password: str, client: str | None = None) -> str:
     """A session token; AccessDenied on a wrong name or password, a disabled account, or while
     the account or the client address has to wait after failed attempts."""
     name = (name or "").strip() if isinstance(name, str) else ""
@@ -313,7 +313,7 @@ def sign_in(store: "Store", name: str, password: str, client: str | None = None)
                         client or "local", failures)
 
 
-def sign_out(store: "Store", token: str | None) -> None:
+def sign_out(store: "Database", token: str | None) -> None:
     if isinstance(token, str) and token:
         with store._session(write=True) as s:
             s.execute(SignIn.__table__.delete().where(SignIn.token_hash == _sha(token)))
@@ -352,13 +352,13 @@ def _role_of(a: Annotator) -> str:
     return "admin" if a.is_admin and a.role != "admin" else (a.role or "rater")
 
 
-def whoami(store: "Store", token) -> Account:
+def whoami(store: "Database", token) -> Account:
     with store._session() as s:
         me = current(s, token)
         return Account(me.name, _role_of(me), bool(me.disabled))
 
 
-def role_of_token(store: "Store", token) -> str | None:
+def role_of_token(store: "Database", token) -> str | None:
     """The role of a signed-in token, None when not signed in (never raises AccessDenied)."""
     try:
         return whoami(store, token).role
@@ -368,7 +368,7 @@ def role_of_token(store: "Store", token) -> str | None:
 
 # ----------------------------------------------------------------------------- accounts
 
-def upsert_account(store: "Store", name: str, password: str | None, role: str = "rater",
+def upsert_account(store: "Database", name: str, password: str | None, role: str = "rater",
                    update: bool = False) -> None:
     """Create an account (or, with ``update``, set its password and role). The CLI's path."""
     name = check_name(name)
@@ -389,7 +389,7 @@ def upsert_account(store: "Store", name: str, password: str | None, role: str = 
     log.debug("annotator %s %s (%s)", name, "updated" if update else "added", role)
 
 
-def add_account(store: "Store", actor, name: str, password: str, role: str = "rater") -> None:
+def add_account(store: "Database", actor, name: str, password: str, role: str = "rater") -> None:
     """An admin creates an account."""
     name = check_name(name)
     check_role(role)
@@ -405,7 +405,7 @@ def add_account(store: "Store", actor, name: str, password: str, role: str = "ra
     log.info("account %r (%s) added by %s", name[:64], role, _who(admin))
 
 
-def reset_password(store: "Store", actor, name: str, password: str) -> None:
+def reset_password(store: "Database", actor, name: str, password: str) -> None:
     """An admin sets a new password (also for imported annotators who had none); ends its sign-ins."""
     check_password_rules(password)
     if password is None:
@@ -421,7 +421,7 @@ def reset_password(store: "Store", actor, name: str, password: str) -> None:
     log.info("password of %r reset by %s", name[:64], _who(admin))
 
 
-def set_role(store: "Store", actor, name: str, role: str) -> None:
+def set_role(store: "Database", actor, name: str, role: str) -> None:
     check_role(role)
     with store._session(write=True) as s:
         admin = require_role(s, actor, "admin")
@@ -432,7 +432,7 @@ def set_role(store: "Store", actor, name: str, role: str) -> None:
     log.info("role of %r set to %s by %s", name[:64], role, _who(admin))
 
 
-def set_disabled(store: "Store", actor, name: str, disabled: bool = True) -> None:
+def set_disabled(store: "Database", actor, name: str, disabled: bool = True) -> None:
     """An admin disables (or re-enables) an account; disabling ends its sign-ins."""
     with store._session(write=True) as s:
         admin = require_role(s, actor, "admin")
@@ -445,7 +445,7 @@ def set_disabled(store: "Store", actor, name: str, disabled: bool = True) -> Non
     log.info("account %r %s by %s", name[:64], "disabled" if disabled else "enabled", _who(admin))
 
 
-def list_accounts(store: "Store", actor) -> list[dict]:
+def list_accounts(store: "Database", actor) -> list[dict]:
     with store._session() as s:
         require_role(s, actor, "admin")
         return [{"name": a.name, "role": _role_of(a), "disabled": bool(a.disabled),
@@ -474,7 +474,7 @@ def _who(actor) -> str:
 
 # ----------------------------------------------------------------------------- first run
 
-def needs_first_admin(store: "Store") -> bool:
+def needs_first_admin(store: "Database") -> bool:
     """True while no enabled admin account with a password exists."""
     with store._session() as s:
         return s.scalar(select(Annotator.id).where(
@@ -499,7 +499,7 @@ class FirstRun:
                 and hmac.compare_digest(token.strip().encode("utf-8"), self.token.encode("utf-8")))
 
 
-def create_first_admin(store: "Store", first_run: FirstRun, token: str, name: str, password: str,
+def create_first_admin(store: "Database", first_run: FirstRun, token: str, name: str, password: str,
                        client: str | None = None) -> str:
     """Create the first admin with the set-up token; returns that admin's session token."""
     name = check_name(name)

@@ -32,9 +32,10 @@ def populate(url: str, n_items: int, n_raters: int, n_open: int) -> list[str]:
     from sqlalchemy import insert, select
 
     from annotation import accounts
+    from annotation.item_service import _sha
     from annotation.models import Annotator, Assignment, Item, Rating, Response, utcnow
     from annotation.protocols import load_protocol
-    from annotation.store import Store, _sha
+    from annotation.store import Store
 
     accounts.SCRYPT_N = 2 ** 10  # account set-up is not what is measured
     store = Store(url)

@@ -8,8 +8,9 @@ import sqlite3
 import pytest
 
 from annotation.models import SUBMITTED
-from annotation.store import (OPERATOR, AccessDenied, Store, enqueue_item, hash_password, normalize_db_url,
-                              verify_password)
+from annotation.accounts import OPERATOR, AccessDenied, hash_password, verify_password
+from annotation.database import normalize_db_url
+from annotation.store import Store, enqueue_item
 from conftest import write_jsonl
 from metaaligner_core.errors import InputError, MetaAlignerError
 

@@ -148,10 +148,10 @@ def test_roles_disable_reset_and_the_last_admin(store, clock, fast_scrypt):
     rita, eve = store.sign_in("rita", PASSWORD), store.sign_in("eve", PASSWORD)
     assert store.whoami(eve).role == "examiner" and not store.whoami(eve).is_admin
     with store._session() as s:
-        store._require_role(s, eve, "examiner")
+        accounts.require_role(s, eve, "examiner")
         with pytest.raises(AccessDenied, match="examiners and admins only"):
-            store._require_role(s, rita, "examiner")
-        store._require_role(s, OPERATOR, "admin")
+            accounts.require_role(s, rita, "examiner")
+        accounts.require_role(s, OPERATOR, "admin")
     for action in (lambda t: accounts.add_account(store, t, "mallory", PASSWORD),
                    lambda t: accounts.list_accounts(store, t),
                    lambda t: accounts.set_disabled(store, t, "boss"),
@@ -254,9 +254,9 @@ def test_corrupt_database_is_a_one_line_error(tmp_path):
 
 
 def test_locked_database_is_a_one_line_error_and_nothing_is_written(tmp_path, monkeypatch, fast_scrypt):
-    import annotation.store as store_mod
+    import annotation.database as database
 
-    monkeypatch.setattr(store_mod, "SQLITE_BUSY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_S", 0.5)
     db = tmp_path / "a.db"
     url = f"sqlite:///{db}"
     store = Store(url)

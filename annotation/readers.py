@@ -1,6 +1,13 @@
-"""Reading rating files in the shapes real studies publish.
+"""Reading the annotation tool's input files: items to rate, ratings made elsewhere (in the
+shapes real studies publish) and the mappings that describe those shapes; and the score check
+the rating forms share. Every error names the file, the line and the field, and one bad row
+rejects the whole file.
 
-Three shapes, all from JSON Lines or CSV (``metaaligner_core.io.iter_records``):
+Items (``annotate import``), JSON Lines ``{"query", "responses": [{"text", "source"?, "gold"?}],
+"item_id"?}`` or CSV ``query,response,source`` (rows with the same query form one item).
+
+Ratings (``annotate import-ratings``), three shapes, all from JSON Lines or CSV
+(``metaaligner_core.io.iter_records``):
 
 * **long** (no mapping; the ``annotate export --format ratings`` shape): one rating per row,
   ``{"item_id"?, "query", "response", "source"?, "annotator", "objective", "score", "note"?}``.
@@ -23,8 +30,7 @@ Three shapes, all from JSON Lines or CSV (``metaaligner_core.io.iter_records``):
         fluency_A: {annotator: A, objective: fluency}
         fluency_B: {annotator: B, objective: fluency}
 
-An empty cell (or ``null`` inside a list) is a rating not made. Every error names the file, the
-line and the field, and one bad row rejects the whole file.
+An empty cell (or ``null`` inside a list) is a rating not made.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from pathlib import Path
 from metaaligner_core.errors import InputError, MetaAlignerError
 from metaaligner_core.io import iter_records
 
-from .protocols import Protocol, protocol_help
+from .protocols import SCORES, Protocol, protocol_help
 
 FIELDS = ("query", "response", "source", "item_id", "note")
 
@@ -88,14 +94,30 @@ def _objective(proto: Protocol, key: str, path, line, fld: str) -> str:
     return proto.objective(key).key
 
 
+def parse_score(value, scores=SCORES) -> int | None:
+    """A score of ``scores`` from an int, an integral float or a digit string (CSV); None for
+    anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value in scores else None
+
+
+def check_score(value, scores=SCORES) -> int:
+    """A score sent from a rating form (the app, the command line); a one-line error otherwise."""
+    score = parse_score(value, scores)
+    if score is None:
+        raise MetaAlignerError(f"score {value!r}: expected an integer {min(scores)}-{max(scores)}")
+    return score
+
+
 def _score(value, proto: Protocol, key: str, path, line, fld: str) -> int:
     obj = proto.objective(key)
-    score = value
-    if isinstance(score, str) and score.strip().lstrip("-").isdigit():
-        score = int(score.strip())
-    if isinstance(score, float) and score.is_integer():
-        score = int(score)
-    if isinstance(score, bool) or not isinstance(score, int) or score not in obj.scores:
+    score = parse_score(value, obj.scores)
+    if score is None:
         raise InputError(path, line, fld, f"expected an integer {obj.scores[0]}-{obj.scores[-1]}, got {value!r}")
     return score
 
@@ -230,3 +252,62 @@ def _read_mapped(path, proto: Protocol, mapping: dict) -> list[RatingIn]:
                                      _score(rec[col], proto, key, path, line, col), note))
     return rows
 
+
+# ----------------------------------------------------------------------------- item files
+
+@dataclass
+class ItemIn:
+    line: int
+    item_id: str | None
+    query: str
+    responses: list[tuple[str, str | None, dict | None]]  # (text, source, gold scores)
+
+
+def read_item_file(path, proto: Protocol) -> list[ItemIn]:
+    """The items of a JSON Lines or CSV file (see the module docstring), gold scores checked
+    against ``proto``."""
+    items: dict[tuple, ItemIn] = {}
+    is_csv = str(path).lower().endswith((".csv", ".csv.gz"))
+    for line, rec in iter_records(path):
+        query = _text(rec, "query", path, line, "query")
+        item_id = _text(rec, "item_id", path, line, "item_id", required=False)
+        if is_csv:
+            text = _text(rec, "response", path, line, "response")
+            resp = [(text, _text(rec, "source", path, line, "source", required=False), None)]
+        else:
+            raw = rec.get("responses")
+            if not isinstance(raw, list) or not raw:
+                raise InputError(path, line, "responses", 'expected a non-empty list of {"text", "source"?}')
+            resp = []
+            for i, r in enumerate(raw):
+                if isinstance(r, str):
+                    r = {"text": r}
+                if not isinstance(r, dict):
+                    raise InputError(path, line, f"responses[{i}]", 'expected {"text", "source"?}')
+                text = r.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    raise InputError(path, line, f"responses[{i}].text", "missing or empty")
+                source = r.get("source")
+                resp.append((text, None if source in (None, "") else str(source),
+                             _gold(r.get("gold"), proto, path, line, f"responses[{i}].gold")))
+        key = (item_id, query) if is_csv else (item_id, query, line)
+        if key in items:
+            items[key].responses.extend(resp)
+        else:
+            items[key] = ItemIn(line, item_id, query, resp)
+    if not items:
+        raise MetaAlignerError(f"{path}: no items")
+    return list(items.values())
+
+
+def _gold(raw, proto: Protocol, path, line, fld: str) -> dict | None:
+    """A gold response's known scores ``{objective: score}``, checked against the protocol."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(path, line, fld, "expected {objective: score}")
+    out = {}
+    for key, value in raw.items():
+        key = _objective(proto, str(key), path, line, f"{fld}.{key}")
+        out[key] = _score(value, proto, key, path, line, f"{fld}.{key}")
+    return out
