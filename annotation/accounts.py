@@ -19,10 +19,11 @@ hash on one core, the OWASP 2024 minimum). Hashes made with weaker parameters ar
 next successful sign-in. At most :data:`HASH_SLOTS` hashes run at once, so a burst of sign-ins
 cannot take more than that many times 128 MiB.
 
-Throttling (:class:`Throttle`, per process): after :data:`FREE_FAILURES_ACCOUNT` failed sign-ins
-for one account name, or :data:`FREE_FAILURES_CLIENT` from one client address, each further
-attempt has to wait (1 s, doubling up to 15 min) and is refused without running scrypt; only one
-check per account name runs at a time. Failed attempts are logged with the name and address,
+Throttling (:mod:`annotation.throttle`, in the database, so every process on it shares it):
+after :data:`FREE_FAILURES_ACCOUNT` failed sign-ins for one account name, or
+:data:`FREE_FAILURES_CLIENT` from one client address, each further attempt has to wait (1 s,
+doubling up to 15 min) and is refused without running scrypt; only one check per account name
+runs at a time, across processes. Failed attempts are logged with the name and address,
 never the password.
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -44,6 +44,8 @@ from sqlalchemy import select
 from metaaligner_core.errors import MetaAlignerError
 
 from .models import Annotator, SignIn, utcnow
+from .throttle import (BACKOFF_FIRST_S, BACKOFF_MAX_S, FORGET_AFTER_S, FREE_FAILURES_ACCOUNT,  # noqa: F401
+                       FREE_FAILURES_CLIENT, Refused, Throttle, key_of)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -63,11 +65,6 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 17, 8, 1
 _SCRYPT_MAXMEM = 256 * 1024 * 1024  # 128 * N * r = 128 MiB needed, plus headroom
 HASH_SLOTS = 2
 _hash_slots = threading.BoundedSemaphore(HASH_SLOTS)
-
-FREE_FAILURES_ACCOUNT = 5
-FREE_FAILURES_CLIENT = 20
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 900.0
-FORGET_AFTER_S = 3600.0  # a key with no failure for an hour starts afresh
 
 WRONG = "wrong name or password"
 
@@ -182,86 +179,21 @@ def check_role(role: str) -> str:
 
 # ----------------------------------------------------------------------------- throttling
 
-class Throttle:
-    """Failed attempts per key with exponential backoff; one check in flight per account key.
-
-    Keys are tuples such as ``("account", url, name)`` and ``("client", url, address)``. The
-    clock is injectable for tests.
-    """
-
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._failures: dict[tuple, tuple[int, float]] = {}  # key -> (count, time of the last failure)
-        self._in_flight: dict[tuple, int] = {}
-
-    @staticmethod
-    def _free(key: tuple) -> int:
-        return FREE_FAILURES_ACCOUNT if key[0] == "account" else FREE_FAILURES_CLIENT
-
-    def wait_s(self, key: tuple) -> float:
-        """Seconds until ``key`` may try again (0: now)."""
-        with self._lock:
-            return self._wait(key, self.clock())
-
-    def _wait(self, key: tuple, now: float) -> float:
-        count, last = self._failures.get(key, (0, 0.0))
-        if count and now - last > FORGET_AFTER_S:
-            del self._failures[key]
-            return 0.0
-        over = count - self._free(key)
-        if over < 0:
-            return 0.0
-        return max(0.0, last + min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** over) - now)
-
-    def begin(self, keys: list[tuple]) -> None:
-        """Reserve an attempt for every key, or raise AccessDenied (nothing reserved)."""
-        with self._lock:
-            now = self.clock()
-            wait = max(self._wait(k, now) for k in keys)
-            if wait > 0:
-                raise AccessDenied(f"too many failed sign-ins; try again in {wait:.0f} s" if wait >= 1
-                                   else "too many failed sign-ins; try again in a second")
-            # Parallel guesses must not all pass the check above before the first one fails:
-            # one check per account at a time, a few per client address.
-            if any(self._in_flight.get(k, 0) >= (1 if k[0] == "account" else HASH_SLOTS) for k in keys):
-                raise AccessDenied("a sign-in for this account is already being checked; try again in a moment")
-            for k in keys:
-                self._in_flight[k] = self._in_flight.get(k, 0) + 1
-
-    def end(self, keys: list[tuple], ok: bool) -> int:
-        """Release the reservation; count a failure (or clear the account's count on success).
-        Returns the failure count of the first key."""
-        with self._lock:
-            now = self.clock()
-            for k in keys:
-                n = self._in_flight.get(k, 1) - 1
-                if n:
-                    self._in_flight[k] = n
-                else:
-                    self._in_flight.pop(k, None)
-                if ok:
-                    if k[0] == "account":
-                        self._failures.pop(k, None)
-                else:
-                    count, _ = self._failures.get(k, (0, 0.0))
-                    self._failures[k] = (count + 1, now)
-            return self._failures.get(keys[0], (0, 0.0))[0]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._failures.clear()
-            self._in_flight.clear()
+THROTTLE = Throttle()  # its counts live in the database: every process on it shares them
 
 
-THROTTLE = Throttle()
-
-
-def _keys(store: "Database", name: str, client: str | None) -> list[tuple]:
-    keys = [("account", store.url, name.casefold())]
+def _keys(store: "Database", name: str, client: str | None) -> list[str]:
+    keys = [key_of("account", name.casefold())]
     if client:
-        keys.append(("client", store.url, client))
+        keys.append(key_of("client", client))
     return keys
+
+
+def _begin(store: "Database", keys: list[str]) -> None:
+    try:
+        THROTTLE.begin(store, keys)
+    except Refused as e:
+        raise AccessDenied(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- sign-in
@@ -275,7 +207,7 @@ def sign_in(store: "Database", name: str, password: str, client: str | None = No
         raise AccessDenied(WRONG)
     keys = _keys(store, name, client)
     try:
-        THROTTLE.begin(keys)
+        _begin(store, keys)
     except AccessDenied as e:
         log.warning("sign-in for account %r from %s refused: %s", name[:64], client or "local", e)
         raise
@@ -307,7 +239,7 @@ def sign_in(store: "Database", name: str, password: str, client: str | None = No
         ok = True
         return token
     finally:
-        failures = THROTTLE.end(keys, ok)
+        failures = THROTTLE.end(store, keys, ok)
         if not ok:
             log.warning("failed sign-in for account %r from %s (%d recent failures)", name[:64],
                         client or "local", failures)
@@ -506,8 +438,8 @@ def create_first_admin(store: "Database", first_run: FirstRun, token: str, name:
     check_password_rules(password)
     if password is None:
         raise MetaAlignerError("password: missing")
-    keys = [("client", store.url, f"setup:{client or 'local'}")]
-    THROTTLE.begin(keys)
+    keys = [key_of("client", f"setup:{client or 'local'}")]
+    _begin(store, keys)
     ok = False
     try:
         with first_run._lock:
@@ -527,7 +459,7 @@ def create_first_admin(store: "Database", first_run: FirstRun, token: str, name:
         ok = True
         log.info("first admin %r created in the browser from %s", name[:64], client or "local")
     finally:
-        THROTTLE.end(keys, ok)
+        THROTTLE.end(store, keys, ok)
         if not ok:
             log.warning("failed first-run set-up from %s", client or "local")
     return sign_in(store, name, password, client)

@@ -240,3 +240,16 @@ class ABResponse(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
     arm: Mapped[str] = mapped_column(String(16))
     source_item: Mapped[str] = mapped_column(String(200))  # uid of the study item the query came from
+
+
+class SignInThrottle(Base):
+    """Failed sign-ins per account name or client address, shared by every process on this
+    database (see :mod:`annotation.throttle`). Times are seconds since the epoch."""
+
+    __tablename__ = "sign_in_throttle"
+
+    key: Mapped[str] = mapped_column(String(320), primary_key=True)  # "account:<name>" or "client:<address>"
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure: Mapped[float] = mapped_column(Float, default=0.0)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)  # checks running now, in any process
+    in_flight_since: Mapped[float] = mapped_column(Float, default=0.0)

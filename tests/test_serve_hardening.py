@@ -224,6 +224,8 @@ HOSTILE = {
     "top_p 1e999": b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], "top_p": 1e999}',
     "temperature 3": {"temperature": 3}, "temperature -0.1": {"temperature": -0.1},
     "temperature NaN": b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], "temperature": NaN}',
+    "NaN in a field the server ignores": b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], '
+                                         b'"presence_penalty": NaN}',
     "temperature -Infinity": b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi?"}], '
                              b'"temperature": -Infinity}',
     "n 2^100": {"n": 2 ** 100}, "n 0": {"n": 0}, "n -1": {"n": -1},
