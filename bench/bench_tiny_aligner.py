@@ -1,6 +1,7 @@
 """The tiny MetaAligner against the untrained base model, judged by program, on held-out policies.
 
-    python bench/bench_tiny_aligner.py [--heldout FILE] [--per-objective 12] [--clean 24] [--out FILE]
+    python bench/bench_tiny_aligner.py [--heldout FILE] [--per-objective 50] [--clean 100] [--unrelated 50]
+        [--aligner DIR] [--out FILE]
 
 Drafts come from policy models the tiny aligner never saw in training (Vicuna-7B, llama2-chat-7B,
 Mentallama-7B, Gemma-7B; ``training/tiny/build_data.py`` writes them to ``heldout.jsonl``, or this
@@ -15,6 +16,12 @@ script reads ``../shared/data`` itself). Every draft passes all four checks of
 * **clean kept**: an untouched draft, the aligner asked for one of the four objectives (in turn).
   *Kept*: the output equals the draft up to whitespace (exact), or is near-exact: word-sequence
   similarity ≥ 0.95 (case counted) and still passing every check.
+* **unrelated kept**: an untouched draft, the aligner asked for an objective it never trained on
+  (UltraFeedback's Honesty); judged as *clean kept*.
+
+Rows are decoded in batches of similar draft length; a batch may write at most 1.3 × its longest
+draft + 24 tokens (an edit is never much longer than its draft). *Hit the limit*: the output used
+all of them (a loop, or a runaway answer); the table counts those rows per aligner.
 
 Both aligners run in the same process on the same rows with greedy decoding through
 ``Aligner.align_batch``: the embedded base model (``default`` weights without the adapter) and
@@ -48,7 +55,7 @@ def load_heldout(path: str | None, data: str) -> list[dict]:
     return build_data.heldout_drafts(Path(data))
 
 
-def sample_rows(drafts: list[dict], per_objective: int, n_clean: int, seed: int) -> list[dict]:
+def sample_rows(drafts: list[dict], per_objective: int, n_clean: int, seed: int, n_unrelated: int = 0) -> list[dict]:
     """Benchmark rows ``{"kind", "objective", "query", "draft", "clean", "model"}``, models taken in turn."""
     rng = random.Random(seed)
     by_model = defaultdict(list)
@@ -86,7 +93,19 @@ def sample_rows(drafts: list[dict], per_objective: int, n_clean: int, seed: int)
         d = next_draft()
         rows.append({"kind": "clean", "objective": tinydata.KEYS[i % len(tinydata.KEYS)], "query": d["query"],
                      "draft": d["draft"], "clean": d["draft"], "model": d["model"]})
+    for _ in range(n_unrelated):
+        d = next_draft()
+        rows.append({"kind": "unrelated", "objective": "honesty", "query": d["query"],
+                     "draft": d["draft"], "clean": d["draft"], "model": d["model"]})
     return rows
+
+
+def objective_text(key: str) -> str:
+    if key in tinydata.OBJECTIVES:
+        return tinydata.OBJECTIVES[key]
+    from metaaligner_core.objectives import lookup
+
+    return lookup(key, family="ultrafeedback").text
 
 
 def judge(row: dict, out: str) -> dict:
@@ -99,22 +118,41 @@ def judge(row: dict, out: str) -> dict:
     return {"ok": near, "exact": exact}
 
 
-def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_tokens: int) -> tuple[list[str], float]:
+def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_tokens: int
+                ) -> tuple[list[str], list[bool], float]:
+    """Outputs, whether each used its whole token budget, and the seconds spent."""
+    from tqdm import tqdm
+
     from metaaligner_core.inference import Aligner
 
     aligner = Aligner.load(model_dir, template="ultrafeedback")
-    objectives = [[tinydata.OBJECTIVES[r["objective"]]] for r in rows]
+    tok = aligner.tokenizer
+    lengths = [len(tok(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    outs, limited = [""] * len(rows), [False] * len(rows)
     t0 = time.perf_counter()
-    outs = aligner.align_batch([r["query"] for r in rows], [r["draft"] for r in rows], objectives,
-                               batch_size=batch_size, progress=True, max_new_tokens=max_new_tokens)
-    return outs, time.perf_counter() - t0
+    bar = tqdm(total=len(rows), desc="aligning", unit=" rows")
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        budget = min(max_new_tokens, int(1.3 * max(lengths[i] for i in idx)) + 24)
+        texts = aligner.align_batch([rows[i]["query"] for i in idx], [rows[i]["draft"] for i in idx],
+                                    [[objective_text(rows[i]["objective"])] for i in idx],
+                                    batch_size=batch_size, max_new_tokens=budget)
+        for i, text in zip(idx, texts):
+            outs[i] = text
+            limited[i] = len(tok(text, add_special_tokens=False)["input_ids"]) >= budget - 1
+        bar.update(len(idx))
+    bar.close()
+    return outs, limited, time.perf_counter() - t0
 
 
 def table(rows: list[dict], results: dict[str, list[dict]]) -> list[dict]:
     lines = []
-    for kind, key in [("repair", k) for k in tinydata.KEYS] + [("clean", None)]:
+    for kind, key in [("repair", k) for k in tinydata.KEYS] + [("clean", None), ("unrelated", None)]:
         idx = [i for i, r in enumerate(rows) if r["kind"] == kind and (key is None or r["objective"] == key)]
-        line = {"row": f"repaired: {key}" if key else "clean kept", "n": len(idx)}
+        if not idx:
+            continue
+        line = {"row": f"repaired: {key}" if key else f"{kind} kept", "n": len(idx)}
         for name, res in results.items():
             line[name] = sum(res[i]["ok"] for i in idx) / len(idx)
             line[f"{name} exact"] = sum(res[i]["exact"] for i in idx) / len(idx)
@@ -126,11 +164,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heldout", help="heldout.jsonl from training/tiny/build_data.py (default: read --data)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--per-objective", type=int, default=12, help="degraded drafts per objective")
-    ap.add_argument("--clean", type=int, default=24, help="clean drafts")
+    ap.add_argument("--per-objective", type=int, default=50, help="degraded drafts per objective")
+    ap.add_argument("--clean", type=int, default=100, help="clean drafts")
+    ap.add_argument("--unrelated", type=int, default=50, help="clean drafts asked for Honesty (never trained on)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=320, help="the most any batch may write")
     ap.add_argument("--aligner", help="tiny aligner directory (default: the embedded one, adapter merged)")
     ap.add_argument("--only", choices=["base", "tiny"], help="run one of the two aligners")
     ap.add_argument("--out", help="write the table and per-row verdicts (no texts) as JSON here")
@@ -138,30 +177,33 @@ def main(argv=None) -> int:
 
     from metaaligner_core.embedded import default_aligner_dir, embedded_model_dir
 
-    rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed)
+    rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed,
+                       args.unrelated)
     candidates = {}
     if args.only in (None, "base"):
         candidates["base"] = str(embedded_model_dir())
     if args.only in (None, "tiny"):
         candidates["tiny"] = args.aligner or str(default_aligner_dir())
-    results, seconds = {}, {}
+    results, seconds, limited = {}, {}, {}
     for name, path in candidates.items():
-        outs, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
-        results[name] = [judge(r, o) for r, o in zip(rows, outs)]
+        outs, hit, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
+        results[name] = [{**judge(r, o), "hit_limit": h} for r, o, h in zip(rows, outs, hit)]
+        limited[name] = sum(hit)
     lines = table(rows, results)
 
     names = list(results)
     print(f"{len(rows)} held-out rows ({', '.join(sorted({r['model'] for r in rows}))}); greedy, "
-          f"max_new_tokens {args.max_new_tokens}; " + ", ".join(f"{n} {seconds[n]:.0f} s" for n in names))
+          f"at most {args.max_new_tokens} new tokens; " + ", ".join(f"{n} {seconds[n]:.0f} s" for n in names))
     head = f"{'row':<24}{'n':>4}" + "".join(f"{n:>10}{n + ' exact':>14}" for n in names)
     print(head)
     print("-" * len(head))
     for line in lines:
         print(f"{line['row']:<24}{line['n']:>4}" + "".join(
             f"{line[n]:>10.0%}{line[n + ' exact']:>14.0%}" for n in names))
+    print(f"{'hit the token limit':<28}" + "".join(f"{limited[n]:>10}{'':>14}" for n in names))
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "table": lines, "seconds": seconds, "candidates": candidates,
+            "table": lines, "seconds": seconds, "candidates": candidates, "hit_limit": limited,
             "rows": [{"kind": r["kind"], "objective": r["objective"], "model": r["model"],
                       **{n: results[n][i] for n in names}} for i, r in enumerate(rows)]}, indent=2) + "\n")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_degrade_is_seeded():
 
 def _records(n=30, seed=3):
     drafts = [(f"Question number {i}?", CLEAN if i % 2 else LISTED) for i in range(n)]
-    return drafts, tinydata.make_records(drafts, seed=seed, p_two=0.5, p_targeted=1.0, p_clean=0.5)
+    return drafts, tinydata.make_records(drafts, seed=seed, p_two=0.5, p_clean=0.5)
 
 
 def _shouts(text: str) -> bool:
@@ -103,35 +104,41 @@ def _shouts(text: str) -> bool:
     return any(all(len(x) > 1 and x.isupper() for x in w[i:i + 4]) for i in range(len(w) - 3))
 
 
-def test_record_labels_match_what_was_broken():
+def _gained(r1: str, r2: str) -> set[str]:
+    """The objectives whose fault ``r2`` has and ``r1`` has not, found by counting the inserted
+    strings (independent of the checks). A degradation applied after another may repeat the
+    sentence the first one added."""
+    said = SENTENCES + ITEMS + list(tinydata.FILLERS + tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS)
+    # a filler may land between the two sentences of a rude opener: count the sentences
+    rude = [piece for f in tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS for piece in re.split(r"(?<=[.?!])\s+", f)]
+    gained = {
+        "repetition": max(r2.lower().count(s.lower()) for s in said) > max(r1.lower().count(s.lower()) for s in said),
+        "length": sum(f.lower() in r2.lower() for f in tinydata.FILLERS) > sum(f.lower() in r1.lower() for f in tinydata.FILLERS),
+        "politeness": sum(f.lower() in r2.lower() for f in rude) > sum(f.lower() in r1.lower() for f in rude),
+        "formatting": (_shouts(r2) and not _shouts(r1)) or r2.count("\n") < r1.count("\n"),
+    }
+    return {k for k, v in gained.items() if v}
+
+
+def test_record_labels_name_only_what_was_broken():
     drafts, records = _records()
     assert len(records) > len(drafts)
     kinds = set()
-    # A degradation applied after another may repeat the sentence the first one added.
-    said = SENTENCES + ITEMS + list(tinydata.FILLERS + tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS)
     for r in records:
         r1, r2, labels = r["response_1"], r["response_2"], r["labels"]
-        assert set(labels) == set(tinydata.KEYS)
+        assert labels and set(labels) <= set(tinydata.KEYS)
         if r1 == r2:
             kinds.add("clean")
             assert set(labels.values()) == {"="}
             continue
-        # Independent of the checks: a key is ">" exactly when the second response gained its fault.
-        gained = {
-            "repetition": max(r2.lower().count(s.lower()) for s in said) > max(r1.lower().count(s.lower()) for s in said),
-            "length": sum(f.lower() in r2.lower() for f in tinydata.FILLERS) >
-                      sum(f.lower() in r1.lower() for f in tinydata.FILLERS),
-            "politeness": sum(f.lower() in r2.lower() for f in tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS) >
-                          sum(f.lower() in r1.lower() for f in tinydata.RUDE_OPENERS + tinydata.RUDE_CLOSERS),
-            "formatting": (_shouts(r2) and not _shouts(r1)) or r2.count("\n") < r1.count("\n"),
-        }
-        assert {k for k, v in labels.items() if v == ">"} == {k for k, v in gained.items() if v}
-        assert "<" not in labels.values()
-        kinds.add("targeted" if r1 not in (CLEAN, LISTED) else "pair")
-    assert kinds == {"clean", "pair", "targeted"}
+        # A degraded pair is labelled on its broken objectives alone, each ">": no "=" label whose
+        # equal row would copy the fault's repair into other objectives' rows.
+        assert labels == {k: ">" for k in _gained(r1, r2)}
+        kinds.add("two faults" if len(labels) == 2 else "one fault")
+    assert kinds == {"clean", "one fault", "two faults"}
 
 
-def test_build_dataset_gives_preference_equal_and_warmup_rows(tmp_path):
+def test_algorithm_1_rows_never_repair_an_unasked_fault(tmp_path):
     from metaaligner_core.dataset import build_dataset_files
     from metaaligner_core.objectives import parse_objectives
 
@@ -141,24 +148,46 @@ def test_build_dataset_gives_preference_equal_and_warmup_rows(tmp_path):
     assert [o.text for o in objectives] == list(tinydata.OBJECTIVES.values())
     build_dataset_files([str(src)], tmp_path / "ds", source="generic", objectives=objectives, warmup_size=5, seed=0)
     pref, equal, warm = (read_jsonl(tmp_path / "ds" / f"{s}.jsonl") for s in ("preference", "equal", "warmup"))
-    assert len(pref) == sum(1 for r in records if ">" in r["labels"].values())
-    assert len(equal) == sum(1 for r in records if "=" in r["labels"].values()) == len(records)
-    assert len(warm) == 5
+    assert len(pref) == sum(1 for r in records if r["response_1"] != r["response_2"])
+    assert len(equal) == sum(1 for r in records if r["response_1"] == r["response_2"]) and len(warm) == 5
     for row in pref:
         rec = records[row["source_index"]]
-        assert sorted(row["objectives"]) == sorted(k for k, v in rec["labels"].items() if v == ">")
+        assert sorted(row["objectives"]) == sorted(_gained(rec["response_1"], rec["response_2"]))
         assert row["completion"] == rec["response_1"] and "| Answer: " + rec["response_2"] + " | Edit: " in row["prompt"]
         assert "improve it" in row["prompt"]
-        for k in row["objectives"]:
-            assert tinydata.OBJECTIVES[k] in row["prompt"]
-    for row in equal:
-        rec = records[row["source_index"]]
-        assert sorted(row["objectives"]) == sorted(k for k, v in rec["labels"].items() if v == "=")
-        assert "make it equal" in row["prompt"] and row["completion"] == rec["response_1"]
-    clean_equal = [r for r in equal if records[r["source_index"]]["response_1"] == records[r["source_index"]]["response_2"]]
-    assert clean_equal and all(len(r["objectives"]) == 4 for r in clean_equal)
-    for row in warm:  # identity: the target is the answer in the prompt
+    for row in equal + warm:  # every equal and warm-up row's target is the answer in its prompt
+        assert "make it equal" in row["prompt"]
         assert "| Answer: " + row["completion"] + " | Edit: " in row["prompt"]
+
+
+def test_direct_examples_ask_for_objectives_the_draft_meets():
+    drafts = [(f"Question number {i}?", CLEAN if i % 2 else LISTED) for i in range(200)]
+    examples = tinydata.direct_examples(drafts, seed=5, p_second_keep=0.5, p_fix_with_met=0.5, p_leave_unasked=0.5)
+    by_kind = {}
+    for e in examples:
+        by_kind.setdefault(e["kind"], []).append(e)
+        faults = _gained(e["target"] if e["kind"] == "fix_with_met" else
+                         (CLEAN if CLEAN.split()[0] in e["draft"] else LISTED), e["draft"])
+        asked = set(e["objectives"])
+        if e["kind"] == "keep":
+            assert e["target"] == e["draft"] in (CLEAN, LISTED) and not faults and 1 <= len(asked) <= 2
+        elif e["kind"] == "fix_with_met":
+            assert len(faults) == 1 and faults < asked and len(asked) == 2 and e["target"] in (CLEAN, LISTED)
+        else:
+            assert e["kind"] == "leave_unasked" and len(faults) == 1 and not faults & asked
+            assert e["target"] == e["draft"]
+    assert sorted(by_kind) == ["fix_with_met", "keep", "leave_unasked"]
+    # most rows ask for an objective the draft already meets
+    assert len(by_kind["keep"]) > len(by_kind["fix_with_met"]) + len(by_kind["leave_unasked"])
+
+
+def test_apology_openers_are_capped_in_order():
+    train = [("q", f"I apologize, but no {i}.", "s") if i % 2 else ("q", f"Plain answer {i}.", "s") for i in range(100)]
+    kept = build_data.cap_apologies(train, 0.2)
+    apologies = [t for t in kept if t[1].startswith("I apologize")]
+    assert len(kept) - len(apologies) == 50 and len(apologies) == int(0.2 * 50 / 0.8)
+    assert kept == [t for t in train if t in kept]  # order kept
+    assert build_data.cap_apologies(train, 1.0) == train
 
 
 # ----------------------------------------------------------------------------- the builder's split
@@ -193,6 +222,20 @@ def test_builder_trains_on_gpt_and_claude_and_holds_out_the_others(tmp_path):
     assert {h["query"] for h in held if h["model"] != "Vicuna-7B"} == {"post one", "post two"}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train_drafts"] == 9 and stats["heldout_drafts"] == 7
+    # the training folder: Algorithm 1's rows and the direct rows, prompts exactly as inference builds them
+    from metaaligner_core.objectives import Objective
+    from metaaligner_core.templates import build_prompt
+
+    pref = read_jsonl(out / "dataset" / "preference.jsonl")
+    direct = [r for r in pref if "kind" in r]
+    assert len(pref) - len(direct) == sum(1 for p in pairs if p["response_1"] != p["response_2"])
+    assert {r["kind"] for r in direct} >= {"keep"}
+    for r in direct:
+        objs = [Objective.parse(tinydata.OBJECTIVES[k]) for k in r["objectives"]]
+        answer = r["prompt"].split("| Answer: ", 1)[1].rsplit(" | Edit: ", 1)[0]
+        query = r["prompt"].split("| Query: ", 1)[1].split(" | Answer: ", 1)[0]
+        assert r["prompt"] == build_prompt("ultrafeedback", query, answer, objs)
+    assert json.loads((out / "dataset" / "stats.json").read_text())["rows"]["preference"] == len(pref)
 
 
 def test_builder_without_data_folder_fails_clearly(tmp_path, capsys):

@@ -27,6 +27,7 @@ import tinydata  # noqa: E402
 
 TRAIN_SOURCES = ("hh-rlhf/Claude-3.csv", "hh-rlhf/gpt-3.5-turbo.csv", "ultrafeedback/gpt-3.5-turbo.csv")
 HELDOUT_MODELS = ("Vicuna-7B", "llama2-chat-7B", "Mentallama-7B", "Gemma_instruct_7B")
+TEMPLATE = "ultrafeedback"  # the template the tiny aligner is trained and run with
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -65,13 +66,44 @@ def heldout_drafts(data: Path) -> list[dict]:
     return out
 
 
+def build_dataset(pairs: list[dict], direct: list[dict], out: Path, seed: int, warmup_size: int) -> dict:
+    """Algorithm 1 over ``pairs`` (the project's own :func:`build_dynamic_dataset`), plus the
+    better-template ``direct`` rows in the preference subset; written as a ``metaaligner train``
+    data folder (warmup/equal/preference.jsonl + stats.json). The prompts come from
+    :func:`build_prompt`, the function inference uses."""
+    from metaaligner_core.dataset import BuildStats, PreferenceRecord, build_dynamic_dataset, write_dataset
+    from metaaligner_core.objectives import Objective
+    from metaaligner_core.templates import build_prompt
+
+    objectives = {k: Objective.parse(v) for k, v in tinydata.OBJECTIVES.items()}
+    objectives = {k: Objective(key=k, name=o.name, description=o.description) for k, o in objectives.items()}
+    records = [PreferenceRecord(r["query"], r["response_1"], r["response_2"], r["labels"], i)
+               for i, r in enumerate(pairs)]
+    stats = BuildStats()
+    stats.extra["template"] = TEMPLATE
+    rows = list(build_dynamic_dataset(records, objectives, TEMPLATE, seed, warmup_size, stats))
+    kinds = Counter()
+    for i, d in enumerate(direct):
+        kinds[d["kind"]] += 1
+        stats.rows["preference"] += 1
+        rows.append({"prompt": build_prompt(TEMPLATE, d["query"], d["draft"], [objectives[k] for k in d["objectives"]]),
+                     "completion": d["target"], "objectives": d["objectives"], "subset": "preference",
+                     "source_index": len(pairs) + i, "kind": d["kind"]})
+    stats.extra["direct_rows"] = dict(kinds)
+    random.Random(seed).shuffle(rows)  # the trainer shuffles too; this mixes fix and keep rows in the file
+    return write_dataset(rows, out, stats)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data", help="the shared data folder (default ../shared/data)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-train", type=int, default=3000, help="training drafts used at most (seeded sample)")
-    ap.add_argument("--skip-heldout", action="store_true", help="write the training pairs only")
+    ap.add_argument("--max-train", type=int, default=100000, help="training drafts used at most (seeded sample)")
+    ap.add_argument("--max-apology-share", type=float, default=0.2,
+                    help="drafts that open with an apology make at most this share of the training drafts")
+    ap.add_argument("--warmup-size", type=int, default=150, help="warm-up (identity) rows (default 150)")
+    ap.add_argument("--skip-heldout", action="store_true", help="write the training data only")
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     if not (data / "policy-outputs").is_dir():
@@ -80,8 +112,10 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     train = train_drafts(data)
     rng.shuffle(train)
-    train = train[:args.max_train]
-    records = tinydata.make_records([(q, d) for q, d, _ in train], seed=args.seed)
+    train = cap_apologies(train, args.max_apology_share)[:args.max_train]
+    items = [(q, d) for q, d, _ in train]
+    records = tinydata.make_records(items, seed=args.seed)
+    direct = tinydata.direct_examples(items, seed=args.seed + 1)
     held = [] if args.skip_heldout else heldout_drafts(data)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -91,13 +125,34 @@ def main(argv=None) -> int:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, out / name)
+    summary = build_dataset(records, direct, out / "dataset", args.seed, args.warmup_size)
     labels = Counter((k, v) for r in records for k, v in r["labels"].items())
+    words = sorted(len(d.split()) for _, d, _ in train)
     stats = {"train_drafts": len(train), "train_by_source": dict(Counter(s for _, _, s in train)),
+             "draft_words": {"min": words[0], "median": words[len(words) // 2], "max": words[-1]} if words else {},
+             "apology_openers": sum(tinydata.apology_opener(d) for _, d, _ in train),
              "records": len(records), "labels": {f"{k} {v}": n for (k, v), n in sorted(labels.items())},
+             "dataset_rows": summary["rows"], "direct_rows": summary.get("direct_rows"),
              "heldout_drafts": len(held), "heldout_by_model": dict(Counter(r["model"] for r in held))}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def cap_apologies(train: list, share: float) -> list:
+    """``train`` (shuffled) with drafts opening in an apology cut to ``share`` of the
+    result, order kept: half the short HH-RLHF drafts open with "I'm sorry", which taught the first
+    tiny aligner to prefix it to drafts that needed no change."""
+    other = [t for t in train if not tinydata.apology_opener(t[1])]
+    limit = int(share * len(other) / (1 - share)) if share < 1 else len(train)
+    kept, n = [], 0
+    for t in train:
+        if tinydata.apology_opener(t[1]):
+            if n >= limit:
+                continue
+            n += 1
+        kept.append(t)
+    return kept
 
 
 if __name__ == "__main__":

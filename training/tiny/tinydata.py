@@ -34,7 +34,7 @@ OBJECTIVES: dict[str, str] = {
 }
 KEYS = tuple(OBJECTIVES)
 
-MIN_WORDS, MAX_WORDS = 12, 40  # clean drafts kept for training and evaluation
+MIN_WORDS, MAX_WORDS = 12, 150  # clean drafts kept for training and evaluation (held-out models write 20-120)
 MAX_QUERY_WORDS = 12             # longer queries keep their last words (the question is usually at the end)
 
 # --------------------------------------------------------------------------------------------
@@ -304,24 +304,27 @@ def degrade(text: str, keys: Sequence[str], rng: random.Random, tries: int = 8) 
 
 
 # --------------------------------------------------------------------------------------------
-# Records of the generic preference layout
+# Records of the generic preference layout, and the rows Algorithm 1 cannot make
 
-def labels_for(better_broken: Iterable[str], worse_broken: Iterable[str]) -> dict[str, str]:
-    """Per objective: ``>`` when only the second response breaks it, ``<`` when only the first
-    does, ``=`` otherwise (both fine or both broken)."""
+def labels_for(better_broken: Iterable[str], worse_broken: Iterable[str],
+               keys: Iterable[str] = KEYS) -> dict[str, str]:
+    """Per objective in ``keys``: ``>`` when only the second response breaks it, ``<`` when only
+    the first does, ``=`` otherwise (both fine or both broken)."""
     a, b = set(better_broken), set(worse_broken)
-    return {k: ">" if (k in b and k not in a) else "<" if (k in a and k not in b) else "=" for k in KEYS}
+    return {k: ">" if (k in b and k not in a) else "<" if (k in a and k not in b) else "=" for k in keys}
 
 
-def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float = 0.3,
-                 p_targeted: float = 0.5, p_clean: float = 0.15) -> list[dict]:
-    """Generic preference records from ``(query, clean draft)`` pairs.
+def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float = 0.25,
+                 p_clean: float = 0.15) -> list[dict]:
+    """Generic preference records from ``(query, clean draft)`` pairs, for Algorithm 1.
 
-    Per draft: one record ``(clean, degraded on 1-2 objectives)``; when two objectives are broken,
-    with probability ``p_targeted`` also ``(degraded on X, degraded on X and Y)`` (only Y differs:
-    the aligner learns to fix what is asked and leave the rest); with probability ``p_clean`` a
-    record ``(clean, clean)``, all ``=`` (equal rows whose target is the unchanged draft). Labels
-    are recomputed from the checks, never assumed.
+    Per draft: one record ``(clean, degraded on 1-2 objectives)`` labelled ``>`` on the broken
+    objectives **only**: Algorithm 1 makes its preference row (fix exactly those) and no equal row.
+    Labelling the untouched objectives ``=`` would make an equal row whose input is the degraded
+    draft and whose target is the clean one, teaching the aligner to remove a fault nobody asked
+    about (the first tiny aligner's data did this in 86% of its records). With probability
+    ``p_clean`` also a record ``(clean, clean)`` labelled ``=`` on 1-3 objectives: an equal row
+    whose target is its input. Labels are recomputed from the checks, never assumed.
     """
     rng = random.Random(seed)
     out = []
@@ -333,17 +336,55 @@ def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float =
         broken = rng.sample(keys, n)
         worse = degrade(draft, broken, rng)
         if worse is not None:
-            out.append(_record(query, draft, worse))
-            if n == 2 and rng.random() < p_targeted:
-                first = degrade(draft, broken[:1], rng)
-                if first is not None:
-                    both = degrade(first, broken[1:], rng)
-                    if both is not None and set(failed(both)) == set(broken):
-                        out.append(_record(query, first, both))
+            out.append(_record(query, draft, worse, failed(worse)))
         if rng.random() < p_clean:
-            out.append(_record(query, draft, draft))
+            out.append(_record(query, draft, draft, rng.sample(KEYS, rng.choice((1, 2, 3)))))
     return out
 
 
-def _record(query: str, r1: str, r2: str) -> dict:
-    return {"query": query, "response_1": r1, "response_2": r2, "labels": labels_for(failed(r1), failed(r2))}
+def _record(query: str, r1: str, r2: str, keys: Iterable[str]) -> dict:
+    return {"query": query, "response_1": r1, "response_2": r2,
+            "labels": labels_for(failed(r1), failed(r2), sorted(keys))}
+
+
+def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
+                    p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1) -> list[dict]:
+    """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
+    an objective the draft already meets: the case an aligner meets most at inference (it gets
+    every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
+    rows always pair a worse input with a better target.
+
+    Per draft (seeded): ``keep`` — the clean draft, 1-2 objectives → the draft itself (a second
+    keep with other objectives with ``p_second_keep``); ``fix_with_met`` — the draft broken on X,
+    asked X plus one objective it meets → the clean draft; ``leave_unasked`` — the draft broken on
+    Y, asked another objective X → the broken draft unchanged (fix what is asked, nothing else).
+    """
+    rng = random.Random(seed)
+    out = []
+    for query, draft in items:
+        for i in range(2 if rng.random() < p_second_keep else 1):
+            out.append({"query": query, "draft": draft, "objectives": rng.sample(KEYS, rng.choice((1, 1, 2))),
+                        "target": draft, "kind": "keep"})
+        keys = [k for k in KEYS if can_degrade(draft, k)]
+        if keys and rng.random() < p_fix_with_met:
+            x = rng.choice(keys)
+            bad = degrade(draft, [x], rng)
+            if bad is not None:
+                asked = [x, rng.choice([k for k in KEYS if k != x])]
+                rng.shuffle(asked)
+                out.append({"query": query, "draft": bad, "objectives": asked, "target": draft, "kind": "fix_with_met"})
+        if keys and rng.random() < p_leave_unasked:
+            y = rng.choice(keys)
+            bad = degrade(draft, [y], rng)
+            if bad is not None:
+                out.append({"query": query, "draft": bad, "objectives": [rng.choice([k for k in KEYS if k != y])],
+                            "target": bad, "kind": "leave_unasked"})
+    return out
+
+
+_APOLOGY_OPENER = re.compile(r"\s*(?:I'?m (?:so |very )?sorry|I am (?:so |very )?sorry|I apologi[sz]e|Sorry\b)", re.I)
+
+
+def apology_opener(text: str) -> bool:
+    """The draft opens with an apology ("I'm sorry, but ...", "I apologize, ...")."""
+    return _APOLOGY_OPENER.match(text) is not None
