@@ -66,7 +66,8 @@ def heldout_drafts(data: Path) -> list[dict]:
     return out
 
 
-def build_dataset(pairs: list[dict], direct: list[dict], out: Path, seed: int, warmup_size: int) -> dict:
+def build_dataset(pairs: list[dict], direct: list[dict], out: Path, seed: int, warmup_size: int,
+                  max_tokens: int | None = None) -> dict:
     """Algorithm 1 over ``pairs`` (the project's own :func:`build_dynamic_dataset`), plus the
     better-template ``direct`` rows in the preference subset; written as a ``metaaligner train``
     data folder (warmup/equal/preference.jsonl + stats.json). The prompts come from
@@ -91,7 +92,30 @@ def build_dataset(pairs: list[dict], direct: list[dict], out: Path, seed: int, w
                      "source_index": len(pairs) + i, "kind": d["kind"]})
     stats.extra["direct_rows"] = dict(kinds)
     random.Random(seed).shuffle(rows)  # the trainer shuffles too; this mixes fix and keep rows in the file
+    if max_tokens:
+        rows = _fitting(rows, max_tokens, stats)
     return write_dataset(rows, out, stats)
+
+
+def _fitting(rows: list[dict], max_tokens: int, stats) -> list[dict]:
+    """The rows whose prompt, completion and EOS fit in ``max_tokens`` tokens of the embedded
+    tokenizer; the others are dropped and counted, never cut (a cut target loses its EOS and
+    teaches the aligner not to stop)."""
+    from transformers import AutoTokenizer
+
+    from metaaligner_core.embedded import embedded_model_dir
+    from metaaligner_core.training import tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    kept, dropped = [], Counter()
+    for r in rows:
+        if len(tokenize_example(tok, r["prompt"], r["completion"])["input_ids"]) <= max_tokens:
+            kept.append(r)
+        else:
+            dropped[r["subset"]] += 1
+            stats.rows[r["subset"]] -= 1
+    stats.extra["dropped_over_max_tokens"] = {"max_tokens": max_tokens, **dict(dropped)}
+    return kept
 
 
 def main(argv=None) -> int:
@@ -103,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-apology-share", type=float, default=0.2,
                     help="drafts that open with an apology make at most this share of the training drafts")
     ap.add_argument("--warmup-size", type=int, default=150, help="warm-up (identity) rows (default 150)")
+    ap.add_argument("--max-tokens", type=int, default=768,
+                    help="drop rows longer than this many tokens (prompt + target + EOS; default 768, 0 keeps all)")
     ap.add_argument("--skip-heldout", action="store_true", help="write the training data only")
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
@@ -125,7 +151,7 @@ def main(argv=None) -> int:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, out / name)
-    summary = build_dataset(records, direct, out / "dataset", args.seed, args.warmup_size)
+    summary = build_dataset(records, direct, out / "dataset", args.seed, args.warmup_size, args.max_tokens or None)
     labels = Counter((k, v) for r in records for k, v in r["labels"].items())
     words = sorted(len(d.split()) for _, d, _ in train)
     stats = {"train_drafts": len(train), "train_by_source": dict(Counter(s for _, _, s in train)),
@@ -133,6 +159,7 @@ def main(argv=None) -> int:
              "apology_openers": sum(tinydata.apology_opener(d) for _, d, _ in train),
              "records": len(records), "labels": {f"{k} {v}": n for (k, v), n in sorted(labels.items())},
              "dataset_rows": summary["rows"], "direct_rows": summary.get("direct_rows"),
+             "dropped_over_max_tokens": summary.get("dropped_over_max_tokens"),
              "heldout_drafts": len(held), "heldout_by_model": dict(Counter(r["model"] for r in held))}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(stats, indent=2))
