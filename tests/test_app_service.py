@@ -152,8 +152,10 @@ def test_flags():
 
 
 def test_core_holds_no_app_code():
-    """The core never imports the annotation package or the app side, and holds no UI strings."""
-    code = ("import sys, metaaligner_core.pipeline, metaaligner_core.commands.align, metaaligner_core.cli; "
+    """The core never imports the annotation package or the app side, and holds no UI strings (the
+    whole import graph: tests/test_imports.py)."""
+    code = ("import sys, metaaligner_core.pipeline, metaaligner_core.commands.align, metaaligner_core.cli, "
+            "metaaligner_core.evaluation.experts, metaaligner_core.commands.evaluate; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('annotation', 'webapp', 'gradio')]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -384,6 +384,7 @@ def _imhi_rows():
 
 def test_imhi_judge_prompt_and_system_message_reach_the_server_and_experts_agree(tmp_path, db_url):
     from annotation.store import Store
+    from metaaligner_core.commands.evaluate import rating_records
 
     rows = _imhi_rows()
     # expert ratings: correctness follows the "+" count (rho = 1 with the judge); informative reverses it
@@ -406,7 +407,8 @@ def test_imhi_judge_prompt_and_system_message_reach_the_server_and_experts_agree
 
     with FakeProvider(reply=rule) as server:
         report = evaluate(write_jsonl(tmp_path / "rows.jsonl", rows), "correctness,informative", "openai:psy",
-                          tmp_path / "out", base_url=_url(server), ratings_db=db_url)
+                          tmp_path / "out", base_url=_url(server), expert_ratings=rating_records(db_url),
+                          ratings_source=db_url)
         texts = [prompt_text(c.body) for c in server.calls]
     assert report["template"] == "imhi" and report["judge_prompt"]["name"] == "imhi"
     assert all(t.startswith("You will be presented with one mental health analysis query") for t in texts)
@@ -419,9 +421,20 @@ def test_imhi_judge_prompt_and_system_message_reach_the_server_and_experts_agree
     # the same join from a ratings export file
     with FakeProvider(reply=rule) as server:
         again = evaluate(write_jsonl(tmp_path / "rows.jsonl", rows), "correctness,informative", "openai:psy",
-                         tmp_path / "out", base_url=_url(server), ratings_db=str(ratings_file))
+                         tmp_path / "out", base_url=_url(server), expert_ratings=rating_records(str(ratings_file)),
+                         ratings_source=str(ratings_file))
         assert server.calls == []
     assert again["expert_agreement"]["judges"] == report["expert_agreement"]["judges"]
+    # and through the command, which reads the ratings from the database itself
+    with FakeProvider(reply=rule) as server:
+        proc = run_cli("evaluate", "--input", tmp_path / "rows.jsonl", "--objectives", "correctness,informative",
+                       "--judge", "openai:psy", "--base-url", _url(server), "--out", tmp_path / "out",
+                       "--ratings-db", db_url, env=ENV)
+        assert proc.returncode == 0, proc.stderr
+        assert server.calls == []  # every judgment from the cache
+    cli_report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert cli_report["expert_agreement"]["judges"] == report["expert_agreement"]["judges"]
+    assert cli_report["expert_agreement"]["ratings"] == len(ratings)
 
 
 def test_paper_prompt_on_request_for_imhi(tmp_path):

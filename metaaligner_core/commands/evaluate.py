@@ -59,6 +59,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+_RATINGS_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".gz")
+
+
+def rating_records(source: str) -> list[dict]:
+    """Expert ratings for ``--ratings-db``: the submitted ratings of an annotation database (any
+    SQLAlchemy URL), or the records of a ratings export file (.jsonl/.csv) in the same format."""
+    from pathlib import Path
+
+    if Path(source).suffix.lower() in _RATINGS_FILE_SUFFIXES and "://" not in source:
+        from ..io import iter_records
+
+        return [rec for _, rec in iter_records(source)]
+    from annotation.accounts import OPERATOR
+    from annotation.store import Store
+
+    return Store(source).rating_records(OPERATOR)
+
+
 def run(args) -> int:
     import logging
 
@@ -73,14 +91,15 @@ def run(args) -> int:
     missing = [f"--{n.replace('_', '-')}" for n in ("input", "objectives", "judge", "out") if not getattr(args, n)]
     if missing:
         raise MetaAlignerError(f"evaluate needs {', '.join(missing)} (or --compare DIR DIR ...)")
+    ratings = rating_records(args.ratings_db) if args.ratings_db else None  # a bad database fails before any call
     report = evaluate(args.input, args.objectives, args.judge, args.out, mode=args.mode, base_url=args.base_url,
                       seed=args.seed, concurrency=args.concurrency, swap=args.swap, max_rows=args.max_rows,
                       max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
                       progress=sys.stderr.isatty() and logging.getLogger().level <= logging.INFO,
                       columns=args.columns, correctors=args.correctors, template=args.template,
                       judge_prompt_name=args.judge_prompt, head_to_head=args.head_to_head,
-                      bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed, ratings_db=args.ratings_db,
-                      dry_run=args.dry_run, max_calls=args.max_calls)
+                      bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed, expert_ratings=ratings,
+                      ratings_source=args.ratings_db, dry_run=args.dry_run, max_calls=args.max_calls)
     if report.get("dry_run"):
         print(f"dry run: {report['calls']} judge calls to make ({report['cached']} already answered in the cache), "
               f"about {report['prompt_tokens_estimate']} prompt tokens and at most {report['completion_tokens_max']} "

@@ -270,7 +270,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
              progress: bool = False, columns=None, correctors=None, template: str | None = None,
              judge_prompt_name: str | None = None, head_to_head: bool = False,
              bootstrap: int = stats.DEFAULT_RESAMPLES, bootstrap_seed: int = 0,
-             ratings_db: str | None = None, dry_run: bool = False, max_calls: int | None = None) -> dict:
+             expert_ratings: list[dict] | None = None, ratings_source: str = "expert ratings",
+             dry_run: bool = False, max_calls: int | None = None) -> dict:
     """Judge ``input`` and write the report into ``out``; return the report (``report.json``).
 
     ``objectives`` is a SPEC or a list of :class:`~metaaligner_core.objectives.Objective`;
@@ -280,6 +281,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     ``correctors`` names the corrections to judge (``"metaaligner=aligned,self-refine=aligned_self_refine"``;
     default: the known corrector columns present). ``template`` (``ultrafeedback``, ``hh-rlhf``,
     ``imhi``) decides the wording of built-in objectives and, for ``imhi``, the judge prompt.
+    ``expert_ratings``: rating records (the annotation store's ratings export format) to report
+    judge-expert agreement against; ``ratings_source`` names where they came from.
 
     Judgments that fail are counted in ``report["failed"]`` (and listed in
     ``report["failures"]``), never filled in; a rerun retries only them. ``dry_run`` makes no
@@ -310,10 +313,10 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
                              else parse_objectives(objectives, family=template))
     jp = judge_prompt(mode, judge_prompt_name, template)
     rows, corr = load_rows(input, max_rows, columns=columns or "", correctors=correctors)
-    if ratings_db:
-        from .experts import load_expert_scores
+    if expert_ratings is not None:
+        from .experts import expert_scores
 
-        experts = load_expert_scores(ratings_db)  # fail on a bad database before any call
+        experts = expert_scores(expert_ratings, ratings_source)  # fail on a bad record before any call
     out = Path(out)
 
     plan = plan_judgments(rows, objs, mode, seed, swap, corr, jp, head_to_head)
@@ -388,10 +391,10 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     }
     if len(per_judge) > 1:
         report["judge_agreement"] = judge_agreement(per_judge, objs, mode)
-    if ratings_db:
+    if expert_ratings is not None:
         from .experts import expert_agreement
 
-        report["expert_agreement"] = expert_agreement(experts, rows, objs, corr, per_judge, mode, ratings_db)
+        report["expert_agreement"] = expert_agreement(experts, rows, objs, corr, per_judge, mode, ratings_source)
     length_changes = {name: b["length_changes"] for name, b in behaviour.items()}
     report = write_report(out, report, {name: s["scores"] for name, s in per_judge.items()}, length_changes)
     log.info("evaluate: %d judge calls made, %d answered from the cache, %d invalid, %d failed; report in %s",

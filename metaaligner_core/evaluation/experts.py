@@ -1,9 +1,9 @@
 """Judge–expert agreement: join the judge's verdicts with expert 0–3 ratings of the same responses.
 
-The ratings come from an annotation database (``--ratings-db URL``, read through the store's
-ratings export: :meth:`annotation.store.Store.rating_records`) or from a ratings file in the
-same export format (``.jsonl``/``.csv``: ``{"query", "response", "annotator", "objective",
-"score"}``). A rated response matches a judged one when its query and its text are equal after
+The ratings are records in the store's ratings export format (``{"query", "response",
+"annotator", "objective", "score"}``); ``metaaligner evaluate --ratings-db`` reads them from an
+annotation database (:meth:`annotation.store.Store.rating_records`) or from such an export file
+(:func:`metaaligner_core.commands.evaluate.rating_records`). A rated response matches a judged one when its query and its text are equal after
 whitespace normalisation and the rating's objective is the judged objective's key.
 
 Per judge and objective the report gives Spearman's rank correlation between the judge's value
@@ -16,37 +16,21 @@ from __future__ import annotations
 
 import logging
 import statistics
-from pathlib import Path
+from typing import Iterable
 
 from ..errors import MetaAlignerError
-from ..io import iter_records
 from ..objectives import normalize_key
 from . import stats
 from .metrics import normalise_whitespace
 
 log = logging.getLogger(__name__)
 
-_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".gz")
 
-
-def _records(source: str) -> list[dict]:
-    if Path(source).suffix.lower() in _FILE_SUFFIXES and "://" not in source:
-        return [rec for _, rec in iter_records(source)]
-    try:
-        from annotation.store import Store
-    except ImportError as e:  # the annotation package ships with the project; say so if it is broken
-        raise MetaAlignerError(f"--ratings-db: the annotation package cannot be imported ({e})") from None
-    try:
-        from annotation.accounts import OPERATOR
-    except ImportError:
-        from annotation.store import OPERATOR
-    return Store(source).rating_records(OPERATOR)
-
-
-def load_expert_scores(source: str) -> dict[tuple[str, str, str], list[int]]:
-    """``{(query, response, objective key): [scores]}`` from a database URL or a ratings file."""
+def expert_scores(records: Iterable[dict], source: str) -> dict[tuple[str, str, str], list[int]]:
+    """``{(query, response, objective key): [scores]}`` from rating records; ``source`` (the
+    database or file they came from) names them in errors."""
     scores: dict[tuple[str, str, str], list[int]] = {}
-    for rec in _records(source):
+    for rec in records:
         try:
             key = (normalise_whitespace(str(rec["query"])), normalise_whitespace(str(rec["response"])),
                    normalize_key(str(rec["objective"])))
