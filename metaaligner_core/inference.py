@@ -28,7 +28,7 @@ from .errors import MetaAlignerError
 from .models import is_api_model, is_default, parse_model
 from .settings import GenerationSettings
 from .objectives import Objective, parse_objectives
-from .templates import build_prompt, check_template, prompt_parts
+from .templates import build_prompt, check_template, choose_template, prompt_parts
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,6 @@ class Aligner:
                        template: str | None = None) -> "Aligner":
         """An aligner over an already loaded model (e.g. the embedded model shared with the policy)."""
         base = is_default(model)
-        from .pipeline import choose_template
-
         tpl = choose_template(template, None if base else str(model))
         return cls(generator, template=tpl, name="default" if base else str(model), is_base_model=base)
 
@@ -255,8 +253,6 @@ class RemoteAligner:
         m = parse_model(spec)
         if m.provider != "openai-compatible":
             raise MetaAlignerError(f'"{spec}": a remote aligner is given as openai-compatible:NAME@URL')
-        from .pipeline import choose_template
-
         return cls(m.name, m.url, name=m.spec, template=choose_template(template, m.spec), **kwargs)
 
     objectives = Aligner.objectives

@@ -7,9 +7,9 @@ or stream*, behind the CLI (``metaaligner align``), the web app and the server.
   :class:`LoadStatus`, at most ``max_models`` per kind (least recently used dropped). Hooks:
   ``check`` (called before any load: an allow-list raises :class:`MetaAlignerError` there) and
   ``on_status`` (called with each :class:`LoadStatus` change).
-- :func:`choose_template`: the one template-selection rule (an explicit choice, else the aligner's
-  name, else the data's name, else ``ultrafeedback``); objectives are worded in that template's
-  family everywhere.
+- :func:`~metaaligner_core.templates.choose_template` (re-exported here): the one
+  template-selection rule (an explicit choice, else the aligner's name, else the data's name, else
+  ``ultrafeedback``); objectives are worded in that template's family everywhere.
 - :class:`Pipeline`: one correction, streamed (:meth:`Pipeline.stream`) or whole
   (:meth:`Pipeline.correct`), and batches for the CLI (:meth:`Pipeline.draft_batch`,
   :meth:`Pipeline.correct_batch`).
@@ -31,11 +31,10 @@ from .errors import MetaAlignerError
 from .models import canonical, display_name, is_default, missing_api_key, parse_model
 from .objectives import Objective, parse_objectives
 from .settings import GenerationSettings
-from .templates import TEMPLATE_NAMES, build_prompt, template_for_model
+from .templates import AUTO_TEMPLATE, build_prompt, choose_template  # noqa: F401  (part of this API)
 
 log = logging.getLogger(__name__)
 
-AUTO_TEMPLATE = "auto"
 INPUT_DRAFT_SOURCE = "input"  # draft_source of a draft that came with the request / input row
 
 __all__ = ["AUTO_TEMPLATE", "INPUT_DRAFT_SOURCE", "Correction", "GenerationSettings", "LoadStatus",
@@ -43,30 +42,6 @@ __all__ = ["AUTO_TEMPLATE", "INPUT_DRAFT_SOURCE", "Correction", "GenerationSetti
 
 
 # --- templates and objectives ---------------------------------------------------------------
-
-def choose_template(explicit: str | None = None, aligner: str | None = None, data: str | None = None) -> str:
-    """The aligner prompt template, by one rule used by every command and the app:
-
-    1. ``explicit`` when given (``auto`` / empty means not given);
-    2. else the family the aligner's MODEL string names (``…-HH-RLHF-…``, ``…UltraFeedback…``, ``…IMHI…``):
-       a released checkpoint reads the template it was trained with;
-    3. else the family the data's name shows (an input path or dataset id such as
-       ``policy-outputs/hh-rlhf/…`` or ``hf:Anthropic/hh-rlhf``);
-    4. else ``ultrafeedback``.
-
-    The objectives' wording then follows the template's family (``helpfulness`` on HH-RLHF data
-    reads the HH-RLHF definition).
-    """
-    if explicit and explicit != AUTO_TEMPLATE:
-        if explicit not in TEMPLATE_NAMES:
-            raise MetaAlignerError(f'unknown template "{explicit}" (valid: {AUTO_TEMPLATE}, {", ".join(TEMPLATE_NAMES)})')
-        return explicit
-    for hint in (None if is_default(aligner) else aligner, data):
-        found = template_for_model(str(hint), default="") if hint else ""
-        if found:
-            return found
-    return "ultrafeedback"
-
 
 def parse_api_objectives(spec, template: str) -> list[Objective]:
     """An objectives SPEC (string or list) from a remote caller (app API, server). ``@file`` SPECs

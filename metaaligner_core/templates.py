@@ -9,6 +9,9 @@ and is this project's analogue (``better`` → ``equal``), used only to build IM
 One function, :func:`build_prompt`, builds every aligner prompt: the dataset builder uses it for
 training rows and the inference code for corrections, so the two can never drift apart. No chat
 template is applied; the tokenizer adds BOS.
+
+:func:`choose_template` is the one rule that picks a template for an aligner (every command, the
+web app and the server use it).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from functools import lru_cache
 from typing import Sequence
 
 from .errors import MetaAlignerError
+from .models import is_default
 from .objectives import Objective
 
 TEMPLATES: dict[str, str] = {
@@ -44,6 +48,7 @@ EQUAL_TEMPLATES: dict[str, str] = {
 }
 
 TEMPLATE_NAMES = tuple(TEMPLATES)
+AUTO_TEMPLATE = "auto"  # pick the template from the aligner's (or the data's) name
 OBJECTIVE_SEPARATOR = "; "
 
 
@@ -103,3 +108,27 @@ def template_for_model(model_name: str | None, default: str = "ultrafeedback") -
     if "imhi" in name:
         return "imhi"
     return default
+
+
+def choose_template(explicit: str | None = None, aligner: str | None = None, data: str | None = None) -> str:
+    """The aligner prompt template, by one rule used by every command and the app:
+
+    1. ``explicit`` when given (``auto`` / empty means not given);
+    2. else the family the aligner's MODEL string names (``…-HH-RLHF-…``, ``…UltraFeedback…``, ``…IMHI…``):
+       a released checkpoint reads the template it was trained with;
+    3. else the family the data's name shows (an input path or dataset id such as
+       ``policy-outputs/hh-rlhf/…`` or ``hf:Anthropic/hh-rlhf``);
+    4. else ``ultrafeedback``.
+
+    The objectives' wording then follows the template's family (``helpfulness`` on HH-RLHF data
+    reads the HH-RLHF definition).
+    """
+    if explicit and explicit != AUTO_TEMPLATE:
+        if explicit not in TEMPLATE_NAMES:
+            raise MetaAlignerError(f'unknown template "{explicit}" (valid: {AUTO_TEMPLATE}, {", ".join(TEMPLATE_NAMES)})')
+        return explicit
+    for hint in (None if is_default(aligner) else aligner, data):
+        found = template_for_model(str(hint), default="") if hint else ""
+        if found:
+            return found
+    return "ultrafeedback"
