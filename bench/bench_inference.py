@@ -15,7 +15,9 @@
    same run, in the order ours / transformers / transformers / ours so a load change biases
    neither. Prints tokens/s of each, the ratio, and how many rows give the same tokens.
 4. *gpu* (``--gpu``): the same job on CUDA in bf16, batch 1 vs batch ``--gpu-batch`` (64), over
-   2 x 64 drafts.
+   2 x 64 drafts; then our engine against transformers ``generate`` (dynamic cache), ``generate``
+   with a static cache compiled by ``torch.compile``, and ``generate_batch``, at batch 1 and 64
+   (:func:`bench_gpu_engines`).
 
     .venv/bin/python bench/bench_inference.py [--rows 32] [--batch-size 16] [--max-new-tokens 256] [--dtype bf16]
         [--data hh-rlhf/gpt-3.5-turbo.csv] [--threads N] [--skip-start] [--skip-align] [--hf-baseline] [--gpu]
@@ -219,6 +221,105 @@ def bench_engines(args) -> None:
           f"same tokens on {same}/{len(prompts)} rows")
 
 
+def bench_gpu_engines(args) -> None:
+    """``--gpu``: four ways to decode the same aligner prompts on CUDA in bf16, at batch 1 and
+    ``--gpu-batch``, greedy: our engine (``LocalGenerator.generate``, continuous batching over its
+    KV cache); transformers ``generate`` on left-padded batches (dynamic cache); ``generate`` with
+    ``cache_implementation="static"``, which transformers compiles with ``torch.compile`` on CUDA
+    (every prompt left-padded to the longest, so each batch has the same shapes and compiles once;
+    the first call of each batch size is an untimed warm-up that pays the compilation); and
+    ``model.generate_batch`` (transformers' continuous batching; at batch 1 one call per prompt,
+    at the larger batch all prompts in one call, scheduled by transformers). Prints tokens/s
+    (generated tokens, EOS not counted), the ratio to our engine, and on how many rows each
+    gives our engine's tokens. Batch 1 runs ``--gpu-single-rows`` prompts, the batch
+    ``2 x --gpu-batch``."""
+    import logging
+
+    import torch
+    from transformers import GenerationConfig
+
+    from metaaligner_core.inference import Aligner
+    from metaaligner_core.settings import GenerationSettings
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    n_new = args.max_new_tokens
+    queries, drafts, family = load_rows(args.data, 2 * args.gpu_batch)
+    objectives = OBJECTIVES[family]
+    dev = args.gpu_device
+    aligner = Aligner.load("default", template=family, device=dev, dtype="bf16")
+    gen, model = aligner.generator, aligner.generator.model
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    ours_attn = model.config._attn_implementation
+    eos = sorted(gen.eos_ids)
+    prompts = [aligner.encode(q, d, objectives, n_new)[0] for q, d in zip(queries, drafts)]
+    prefix_lens = [aligner.shared_prefix_len(p, objectives) for p in prompts]
+    longest = max(len(p) for p in prompts)
+    settings = GenerationSettings(max_new_tokens=n_new)
+    config = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=gen.pad_id)
+
+    def strip(tokens):
+        out = []
+        for t in tokens:
+            if t in gen.eos_ids:
+                break
+            out.append(t)
+        return out
+
+    def ours(rows, b):
+        model.set_attn_implementation(ours_attn)
+        return gen.generate(rows, settings, batch_size=b, prefix_lens=prefix_lens[:len(rows)])
+
+    def hf_generate(rows, b, static=False):
+        model.set_attn_implementation("sdpa")
+        out = []
+        for k in range(0, len(rows), b):
+            chunk = rows[k:k + b]
+            width = longest if static else max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), gen.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            extra = {"cache_implementation": "static"} if static else {}
+            res = model.generate(ids.to(dev), attention_mask=mask.to(dev), generation_config=config, **extra)
+            out += [strip(r[width:].tolist()) for r in res]
+        return out
+
+    def hf_generate_batch(rows, b):
+        model.set_attn_implementation("sdpa")
+        out = []
+        for k in range(0, len(rows), 1 if b == 1 else len(rows)):
+            chunk = rows[k:k + (1 if b == 1 else len(rows))]
+            res = model.generate_batch(chunk, generation_config=config, max_new_tokens=n_new, progress_bar=False)
+            by_id = {r.request_id: r for r in res.values()}
+            out += [strip(by_id[f"req_{i}"].generated_tokens) for i in range(len(chunk))]
+        return out
+
+    engines = {"ours (engine)": ours, "HF generate": hf_generate,
+               "HF static cache + torch.compile": lambda rows, b: hf_generate(rows, b, static=True),
+               "HF generate_batch": hf_generate_batch}
+    where = torch.cuda.get_device_name() if dev.startswith("cuda") else dev
+    print(f"gpu engines ({where}, bf16, our attention {ours_attn}, HF sdpa): prompts from "
+          f"{args.data} (longest {longest} tokens), {n_new} new tokens, greedy")
+    for b, n in ((1, args.gpu_single_rows), (args.gpu_batch, 2 * args.gpu_batch)):
+        rows = prompts[:n]
+        rates, outs = {}, {}
+        for name, run in engines.items():
+            run(rows[:b], b)  # warm-up: allocator, prefix cache, compilation of this batch size
+            sync()
+            t = time.perf_counter()
+            outs[name] = run(rows, b)
+            sync()
+            dt = time.perf_counter() - t
+            tokens = sum(len(o) for o in outs[name])
+            rates[name] = tokens / dt
+        model.set_attn_implementation(ours_attn)
+        for name, rate in rates.items():
+            same = sum(a == b_ for a, b_ in zip(outs[name], outs["ours (engine)"]))
+            print(f"  batch {b:3d}, {n} rows  {name:<32} {rate:9.1f} tokens/s  {rate / rates['ours (engine)']:5.2f}x ours"
+                  f"  same tokens as ours on {same}/{n} rows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=32)
@@ -239,6 +340,10 @@ def main() -> None:
     ap.add_argument("--engine-new-tokens", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="also run the job on CUDA in bf16, batch 1 vs --gpu-batch")
     ap.add_argument("--gpu-batch", type=int, default=64)
+    ap.add_argument("--gpu-single-rows", type=int, default=16, help="--gpu: prompts decoded at batch 1 (default 16)")
+    ap.add_argument("--gpu-engines-only", action="store_true", help="--gpu: only the engine comparison")
+    ap.add_argument("--gpu-device", default="cuda", help="--gpu-engines-only on another device (cpu: a check that the "
+                    "code path works; figures meaningless, no compilation there)")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
@@ -251,13 +356,16 @@ def main() -> None:
         bench_align(args)
     if args.engines:
         bench_engines(args)
-    if args.gpu:
+    if args.gpu and args.gpu_engines_only:
+        bench_gpu_engines(args)
+    elif args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device")
         rows = args.rows
         args.rows = max(args.rows, 2 * args.gpu_batch)  # the batched job keeps a full batch in flight
         bench_align(args, device="cuda", dtype="bf16", batch_size=args.gpu_batch, label="cuda bf16")
         args.rows = rows
+        bench_gpu_engines(args)
 
 
 if __name__ == "__main__":
