@@ -80,10 +80,15 @@ def test_recipe_files_load_and_unknown_keys_are_named(tmp_path):
         assert (cfg.lr, cfg.warmup_ratio, cfg.epochs, cfg.effective_batch_size, cfg.lr_scheduler, cfg.weight_decay) == \
             (1e-5, 0.05, 2, 128 if "imhi" in path.stem else 512, "cosine", 1e-5)
         assert cfg.max_length == (2048 if "1.1b" in path.stem else 4096)
-        assert "chat" in cfg.base.lower()  # Table 5: TinyLLaMA-1.1B (chat), LLaMA2-Chat-7B/13B
+        # the non-chat bases: paper §4.1 and Appendix C.2, and the authors' command (Llama-2-13b-hf);
+        # Table 5's "LLaMA2-Chat" contradicts both
+        assert "chat" not in cfg.base.lower()
+        if "7b" in path.stem or "13b" in path.stem:
+            assert cfg.base == f"meta-llama/Llama-2-{'13b' if '13b' in path.stem else '7b'}-hf"
     smoke = TrainConfig.from_file(root / "smoke-cpu.yaml", data="d", max_steps=2)
     assert (smoke.base, smoke.max_steps) == ("default", 2)  # flags override the recipe
-    assert TrainConfig.from_file(root / "metaaligner-1.1b.yaml", data="d").base == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    assert TrainConfig.from_file(root / "metaaligner-1.1b.yaml", data="d").base == \
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 1e-5\nlearning_rate: 3\n")
     with pytest.raises(MetaAlignerError, match=r'bad.yaml: field "learning_rate": unknown setting'):
