@@ -282,7 +282,7 @@ def test_a_judge_that_never_answers_1_2_or_0_gives_no_rate_and_no_plot(tmp_path)
     # no win-rate plot without a rate; the length-change plot needs no judge
     assert report["invalid"] == 4 and report["plots"] == ["length_change.png"]
     assert not (out / "win_rates.png").exists()
-    assert "| Original win rate | – |" in (out / "report.md").read_text()
+    assert "| Original | – |" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

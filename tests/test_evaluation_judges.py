@@ -105,10 +105,12 @@ def test_length_preferring_judge_loses_its_advantage_under_length_control(tmp_pa
     assert (r["original"]["wins"], r["aligned"]["wins"]) == (wins_d, wins_a)
     assert r["advantage"] == pytest.approx((wins_a - wins_d) / 150)
     assert r["advantage"] > 0.4
-    # ties (equal lengths) are non-wins, so the fit's zero-difference point is not exactly 50/50;
-    # the length-controlled advantage is still well under half the raw one
+    # the length-controlled advantage is well under half the raw one, and each side's fit finds
+    # a strong preference for length (positive slope on response minus golden length)
     assert abs(r["lc_advantage"]) < r["advantage"] / 2
-    assert report["by_judge"]["openai:long"]["length_control"]["honesty"]["beta"] > 3
+    fits = report["by_judge"]["openai:long"]["length_control"]["metaaligner"]["honesty"]
+    assert fits["original"]["coef_length"] > 3 and fits["aligned"]["coef_length"] > 3
+    assert fits["original"]["n"] == fits["aligned"]["n"] == r["n"]
     assert report["correction"]["metaaligner"]["length"]["mean_change"] == pytest.approx(
         np.mean([len(x["aligned"].split()) - len(x["draft"].split()) for x in rows]))
     assert "length_change.png" in report["plots"]
@@ -172,7 +174,8 @@ def test_random_judge_bootstrap_interval_covers_the_true_rate(tmp_path):
     # the interval is about +-1.96 * sqrt(p(1-p)/n) wide (n = 400): ~0.045 for p = 0.3
     width = ci["win_rate_original"][1] - ci["win_rate_original"][0]
     assert 0.06 < width < 0.12
-    assert report["definitions"]["ci95"].startswith("valid-only rates: paired percentile bootstrap over queries, 1000")
+    assert report["definitions"]["ci95"].startswith("paired percentile bootstrap over queries, 10000 resamples")
+    assert report["bootstrap"]["resamples"] == 10000
 
 
 # --------------------------------------------------------------------------- failing judge

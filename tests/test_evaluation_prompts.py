@@ -54,6 +54,19 @@ def test_imhi_judge_is_the_authors_script_word_for_word_typos_kept():
     assert "query.QUERY" in reference and "in the two response," in reference  # the kept typos
 
 
+def test_pairwise_script_variant_is_the_authors_hh_rlhf_and_ultrafeedback_string():
+    text = _read(OFFICIAL)
+    heading = "## evaluation/HH-RLHF_GPT4_score.py and evaluation/UltraFeedback_GPT4_score.py"
+    if heading not in text:
+        pytest.skip(f"{OFFICIAL} has no section {heading!r}; the pairwise script prompt was not compared")
+    block = _section_blocks(text, heading)[0]
+    reference = _fill(json.loads(block), {"{query}": Q, "{output1}": R1, "{output2}": R2, "{aspects}": A})
+    assert _ours("pairwise", "script") == reference
+    assert prompts.VARIANTS[("pairwise", "script")].system is None
+    assert not reference.startswith("You are a skilled evaluator")  # unlike Appendix C.1
+    assert judge_prompt("pairwise", "script").name == "script"
+
+
 def test_score_script_variant_is_the_authors_string_word_for_word():
     block = _section_blocks(_read(OFFICIAL), "## evaluation/UltraFeedback_GPT4_rate.py")[0]
     reference = _fill(json.loads(block), {"{query}": Q, "{output}": R1, "{aspects}": A})

@@ -53,41 +53,68 @@ def test_paired_resampling_keeps_the_pair_together():
     assert stats.paired_intervals([], [], 1000)["advantage"] is None
 
 
+def _lc(y, delta):
+    return stats.LCProblem(np.arange(len(y)), y, delta)
+
+
 def test_length_control_recovers_a_known_logistic_model():
     rng = np.random.default_rng(5)
-    alpha = {"original": -0.8, "aligned": 0.4}
-    beta, n = 1.5, 20000
-    data = {}
-    for side, a in alpha.items():
-        d = rng.normal(0, 40, n)
-        sd_all = 40.0  # close to the pooled sd the fit uses
-        p = 1 / (1 + np.exp(-(a + beta * np.tanh(d / sd_all))))
-        data[side] = ((rng.random(n) < p).astype(float), d)
-    fit = stats.length_controlled_win_rates(data)
-    assert fit["beta"] == pytest.approx(beta, abs=0.15)
-    for side, a in alpha.items():
-        assert fit["win_rates"][side] == pytest.approx(1 / (1 + math.exp(-a)), abs=0.02)
+    a, b, sd, n = 0.4, 1.5, 300.0, 20000
+    d = rng.normal(100, sd, n)
+    p = 1 / (1 + np.exp(-(a + b * np.tanh(d / sd))))
+    fit = _lc((rng.random(n) < p).astype(float), d)
+    assert fit.coef[1] == pytest.approx(b, abs=0.1)
+    assert fit.rate == pytest.approx(1 / (1 + math.exp(-a)), abs=0.02)
+    assert fit.sd == pytest.approx(sd, rel=0.02)
 
 
-def test_length_control_equals_the_raw_rate_when_lengths_match():
-    wins = [1, 0, 0, 1, 1, 0, 0, 0]
-    fit = stats.length_controlled_win_rates({"original": (wins, [0] * 8), "aligned": ([1] * 6 + [0] * 2, [0] * 8)})
-    assert fit["win_rates"]["original"] == pytest.approx(3 / 8, abs=0.01)
-    assert fit["win_rates"]["aligned"] == pytest.approx(6 / 8, abs=0.01)
-    assert stats.length_controlled_win_rates({"original": ([], [])})["win_rates"] == {"original": None}
+def test_length_control_equals_the_ties_half_rate_when_lengths_match():
+    # no length difference: the length column is 0, and the fit is the mean preference (ties 1/2),
+    # up to the L1 penalty's pull at the C chosen by cross-validation
+    y = [1, 0, 0, 1, 1, 0, 0.5, 0] * 20
+    fit = _lc(y, [0] * len(y))
+    assert fit.rate == pytest.approx(np.mean(y), abs=0.01)
+    assert fit.coef[1] == 0.0
+    empty = _lc([], [])
+    assert empty.rate is None and empty.as_dict()["win_rate"] is None
 
 
 def test_length_control_removes_a_pure_length_preference():
-    """A judge that prefers whatever is longer: drafts are mostly shorter than the golden answer,
-    corrections mostly longer. Raw: a large advantage; length-controlled: close to none."""
+    """A judge that prefers whatever is longer (and nothing else): drafts are mostly shorter than
+    the golden answer, corrections mostly longer. Raw: a large advantage; length-controlled: both
+    sides near 50 % (the judge's preference at equal length), so close to no advantage."""
     rng = np.random.default_rng(0)
-    d_orig = rng.normal(-20, 30, 400)
-    d_aligned = rng.normal(+20, 30, 400)
-    data = {"original": ((d_orig > 0).astype(float), d_orig), "aligned": ((d_aligned > 0).astype(float), d_aligned)}
-    raw = data["aligned"][0].mean() - data["original"][0].mean()
-    fit = stats.length_controlled_win_rates(data)
-    lc = fit["win_rates"]["aligned"] - fit["win_rates"]["original"]
-    assert raw > 0.4 and abs(lc) < 0.1 and fit["beta"] > 5
+    sides = {}
+    for side, mean in (("original", -250.0), ("aligned", 250.0)):
+        d = rng.normal(mean, 300, 1500)
+        p = 1 / (1 + np.exp(-4 * np.tanh(d / 300)))
+        sides[side] = ((rng.random(1500) < p).astype(float), d)
+    raw = sides["aligned"][0].mean() - sides["original"][0].mean()
+    lo, la = _lc(*sides["original"]), _lc(*sides["aligned"])
+    assert raw > 0.5
+    assert abs(lo.rate - 0.5) < 0.06 and abs(la.rate - 0.5) < 0.06 and abs(la.rate - lo.rate) < 0.08
+    assert lo.coef[1] > 3 and la.coef[1] > 3
+
+
+def test_l1_logistic_solves_many_problems_at_once_like_one_at_a_time():
+    rng = np.random.default_rng(1)
+    x = np.tanh(rng.normal(0, 1, 50))
+    y = (rng.random(50) < 0.6).astype(float)
+    weights = rng.integers(0, 3, (4, 50)).astype(float)
+    lam = np.array([0.01, 0.5, 5.0, 100.0])
+    together = stats.l1_logistic(weights, x, y, lam)
+    for j in range(4):
+        alone = stats.l1_logistic(weights[j:j + 1], x, y, lam[j])
+        assert together[j] == pytest.approx(alone[0], abs=1e-8)
+    # a huge penalty zeroes both coefficients (the L1 optimum is exactly 0)
+    assert list(together[3]) == [0.0, 0.0]
+
+
+def test_resample_counts_are_the_bootstrap_draws():
+    counts = np.concatenate(list(stats.resample_counts(13, 300, seed=9, chunk=64)))
+    idx = np.random.default_rng(9).integers(0, 13, (300, 13))
+    assert counts.shape == (300, 13) and (counts.sum(axis=1) == 13).all()
+    assert (counts == np.stack([np.bincount(r, minlength=13) for r in idx])).all()
 
 
 def test_spearman_and_ranks_with_ties():

@@ -26,10 +26,17 @@ def register(sub) -> None:
                    help="wording of built-in objectives (hh-rlhf: its Helpfulness text) and, for imhi, the judge "
                         "prompt; default: the rows' \"template\" field, else inferred from the objectives")
     p.add_argument("--judge-prompt", default="auto",
-                   help="pairwise: paper (Appendix C.1) | imhi (the authors' IMHI script, psychologist system "
+                   help="pairwise: paper (Appendix C.1) | script (the authors' HH-RLHF_GPT4_score.py and "
+                        "UltraFeedback_GPT4_score.py string) | imhi (the authors' IMHI script, psychologist system "
                         "message, typos kept); score: paper (Appendix E.1) | script (the authors' "
                         "UltraFeedback_GPT4_rate.py). Default auto: imhi for --template imhi in pairwise mode, "
                         "else paper")
+    p.add_argument("--judge-temperature", type=float, default=0.0,
+                   help="judge sampling temperature (default 0: repeatable verdicts; the authors' scripts send none, "
+                        "i.e. OpenAI's default of 1). Recorded in report.json")
+    p.add_argument("--judge-max-tokens", "--max-tokens", dest="judge_max_tokens", type=int, default=32,
+                   help="longest judge reply in tokens (default 32: enough for '1', '2', '0' or a score; the "
+                        "authors' scripts set no limit). Recorded in report.json. --max-tokens is the old name")
     p.add_argument("--columns", metavar="FIELD=COLUMN,...",
                    help="input columns for query/golden/draft/aligned, e.g. golden=goldens,draft=generated_text")
     p.add_argument("--correctors", metavar="NAME=COLUMN,...",
@@ -42,7 +49,9 @@ def register(sub) -> None:
                         "reports position consistency")
     p.add_argument("--head-to-head", action="store_true",
                    help="pairwise: also judge each correction against its own draft (loses-to-draft rate)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (>= 1000)")
+    p.add_argument("--bootstrap", type=int, default=10_000,
+                   help="bootstrap resamples for the 95%% intervals (default 10000, at least 1000); one joint "
+                        "resampling of the queries for every objective")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--ratings-db", metavar="URL",
                    help="annotation database (or a ratings export .jsonl/.csv): report judge-expert agreement")
@@ -51,8 +60,10 @@ def register(sub) -> None:
     p.add_argument("--max-calls", type=int, help="stop cleanly after N judge calls (rerun to continue)")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="put the reports of finished runs side by side (prints markdown; --out DIR writes compare.md)")
-    p.add_argument("--max-rows", type=int, help="judge only the first N rows")
-    p.add_argument("--max-tokens", type=int, default=32, help="longest judge reply (default 32)")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="judge N rows drawn at random (seeded by --seed), as the paper samples its test queries")
+    p.add_argument("--max-rows", type=int, help="judge only the first N rows of the file (not a random sample: "
+                                                "see --sample)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per API request (default 60)")
     p.add_argument("--max-retries", type=int, default=5,
                    help="client retries with exponential back-off on 429/5xx/timeouts (default 5)")
@@ -94,7 +105,8 @@ def run(args) -> int:
     ratings = rating_records(args.ratings_db) if args.ratings_db else None  # a bad database fails before any call
     report = evaluate(args.input, args.objectives, args.judge, args.out, mode=args.mode, base_url=args.base_url,
                       seed=args.seed, concurrency=args.concurrency, swap=args.swap, max_rows=args.max_rows,
-                      max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+                      sample=args.sample, max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
+                      timeout=args.timeout, max_retries=args.max_retries,
                       progress=sys.stderr.isatty() and logging.getLogger().level <= logging.INFO,
                       columns=args.columns, correctors=args.correctors, template=args.template,
                       judge_prompt_name=args.judge_prompt, head_to_head=args.head_to_head,
@@ -116,16 +128,20 @@ def run(args) -> int:
     for judge, data in report["by_judge"].items():
         for corrector, blocks in data["correctors"].items():
             prefix = f"[{judge} / {corrector}] " if multi else ""
-            for v in blocks.values():
+            average = (data.get("average") or {}).get(corrector)
+            for v in [*blocks.values(), *([average] if average and len(blocks) > 1 else [])]:
                 if report["mode"] == "pairwise":
+                    n = f"n={v['n']}" if "n" in v else f"{len(v['objectives'])} objectives"
                     line = (f"{prefix}{v['name']}: original {_pct(v['win_rate_original'])}, aligned "
                             f"{_pct(v['win_rate_aligned'])}, advantage {_pct(v['advantage'], True)}"
-                            f"{_ci(v['ci95']['advantage'])} (n={v['n']}); paper's rates: "
-                            f"{_pct(v['win_rate_original_paper'])} / {_pct(v['win_rate_aligned_paper'])}; "
-                            f"length-controlled advantage {_pct(v['lc_advantage'], True)}")
+                            f"{_ci(v['ci95']['advantage'])} ({n}); advantage by the paper's definition "
+                            f"{_pct(v['advantage_paper'], True)}, by the authors' scripts "
+                            f"{_pct(v['advantage_authors'], True)}{_ci(v['ci95']['advantage_authors'])}; "
+                            f"length-controlled {_pct(v['lc_advantage'], True)}{_ci(v['ci95']['lc_advantage'])}")
                 else:
+                    n = f"n={v['n']}" if "n" in v else f"{len(v['objectives'])} objectives"
                     line = (f"{prefix}{v['name']}: mean original {_num(v['mean_original'])}, aligned "
-                            f"{_num(v['mean_aligned'])}, advantage {_num(v['advantage'], True)} (n={v['n']})")
+                            f"{_num(v['mean_aligned'])}, advantage {_num(v['advantage'], True)} ({n})")
                 print(line)
     for flag in report.get("flags", []):
         print(f"flag: {flag}")

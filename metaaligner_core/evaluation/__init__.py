@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -32,7 +33,7 @@ from ..models import is_api_model
 from ..objectives import Objective, parse_objectives
 from ..templates import TEMPLATE_NAMES
 from . import metrics, stats
-from .judging import Judge, JudgmentCache
+from .judging import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, Judge, JudgmentCache, settings_key
 from .prompts import JudgePrompt, judge_prompt
 from .report import write_report
 from .summary import judge_agreement, summarise
@@ -96,13 +97,16 @@ def resolve_correctors(spec, first: dict) -> list[Corrector]:
     return [Corrector(n, c) for n, c in pairs]
 
 
-def load_rows(path, max_rows: int | None = None, columns=None, correctors=None):
+def load_rows(path, max_rows: int | None = None, columns=None, correctors=None, sample: int | None = None,
+              sample_seed: int = 0):
     """Read and check every row before any judge call.
 
     Returns ``[(line, row)]`` with ``row = {"query", "golden", "draft", "aligned", ...}``, where
     each corrector's text is under its name in ``row["responses"]`` (and the MetaAligner one also
     under ``"aligned"``). With ``correctors`` or ``columns`` given, returns
-    ``(rows, correctors)``.
+    ``(rows, correctors)``. ``max_rows`` keeps the first N rows of the file; ``sample`` draws N
+    rows at random (seeded by ``sample_seed``; kept in file order), as the paper samples its
+    test queries; every row of the file is checked either way.
     """
     mapping = parse_columns(columns, FIELDS) if isinstance(columns, (str, type(None))) else dict(columns)
     rows, resolved = [], None
@@ -135,6 +139,11 @@ def load_rows(path, max_rows: int | None = None, columns=None, correctors=None):
             break
     if not rows:
         raise MetaAlignerError(f"{path}: no rows to evaluate")
+    if sample is not None:
+        if sample > len(rows):
+            raise MetaAlignerError(f"--sample {sample}: {path} has only {len(rows)} rows")
+        keep = sorted(random.Random(f"sample:{sample_seed}").sample(range(len(rows)), sample))
+        rows = [rows[i] for i in keep]
     if correctors is None and columns is None:
         return rows
     return rows, resolved
@@ -266,7 +275,8 @@ def _context(plan, rows) -> dict[str, dict]:
 
 def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url: str | None = None,
              seed: int = 0, concurrency: int = 8, swap: bool = False, max_rows: int | None = None,
-             max_tokens: int = 32, timeout: float = 60.0, max_retries: int = 5,
+             sample: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+             temperature: float = DEFAULT_TEMPERATURE, timeout: float = 60.0, max_retries: int = 5,
              progress: bool = False, columns=None, correctors=None, template: str | None = None,
              judge_prompt_name: str | None = None, head_to_head: bool = False,
              bootstrap: int = stats.DEFAULT_RESAMPLES, bootstrap_seed: int = 0,
@@ -284,6 +294,12 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     ``expert_ratings``: rating records (the annotation store's ratings export format) to report
     judge-expert agreement against; ``ratings_source`` names where they came from.
 
+    ``max_rows`` judges the first N rows, ``sample`` N rows drawn at random with ``seed``.
+    ``temperature`` and ``max_tokens`` are the judge's sampling settings (recorded in
+    ``report["judge_settings"]``; settings other than the defaults get their own cache entries).
+    ``bootstrap`` resamples (default 10,000) of the queries, jointly for every objective,
+    give every interval.
+
     Judgments that fail are counted in ``report["failed"]`` (and listed in
     ``report["failures"]``), never filled in; a rerun retries only them. ``dry_run`` makes no
     call and writes nothing: it returns ``{"dry_run": True, "calls", ...}``. ``max_calls`` stops
@@ -292,11 +308,17 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     """
     if mode not in MODES:
         raise MetaAlignerError(f'unknown mode "{mode}" (valid: {", ".join(MODES)})')
-    for flag, value, least in (("--concurrency", concurrency, 1), ("--max-tokens", max_tokens, 1),
-                               ("--max-rows", max_rows, 1), ("--max-retries", max_retries, 0),
+    for flag, value, least in (("--concurrency", concurrency, 1), ("--judge-max-tokens", max_tokens, 1),
+                               ("--max-rows", max_rows, 1), ("--sample", sample, 1),
+                               ("--max-retries", max_retries, 0),
                                ("--bootstrap", bootstrap, 1000), ("--max-calls", max_calls, 0)):
         if value is not None and value < least:
             raise MetaAlignerError(f"{flag} must be at least {least} (got {value})")
+    if max_rows is not None and sample is not None:
+        raise MetaAlignerError("--max-rows (the first N rows) and --sample (N rows at random) exclude each other")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature <= 2):
+        raise MetaAlignerError(f"--judge-temperature must be between 0 and 2 (got {temperature})")
+    settings = {"temperature": float(temperature), "max_tokens": int(max_tokens)}
     if timeout <= 0:
         raise MetaAlignerError(f"--timeout must be positive (got {timeout})")
     if head_to_head and mode != "pairwise":
@@ -312,7 +334,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
                              and all(isinstance(o, Objective) for o in objectives)
                              else parse_objectives(objectives, family=template))
     jp = judge_prompt(mode, judge_prompt_name, template)
-    rows, corr = load_rows(input, max_rows, columns=columns or "", correctors=correctors)
+    rows, corr = load_rows(input, max_rows, columns=columns or "", correctors=correctors, sample=sample,
+                           sample_seed=seed)
     if expert_ratings is not None:
         from .experts import expert_scores
 
@@ -326,7 +349,7 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
              " (+ head to head)" if head_to_head else "", len(plan), len(context), jp.name, len(judges))
 
     if dry_run:
-        return _dry_run(out, names, context, jp, max_tokens, len(plan))
+        return _dry_run(out, names, context, jp, max_tokens, len(plan), settings)
 
     behaviour = {c.name: metrics.correction_behaviour([r["draft"] for _, r in rows], [_text(r, c) for _, r in rows],
                                                       [r["golden"] for _, r in rows]) for c in corr}
@@ -334,9 +357,9 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
     per_judge, usages, budget, stopped = {}, [], max_calls, False
     for spec, name in zip(judges, names):
         backend = _load_judge(spec, base_url, timeout, max_retries)
-        with JudgmentCache(out / JUDGMENTS_FILE, backend.name, jp.system) as cache:
+        with JudgmentCache(out / JUDGMENTS_FILE, backend.name, jp.system, settings) as cache:
             j = Judge(backend, cache, parse, max_tokens=max_tokens, concurrency=concurrency, progress=progress,
-                      system=jp.system, max_calls=budget)
+                      system=jp.system, max_calls=budget, temperature=float(temperature))
             verdicts = j.judge_all(context)
             pending = len(j.pending(context))
         usages.append((backend.name, j.usage))
@@ -365,6 +388,8 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         "judges": list(per_judge),
         **({"base_url": _without_credentials(base_url)} if base_url else {}),
         "seed": seed,
+        "sample": {"rows": sample, "seed": seed} if sample is not None else None,
+        "max_rows": max_rows,
         "swap": bool(swap) if mode == "pairwise" else False,
         "head_to_head": bool(head_to_head),
         "input": str(input),
@@ -374,7 +399,9 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         "correctors": {c.name: {"column": c.column} for c in corr},
         "primary_corrector": primary,
         "objectives": first["correctors"][primary],
-        "by_judge": {name: {"correctors": s["correctors"], "position_consistency": s["position_consistency"],
+        "average": first["average"].get(primary),
+        "by_judge": {name: {"correctors": s["correctors"], "average": s["average"],
+                            "position_consistency": s["position_consistency"],
                             "length_control": s["length_control"], "calls": u.as_dict()}
                      for (name, s), (_, u) in zip(per_judge.items(), usages)},
         "correction": {name: {k: v for k, v in b.items() if k != "length_changes"} for name, b in behaviour.items()},
@@ -385,6 +412,10 @@ def evaluate(input, objectives, judge, out, *, mode: str = "pairwise", base_url:
         "failures": failures[:_MAX_FAILURES_LISTED],
         "prompt": jp.source,
         "judge_prompt": {"name": jp.name, "source": jp.source, "system": jp.system},
+        "judge_settings": {**settings, "prompt": jp.name},
+        "bootstrap": {"resamples": bootstrap, "seed": bootstrap_seed,
+                      "method": "paired percentile bootstrap over queries, one joint resampling for every "
+                                "objective, corrector and definition"},
         "definitions": _definitions(mode, bootstrap, bootstrap_seed),
         "flags": [f"{name} / {c} / {k}: {flag}" for name, s in per_judge.items()
                   for c, blocks in s["correctors"].items() for k, b in blocks.items() for flag in b.get("flags", [])],
@@ -420,34 +451,44 @@ def _sum_usage(usages) -> dict:
 
 
 def _definitions(mode: str, bootstrap: int, bootstrap_seed: int) -> dict:
+    ci = (f"paired percentile bootstrap over queries, {bootstrap} resamples, seed {bootstrap_seed}; one joint "
+          "resampling of the queries for every objective, so the average over objectives has an interval")
     if mode == "score":
         return {"advantage": "mean aligned score - mean original score, over rows scored validly on both sides",
-                "ci95": f"paired percentile bootstrap over queries, {bootstrap} resamples, seed {bootstrap_seed}",
+                "average": "each figure averaged over the objectives",
+                "ci95": ci,
                 "length_unit": "words (whitespace-separated)"}
     return {
         "win_rate_original / win_rate_aligned / advantage / n":
             "valid-only: wins / n, n = rows whose draft and correction judgments are both valid (ties are not wins)",
-        "win_rate_original_paper / win_rate_aligned_paper / advantage_paper / n_paper":
+        "*_paper (n_paper)":
             "the paper's Algorithm 2: wins / all judgments (invalid replies count as non-wins); "
             "n_paper = rows where no call failed",
-        "ci95": f"valid-only rates: paired percentile bootstrap over queries, {bootstrap} resamples, "
-                f"seed {bootstrap_seed}",
-        "lc_win_rate_*": "length-controlled (AlpacaEval 2 style, arXiv 2404.04475): logistic regression of "
-                         "win on tanh(length difference to the golden answer / sd), one intercept per response "
-                         "side and one shared length coefficient per judge and objective; sigmoid(intercept)",
+        "*_authors (n_authors)":
+            "the authors' evaluation scripts: (wins + ties) / all judgments, as they print it "
+            "(float(win+tied)/(win+lose+tied)); n_authors = n_paper",
+        "*_ties_half (n_ties_half)": "(wins + ties / 2) / n over the valid pairs (AlpacaEval's convention)",
+        "average": "each rate and advantage averaged over the objectives (the paper's Avg.)",
+        "ci95": ci + "; every rate, advantage and length-controlled rate has one",
+        "lc_win_rate_*": "length-controlled, AlpacaEval's length_controlled_v1 GLM per side against the golden "
+                         "answer: P(preferred) = sigmoid(theta_0 + theta_1 * tanh(delta / sd(delta))), delta = "
+                         "response minus golden length in characters, outcome 1 / 0.5 (tie) / 0, L1 penalty with "
+                         "C chosen by 5-fold grouped cross-validation on the log loss; sigmoid(theta_0); fitted on "
+                         "the same valid pairs as the valid-only rates and refitted on every bootstrap resample",
         "copy_rate": "share of rows whose correction equals the draft after whitespace normalisation",
         "head_to_head": "the correction judged against its own draft; loses_to_draft_rate = losses / valid",
         "position_consistency": "--swap: share of comparisons whose two orders gave the same verdict",
-        "length_unit": "words (whitespace-separated)",
+        "length_unit": "characters in the length-controlled fit; words in the correction-behaviour figures",
     }
 
 
-def _dry_run(out: Path, names, context, jp: JudgePrompt, max_tokens: int, comparisons: int) -> dict:
+def _dry_run(out: Path, names, context, jp: JudgePrompt, max_tokens: int, comparisons: int,
+             settings: dict | None = None) -> dict:
     """Count the calls a run would make (first asks not in the cache) and estimate the tokens."""
     per = {}
     path = out / JUDGMENTS_FILE
     for name in names:
-        cache = _ReadOnlyCache(path, name, jp.system)
+        cache = _ReadOnlyCache(path, name, jp.system, settings)
         todo = [p for p in context if cache.get(p, 0) is None]
         chars = sum(len(p) + len(jp.system or "") for p in todo)
         per[name] = {"calls": len(todo), "cached": len(context) - len(todo),
@@ -464,8 +505,9 @@ def _dry_run(out: Path, names, context, jp: JudgePrompt, max_tokens: int, compar
 class _ReadOnlyCache(JudgmentCache):
     """The cache's keys and answers without opening the file for writing (dry runs write nothing)."""
 
-    def __init__(self, path, judge, system=None):
+    def __init__(self, path, judge, system=None, settings=None):
         self.path, self.judge, self.system = Path(path), judge, system
+        self.settings = settings_key(settings)
         self._answers = {}
         if self.path.exists():
             import json

@@ -29,6 +29,19 @@ from ..io import dumps
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2  # the first ask and one retry when the reply does not parse
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_MAX_TOKENS = 32
+
+
+def settings_key(settings: dict | None) -> dict | None:
+    """The sampling settings that enter the cache key: None for the defaults (older caches)."""
+    if not settings:
+        return None
+    t = float(settings.get("temperature", DEFAULT_TEMPERATURE))
+    m = int(settings.get("max_tokens", DEFAULT_MAX_TOKENS))
+    if t == DEFAULT_TEMPERATURE and m == DEFAULT_MAX_TOKENS:
+        return None
+    return {"temperature": t, "max_tokens": m}
 
 
 @dataclass
@@ -70,10 +83,12 @@ class JudgmentCache:
     the same with ``"error"`` instead of ``"reply"`` for a failed call (not reused).
     """
 
-    def __init__(self, path: str | Path, judge: str, system: str | None = None):
-        # the system message is part of the key (the IMHI judge has one); without one the key
-        # is the same as before system messages existed, so older caches stay valid
+    def __init__(self, path: str | Path, judge: str, system: str | None = None, settings: dict | None = None):
+        # the system message is part of the key (the IMHI judge has one), and so are sampling
+        # settings other than the defaults (temperature 0, 32 tokens); without either the key is
+        # the same as before they existed, so older caches stay valid
         self.path, self.judge, self.system = Path(path), judge, system
+        self.settings = settings_key(settings)
         self._answers: dict[str, dict] = {}
         self._lock = threading.Lock()
         if self.path.exists():
@@ -96,6 +111,8 @@ class JudgmentCache:
 
     def key(self, prompt: str, attempt: int) -> str:
         parts = [self.judge, attempt, prompt] + ([self.system] if self.system else [])
+        if self.settings:
+            parts.append(self.settings)
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, prompt: str, attempt: int) -> dict | None:
@@ -121,7 +138,8 @@ class JudgmentCache:
 
 @dataclass
 class Judge:
-    """A ChatBackend used as a judge: temperature 0, short replies, one parser.
+    """A ChatBackend used as a judge: ``temperature`` (default 0), replies of at most
+    ``max_tokens`` (default 32), one parser.
 
     API judges are called from ``concurrency`` threads (the official clients are thread-safe and
     the work is waiting on the network); a local model gets real batches instead.
@@ -130,11 +148,12 @@ class Judge:
     backend: object
     cache: JudgmentCache
     parse: Callable[[str], int | float | None]
-    max_tokens: int = 32
+    max_tokens: int = DEFAULT_MAX_TOKENS
     concurrency: int = 8
     progress: bool = False
     system: str | None = None
     max_calls: int | None = None    # stop cleanly after this many calls (None: no limit)
+    temperature: float = DEFAULT_TEMPERATURE
     usage: Usage = field(default_factory=Usage)
     stopped: bool = False           # the call budget ran out before every prompt was answered
 
@@ -203,7 +222,7 @@ class Judge:
     def _ask_threads(self, missing, attempt, context, failed, bar) -> None:
         def call(prompt):
             start = time.perf_counter()
-            completion = self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=0.0,
+            completion = self.backend.complete(prompt, max_tokens=self.max_tokens, temperature=self.temperature,
                                                system=self.system)
             return completion, time.perf_counter() - start
 
@@ -230,7 +249,7 @@ class Judge:
             chunk = missing[i:i + size]
             start = time.perf_counter()
             try:
-                completions = self.backend.complete_batch(chunk, max_tokens=self.max_tokens, temperature=0.0,
+                completions = self.backend.complete_batch(chunk, max_tokens=self.max_tokens, temperature=self.temperature,
                                                           system=self.system, batch_size=size)
             except Exception as e:  # noqa: BLE001
                 for prompt in chunk:

@@ -11,16 +11,21 @@ outcome for the response is:
 - ``invalid`` — the reply was not 1, 2 or 0 (after one retry),
 - ``failed``  — the judge could not be reached (after the client's retries).
 
-Two win-rate definitions are reported side by side:
+Four win-rate definitions are reported side by side, each over its own denominator:
 
 - *valid-only* (``win_rate_original``, ``win_rate_aligned``, ``advantage``, ``n``):
-  ``wins / n`` where ``n`` counts the rows whose draft *and* aligned judgments are both valid,
-  so the two rates are over the same rows and the advantage compares like with like. Invalid
-  and failed judgments are counted, never turned into a win, loss or tie.
-- *paper* (``win_rate_original_paper``, ``win_rate_aligned_paper``, ``advantage_paper``,
-  ``n_paper``): Algorithm 2 divides the wins by all judgments (``len(W)``), so an invalid
-  reply counts as a non-win. ``n_paper`` counts the rows where neither side's call *failed*
-  (a failed call is no judgment at all and is retried by the next run).
+  ``wins / n`` where ``n`` counts the rows whose draft *and* correction judgments are both
+  valid, so the two rates are over the same rows and the advantage compares like with like.
+  Invalid and failed judgments are counted, never turned into a win, loss or tie.
+- *paper* (``..._paper``, ``n_paper``): Algorithm 2 divides the wins by all judgments
+  (``len(W)``), so an invalid reply counts as a non-win. ``n_paper`` counts the rows where
+  neither side's call *failed* (a failed call is no judgment at all and is retried by the next
+  run).
+- *authors* (``..._authors``, ``n_authors`` = ``n_paper``): the authors' evaluation scripts
+  (``HH-RLHF_GPT4_score.py``, ``UltraFeedback_GPT4_score.py``, ``IMHI_GPT4_score.py``) print
+  ``(win + tied) / (win + lose + tied)`` over every judgment: ties count as wins.
+- *ties half* (``..._ties_half``, ``n_ties_half`` = ``n``): ``(wins + ties / 2) / n`` over the
+  valid pairs, the convention of AlpacaEval and of the length-controlled rate.
 """
 from __future__ import annotations
 
@@ -157,6 +162,10 @@ def win_rates(original: list[str], aligned: list[str]) -> dict:
     judged = [(o, a) for o, a in zip(original, aligned) if FAILED not in (o, a)]
     n_paper = len(judged)
     po, pa = _rate(sum(o == WIN for o, _ in judged), n_paper), _rate(sum(a == WIN for _, a in judged), n_paper)
+    ao = _rate(sum(o in (WIN, TIE) for o, _ in judged), n_paper)
+    aa = _rate(sum(a in (WIN, TIE) for _, a in judged), n_paper)
+    ho = _rate(kept_o.wins + kept_o.ties / 2, n)
+    ha = _rate(kept_a.wins + kept_a.ties / 2, n)
     return {
         "win_rate_original": wr_o,
         "win_rate_aligned": wr_a,
@@ -166,6 +175,14 @@ def win_rates(original: list[str], aligned: list[str]) -> dict:
         "win_rate_aligned_paper": pa,
         "advantage_paper": None if n_paper == 0 else pa - po,
         "n_paper": n_paper,
+        "win_rate_original_authors": ao,
+        "win_rate_aligned_authors": aa,
+        "advantage_authors": None if n_paper == 0 else aa - ao,
+        "n_authors": n_paper,
+        "win_rate_original_ties_half": ho,
+        "win_rate_aligned_ties_half": ha,
+        "advantage_ties_half": None if n == 0 else ha - ho,
+        "n_ties_half": n,
         "rows": len(original),
         "original": {"wins": kept_o.wins, "ties": kept_o.ties, "losses": kept_o.losses,
                      "invalid": all_o.invalid, "failed": all_o.failed},

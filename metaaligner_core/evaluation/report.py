@@ -93,10 +93,19 @@ def markdown(report: dict) -> str:
              f"{report['rows']} rows of `{report['input']}`{swap}. Judge prompt: {report['prompt']}. "
              f"Objective wording: {_wording(report)}.\n"]
     by_judge = report.get("by_judge") or {report["judge"]: {"correctors": {"aligned": report["objectives"]}}}
+    settings = report.get("judge_settings")
+    if settings:
+        parts.append(f"Judge settings: temperature {settings['temperature']}, at most {settings['max_tokens']} "
+                     f"tokens a reply. ")
+    if report.get("bootstrap"):
+        parts.append(f"Intervals: {report['bootstrap']['resamples']} bootstrap resamples of the queries "
+                     f"(seed {report['bootstrap']['seed']}), one joint resampling for every objective.\n")
     for judge, data in by_judge.items():
         for corrector, blocks in data["correctors"].items():
+            average = (data.get("average") or {}).get(corrector)
             parts.append(f"\n## {corrector} — judge `{judge}`\n")
-            parts.append(_pairwise_md(blocks, corrector) if report["mode"] == "pairwise" else _score_md(blocks))
+            parts.append(_pairwise_md(blocks, corrector, average) if report["mode"] == "pairwise"
+                         else _score_md(blocks, average))
     if report.get("flags"):
         parts.append("\n## Flags\n\n" + "".join(f"- {f}\n" for f in report["flags"]))
     if report.get("correction"):
@@ -145,47 +154,58 @@ def _wording(report: dict) -> str:
     return "UltraFeedback first (no template given or inferred)"
 
 
-def _pairwise_md(blocks: dict, corrector: str = "aligned") -> str:
+_DEFINITION_ROWS = (
+    ("", "valid-only: wins / valid pairs", "n"),
+    ("_paper", "paper, Algorithm 2: wins / all judgments", "n_paper"),
+    ("_authors", "authors' scripts: (wins + ties) / all judgments", "n_authors"),
+    ("_ties_half", "ties half: (wins + ties/2) / valid pairs", "n_ties_half"),
+)
+
+
+def _pairwise_md(blocks: dict, corrector: str = "aligned", average: dict | None = None) -> str:
     vals = list(blocks.values())
-    names = [v["name"] for v in vals]
-    parts = ["\nWin rate against the golden answer (ties are not wins); advantage = aligned − original. "
-             "Valid-only rates over n rows with the 95 % bootstrap interval in brackets; the paper's rates "
-             "(Algorithm 2: all judgments in the denominator, invalid replies as non-wins) over n_paper.\n\n"]
-    rows = [
-        ["Original win rate", *(_pct(v["win_rate_original"]) + _ci(v.get("ci95", {}).get("win_rate_original"))
-                                for v in vals)],
-        ["Aligned win rate", *(_pct(v["win_rate_aligned"]) + _ci(v.get("ci95", {}).get("win_rate_aligned"))
-                               for v in vals)],
-        ["**Advantage**", *(f"**{_pct(v['advantage'], sign=True)}**" + _ci(v.get("ci95", {}).get("advantage"))
-                            for v in vals)],
-        ["n", *(str(v["n"]) for v in vals)],
-    ]
-    if "win_rate_original_paper" in vals[0]:
+    cols = vals + ([average] if average and len(vals) > 1 else [])
+    names = [v["name"] for v in cols]
+    parts = ["\nWin rate against the golden answer under each definition; advantage = aligned − original; "
+             "95 % bootstrap interval in brackets. The average column is the mean over the objectives "
+             "(the paper's Avg.).\n\n"]
+    rows = []
+    for suffix, label, n_key in _DEFINITION_ROWS:
+        if f"win_rate_original{suffix}" not in vals[0]:
+            continue
+        rows.append([f"*{label}*", *("" for _ in cols)])
         rows += [
-            ["Original win rate (paper)", *(_pct(v["win_rate_original_paper"]) for v in vals)],
-            ["Aligned win rate (paper)", *(_pct(v["win_rate_aligned_paper"]) for v in vals)],
-            ["Advantage (paper)", *(_pct(v["advantage_paper"], sign=True) for v in vals)],
-            ["n_paper", *(str(v["n_paper"]) for v in vals)],
+            ["Original", *(_pct(v[f"win_rate_original{suffix}"]) + _ci(v["ci95"].get(f"win_rate_original{suffix}"))
+                           for v in cols)],
+            ["Aligned", *(_pct(v[f"win_rate_aligned{suffix}"]) + _ci(v["ci95"].get(f"win_rate_aligned{suffix}"))
+                          for v in cols)],
+            ["**Advantage**", *(f"**{_pct(v[f'advantage{suffix}'], sign=True)}**"
+                                + _ci(v["ci95"].get(f"advantage{suffix}")) for v in cols)],
+            [n_key, *(str(v[n_key]) if n_key in v else "" for v in cols)],
         ]
     if "lc_win_rate_original" in vals[0]:
         rows += [
-            ["Original win rate (length-controlled)", *(_pct(v["lc_win_rate_original"]) for v in vals)],
-            ["Aligned win rate (length-controlled)", *(_pct(v["lc_win_rate_aligned"]) for v in vals)],
-            ["Advantage (length-controlled)", *(_pct(v["lc_advantage"], sign=True)
-                                                + (" ⚠" if v.get("lc_disagrees") else "") for v in vals)],
+            ["*length-controlled (AlpacaEval length_controlled_v1)*", *("" for _ in cols)],
+            ["Original", *(_pct(v["lc_win_rate_original"]) + _ci(v["ci95"].get("lc_win_rate_original"))
+                           for v in cols)],
+            ["Aligned", *(_pct(v["lc_win_rate_aligned"]) + _ci(v["ci95"].get("lc_win_rate_aligned")) for v in cols)],
+            ["Advantage", *(_pct(v["lc_advantage"], sign=True) + _ci(v["ci95"].get("lc_advantage"))
+                            + (" ⚠" if v.get("lc_disagrees") else "") for v in cols)],
         ]
     if any("position_consistency" in v for v in vals):
-        rows.append(["Position consistency", *(_pct(v.get("position_consistency")) for v in vals)])
+        rows.append(["Position consistency", *(_pct(v.get("position_consistency")) for v in cols)])
     if any("head_to_head" in v for v in vals):
         rows.append(["Head to head vs draft: W / T / L",
                      *(f"{v['head_to_head']['wins']} / {v['head_to_head']['ties']} / {v['head_to_head']['losses']}"
-                       for v in vals)])
+                       if "head_to_head" in v else "" for v in cols)])
         rows.append(["Loses to its own draft", *(_pct(v["loses_to_draft_rate"])
-                                                 + _ci(v["head_to_head"]["ci95"]["loss_rate"]) for v in vals)])
+                                                 + _ci(v["head_to_head"]["ci95"]["loss_rate"])
+                                                 if "head_to_head" in v else "" for v in cols)])
     if "copy_rate" in vals[0]:
-        rows.append(["Copy rate", *(_pct(v["copy_rate"]) for v in vals)])
+        rows.append(["Copy rate", *(_pct(v["copy_rate"]) if "copy_rate" in v else "" for v in cols)])
     parts.append(_table(["", *names], rows))
-    parts.append("\nOutcomes (wins / ties / losses over n; invalid and failed over all rows)\n\n")
+    names = [v["name"] for v in vals]
+    parts.append("\nOutcomes (wins / ties / losses over the valid pairs; invalid and failed over all rows)\n\n")
     rows = []
     for side, label in (("original", "original"), ("aligned", corrector)):
         rows.append([f"{label}: W / T / L", *(f"{v[side]['wins']} / {v[side]['ties']} / {v[side]['losses']}"
@@ -196,11 +216,17 @@ def _pairwise_md(blocks: dict, corrector: str = "aligned") -> str:
     return "".join(parts)
 
 
-def _score_md(blocks: dict) -> str:
+def _score_md(blocks: dict, average: dict | None = None) -> str:
     vals = list(blocks.values())
     names = [v["name"] for v in vals]
     ci = lambda v, k: _ci((v.get("ci95") or {}).get(k), pct=False)  # noqa: E731
-    return ("\nScores 0–10 per response; advantage = mean aligned − mean original (95 % bootstrap interval).\n\n"
+    avg = ""
+    if average and len(vals) > 1:
+        avg = (f"\nAverage over the objectives: original {_num(average['mean_original'])}"
+               f"{ci(average, 'mean_original')}, aligned {_num(average['mean_aligned'])}"
+               f"{ci(average, 'mean_aligned')}, advantage {_num(average['advantage'], True)}"
+               f"{ci(average, 'advantage')}.\n")
+    return avg + ("\nScores 0–10 per response; advantage = mean aligned − mean original (95 % bootstrap interval).\n\n"
             + _table(["", *names], [
                 ["Original mean", *(_num(v["mean_original"]) + ci(v, "mean_original") for v in vals)],
                 ["Aligned mean", *(_num(v["mean_aligned"]) + ci(v, "mean_aligned") for v in vals)],
@@ -257,10 +283,10 @@ def compare(dirs, out: str | Path | None = None) -> str:
                     else:
                         rows.append([d, judge, corrector, _pct(b["win_rate_original"]), _pct(b["win_rate_aligned"]),
                                      _pct(b["advantage"], True) + _ci((b.get("ci95") or {}).get("advantage")),
-                                     _pct(b.get("advantage_paper"), True), _pct(b.get("lc_advantage"), True),
-                                     str(b["n"])])
+                                     _pct(b.get("advantage_paper"), True), _pct(b.get("advantage_authors"), True),
+                                     _pct(b.get("lc_advantage"), True), str(b["n"])])
         parts.append(_table(["run", "judge", "corrector", "original", "aligned", "advantage [95% CI]",
-                             "advantage (paper)", "advantage (LC)", "n"], rows))
+                             "advantage (paper)", "advantage (authors)", "advantage (LC)", "n"], rows))
     text = "".join(parts)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -38,25 +38,73 @@ def _sign(x: float | None) -> int | None:
     return 0 if abs(x) < 1e-9 else (1 if x > 0 else -1)
 
 
+# The win-rate definitions (metrics.win_rates): key suffix -> (numerator, denominator) per row
+# from the two outcomes of a pair; "" is valid-only.
+DEFINITIONS = ("", "_paper", "_authors", "_ties_half")
+
+
+def _indicators(o: str, a: str, suffix: str) -> tuple[float, float, float]:
+    """(original's numerator, correction's numerator, denominator) of one row under a definition."""
+    valid = float(o in VALID and a in VALID)
+    judged = float(FAILED not in (o, a))
+    if suffix == "":
+        return valid * (o == WIN), valid * (a == WIN), valid
+    if suffix == "_paper":
+        return judged * (o == WIN), judged * (a == WIN), judged
+    if suffix == "_authors":
+        return judged * (o in (WIN, TIE)), judged * (a in (WIN, TIE)), judged
+    half = {WIN: 1.0, TIE: 0.5}
+    return valid * half.get(o, 0.0), valid * half.get(a, 0.0), valid
+
+
+_PREFERENCE = {WIN: 1.0, TIE: 0.5, LOSS: 0.0}  # the length-controlled fit's target (AlpacaEval's)
+
+
+class _Columns:
+    """Ratio statistics to bootstrap jointly: named (numerator, denominator) columns over rows."""
+
+    def __init__(self, n: int):
+        self.n, self.num, self.den, self.index = n, [], [], {}
+
+    def add(self, name, num, den) -> None:
+        self.index[name] = len(self.num)
+        self.num.append(np.asarray(num, dtype=float))
+        self.den.append(np.asarray(den, dtype=float))
+
+    def matrices(self):
+        if not self.num:
+            return np.zeros((self.n, 0)), np.zeros((self.n, 0))
+        return np.stack(self.num, axis=1), np.stack(self.den, axis=1)
+
+
 def summarise(rows, objectives, correctors, plan, verdicts, mode: str, swap: bool, head_to_head: bool,
               n_resamples: int, seed: int, behaviour: dict | None = None) -> dict:
-    """One judge's figures: ``{"correctors": {name: {objective key: block}}, "position_consistency",
-    "length_control", "failures", "invalid", "scores", "outcomes"}``. ``behaviour`` is
-    :func:`metrics.correction_behaviour` per corrector (computed here when not given)."""
+    """One judge's figures: ``{"correctors": {name: {objective key: block}}, "average": {name: block},
+    "position_consistency", "length_control", "failures", "invalid", "scores", "outcomes"}``.
+
+    Every interval comes from one paired resampling of the queries shared by all objectives,
+    correctors and definitions (:func:`stats.joint_bootstrap`), so the average over objectives
+    has an interval too. ``behaviour`` is :func:`metrics.correction_behaviour` per corrector
+    (computed here when not given)."""
     n = len(rows)
     sides = ["original", *[c.name for c in correctors]]
     side_id = {"original": "original", **{c.name: c.side for c in correctors}}
     texts = {"original": [r["draft"] for _, r in rows],
              **{c.name: [r["responses"][c.name] for _, r in rows] for c in correctors}}
-    golden_words = [metrics.words(r["golden"]) for _, r in rows]
+    golden_chars = [len(r["golden"]) for _, r in rows]
     if behaviour is None:
         behaviour = {c.name: metrics.correction_behaviour(texts["original"], texts[c.name], []) for c in correctors}
 
-    out = {"correctors": {c.name: {} for c in correctors}, "position_consistency": {}, "length_control": {},
-           "failures": [], "invalid": 0, "scores": {}, "outcomes": {}}
+    out = {"correctors": {c.name: {} for c in correctors}, "average": {}, "position_consistency": {},
+           "length_control": {c.name: {} for c in correctors}, "failures": [], "invalid": 0, "scores": {},
+           "outcomes": {}}
+    cols = _Columns(n)
+    lc_problems: list[tuple[tuple, stats.LCProblem]] = []
+    results = {}
     for obj in objectives:
         k = obj.key
         res = {s: [_outcome(verdicts, plan[("golden", i, k, s)], mode) for i in range(n)] for s in sides}
+        results[k] = res
         h2h = ({c.name: [_outcome(verdicts, plan[("draft", i, k, c.name)], mode) for i in range(n)]
                 for c in correctors} if head_to_head else {})
         for kind, table in (("golden", res), ("draft", h2h)):
@@ -75,8 +123,11 @@ def summarise(rows, objectives, correctors, plan, verdicts, mode: str, swap: boo
             out["scores"][k] = {s: [x for x in res[s] if _is_score(x)] for s in sides}
             out["outcomes"].update({(k, s): [x if _is_score(x) else None for x in res[s]] for s in sides})
             for c in correctors:
-                out["correctors"][c.name][k] = _score_block(obj, res["original"], res[c.name], behaviour[c.name],
-                                                            n_resamples, seed)
+                ok = [float(_is_score(o) and _is_score(a)) for o, a in zip(res["original"], res[c.name])]
+                for side, col in (("original", res["original"]), ("aligned", res[c.name])):
+                    cols.add((c.name, k, f"mean_{side}"), [v * (x if _is_score(x) else 0.0)
+                                                          for v, x in zip(ok, col)], ok)
+                out["correctors"][c.name][k] = _score_block(obj, res["original"], res[c.name], behaviour[c.name])
             continue
 
         out["outcomes"].update({(k, s): [_ORDINAL.get(x) for x in res[s]] for s in sides})
@@ -84,35 +135,100 @@ def summarise(rows, objectives, correctors, plan, verdicts, mode: str, swap: boo
             pairs = [tuple(_single(verdicts, p, g, mode) for p, g in plan[("golden", i, k, s)])
                      for s in sides for i in range(n)]
             out["position_consistency"][k] = metrics.position_consistency(pairs)
-        fit = stats.length_controlled_win_rates({
-            s: ([float(o == WIN) for o in res[s] if o in VALID],
-                [metrics.words(texts[s][i]) - golden_words[i] for i, o in enumerate(res[s]) if o in VALID])
-            for s in sides})
-        out["length_control"][k] = {"beta": fit["beta"], "sd_words": fit["sd"], "n": fit["n"],
-                                    "win_rates": fit["win_rates"]}
         for c in correctors:
-            block = _pairwise_block(obj, res["original"], res[c.name], fit, c.name, behaviour[c.name],
-                                    h2h.get(c.name), out["position_consistency"].get(k), n_resamples, seed)
-            out["correctors"][c.name][k] = block
+            o_col, a_col = res["original"], res[c.name]
+            for suffix in DEFINITIONS:
+                ind = [_indicators(o, a, suffix) for o, a in zip(o_col, a_col)]
+                cols.add((c.name, k, f"win_rate_original{suffix}"), [x[0] for x in ind], [x[2] for x in ind])
+                cols.add((c.name, k, f"win_rate_aligned{suffix}"), [x[1] for x in ind], [x[2] for x in ind])
+            paired = [i for i, (o, a) in enumerate(zip(o_col, a_col)) if o in VALID and a in VALID]
+            for side, col, name in (("original", o_col, "original"), ("aligned", a_col, c.name)):
+                problem = stats.LCProblem(paired, [_PREFERENCE[col[i]] for i in paired],
+                                          [len(texts[name][i]) - golden_chars[i] for i in paired])
+                lc_problems.append(((c.name, k, side), problem))
+            out["correctors"][c.name][k] = _pairwise_block(obj, o_col, a_col, behaviour[c.name], h2h.get(c.name),
+                                                            out["position_consistency"].get(k), n_resamples, seed)
+
+    num, den = cols.matrices()
+    ratios, lc = stats.joint_bootstrap(num, den, n_resamples, seed, [p for _, p in lc_problems])
+    draws = {name: ratios[:, j] for name, j in cols.index.items()}
+    draws.update({("lc",) + key: lc[:, j] for j, (key, _) in enumerate(lc_problems)})
+    fits = {key: p for key, p in lc_problems}
+    for c in correctors:
+        blocks = out["correctors"][c.name]
+        for k, block in blocks.items():
+            if mode == "score":
+                block["ci95"] = _intervals({"mean_original": draws[(c.name, k, "mean_original")],
+                                            "mean_aligned": draws[(c.name, k, "mean_aligned")]},
+                                           {"advantage": ("mean_aligned", "mean_original")})
+                continue
+            lo, la = fits[(c.name, k, "original")], fits[(c.name, k, "aligned")]
+            _add_lc(block, lo.rate, la.rate)
+            out["length_control"][c.name][k] = {"original": lo.as_dict(), "aligned": la.as_dict()}
+            series = {f"win_rate_{side}{suffix}": draws[(c.name, k, f"win_rate_{side}{suffix}")]
+                      for suffix in DEFINITIONS for side in ("original", "aligned")}
+            series["lc_win_rate_original"] = draws[("lc", c.name, k, "original")]
+            series["lc_win_rate_aligned"] = draws[("lc", c.name, k, "aligned")]
+            block["ci95"] = _intervals(series, _differences())
+        if blocks:
+            out["average"][c.name] = _average(blocks, draws, c.name, mode, n)
     return out
 
 
-def _pairwise_block(obj, original, aligned, fit, name, behaviour, h2h, consistency, n_resamples, seed) -> dict:
-    block = {"name": obj.name, "text": obj.text, **metrics.win_rates(original, aligned)}
-    paired = [(o, a) for o, a in zip(original, aligned) if o in VALID and a in VALID]
-    block["ci95"] = stats.paired_intervals([float(o == WIN) for o, _ in paired],
-                                           [float(a == WIN) for _, a in paired], n_resamples, seed)
-    lo, la = fit["win_rates"].get("original"), fit["win_rates"].get(name)
+def _differences() -> dict:
+    diffs = {f"advantage{suffix}": (f"win_rate_aligned{suffix}", f"win_rate_original{suffix}")
+             for suffix in DEFINITIONS}
+    diffs["lc_advantage"] = ("lc_win_rate_aligned", "lc_win_rate_original")
+    return diffs
+
+
+def _intervals(series: dict, differences: dict) -> dict:
+    ci = {name: stats.percentile_interval(x) for name, x in series.items()}
+    for name, (a, b) in differences.items():
+        ci[name] = stats.percentile_interval(series[a] - series[b])
+    return ci
+
+
+def _add_lc(block: dict, lo, la) -> None:
     block["lc_win_rate_original"], block["lc_win_rate_aligned"] = lo, la
     block["lc_advantage"] = None if lo is None or la is None else la - lo
-    block["copy_rate"] = behaviour["copy_rate"]
-    block["length_change_words"] = behaviour["length"]["mean_change"]
-    flags = []
     raw, lc = _sign(block["advantage"]), _sign(block["lc_advantage"])
     if raw is not None and lc is not None and raw != lc:
-        flags.append(f"raw and length-controlled results disagree: advantage {block['advantage']:+.3f} raw, "
-                     f"{block['lc_advantage']:+.3f} length-controlled")
-    block["lc_disagrees"] = bool(flags)
+        block["flags"].append(f"raw and length-controlled results disagree: advantage {block['advantage']:+.3f} "
+                              f"raw, {block['lc_advantage']:+.3f} length-controlled")
+    block["lc_disagrees"] = raw is not None and lc is not None and raw != lc
+
+
+def _average(blocks: dict, draws: dict, corrector: str, mode: str, n: int) -> dict:
+    """The paper's "Avg.": every rate averaged over the objectives; its interval from the same
+    joint resampling (the average of the objectives' rates in each resample)."""
+    keys = list(blocks)
+    if mode == "score":
+        rates = ["mean_original", "mean_aligned"]
+        diffs = {"advantage": ("mean_aligned", "mean_original")}
+        draw_key = lambda k, r: (corrector, k, r)  # noqa: E731
+    else:
+        rates = [f"win_rate_{side}{suffix}" for suffix in DEFINITIONS for side in ("original", "aligned")]
+        rates += ["lc_win_rate_original", "lc_win_rate_aligned"]
+        diffs = _differences()
+        draw_key = lambda k, r: (("lc", corrector, k, r[3:].replace("win_rate_", "")) if r.startswith("lc_")  # noqa: E731
+                                 else (corrector, k, r))
+    avg = {"name": "Average", "objectives": keys, "rows": n}
+    for r in rates:
+        vals = [blocks[k].get(r) for k in keys]
+        avg[r] = None if any(v is None for v in vals) else float(np.mean(vals))
+    for d, (a, b) in diffs.items():
+        avg[d] = None if avg[a] is None or avg[b] is None else avg[a] - avg[b]
+    series = {r: np.mean(np.stack([draws[draw_key(k, r)] for k in keys]), axis=0) for r in rates}
+    avg["ci95"] = _intervals(series, diffs)
+    return avg
+
+
+def _pairwise_block(obj, original, aligned, behaviour, h2h, consistency, n_resamples, seed) -> dict:
+    block = {"name": obj.name, "text": obj.text, **metrics.win_rates(original, aligned)}
+    block["copy_rate"] = behaviour["copy_rate"]
+    block["length_change_words"] = behaviour["length"]["mean_change"]
+    block["flags"] = []
     if consistency is not None:
         block["position_consistency"] = consistency["rate"]
     if h2h is not None:
@@ -125,21 +241,13 @@ def _pairwise_block(obj, original, aligned, fit, name, behaviour, h2h, consisten
                       {"win_rate": None, "loss_rate": None})
         block["head_to_head"] = hh
         block["loses_to_draft_rate"] = hh["loss_rate"]
-    block["flags"] = flags
     return block
 
 
-def _score_block(obj, original, aligned, behaviour, n_resamples, seed) -> dict:
+def _score_block(obj, original, aligned, behaviour) -> dict:
     summary = metrics.score_summary(original, aligned)
-    so, sa = summary.pop("scores_original"), summary.pop("scores_aligned")
+    summary.pop("scores_original"), summary.pop("scores_aligned")
     block = {"name": obj.name, "text": obj.text, **summary}
-    if so:
-        means = stats.bootstrap_means([so, sa], n_resamples, seed)
-        block["ci95"] = {"mean_original": stats.percentile_interval(means[:, 0]),
-                         "mean_aligned": stats.percentile_interval(means[:, 1]),
-                         "advantage": stats.percentile_interval(means[:, 1] - means[:, 0])}
-    else:
-        block["ci95"] = {"mean_original": None, "mean_aligned": None, "advantage": None}
     block["copy_rate"] = behaviour["copy_rate"]
     block["length_change_words"] = behaviour["length"]["mean_change"]
     block["flags"] = []
