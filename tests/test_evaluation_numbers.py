@@ -128,36 +128,53 @@ def test_the_four_definitions_and_their_average_from_a_hand_made_table(tmp_path)
     assert "50.00%" in md
 
 
-def test_the_average_interval_is_scipys_paired_percentile_bootstrap(tmp_path):
+def _per_row(definition: str):
+    """From TABLE, per objective: (draft numerator, correction numerator, denominator) per row."""
+    out = {}
+    for k, pairs in TABLE.items():
+        valid = np.array([float("I" not in t) for t in pairs])
+        judged = np.ones(len(pairs))  # no call failed in these runs
+        score = {"": {"W": 1.0}, "_paper": {"W": 1.0}, "_authors": {"W": 1.0, "T": 1.0},
+                 "_ties_half": {"W": 1.0, "T": 0.5}}[definition]
+        den = judged if definition in ("_paper", "_authors") else valid
+        # a verdict is counted only where it is part of the denominator
+        num = [np.array([score.get(t[j], 0.0) for t in pairs]) * den for j in (0, 1)]
+        out[k] = (num[0], num[1], den)
+    return out
+
+
+def test_every_interval_is_scipys_paired_percentile_bootstrap(tmp_path):
+    """Per objective and averaged over the objectives, for all four definitions: the report's
+    intervals equal ``scipy.stats.bootstrap(paired=True, method="percentile")`` on the same
+    queries with the same generator."""
     scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency (requirements-dev.txt)")
     report, _ = _evaluate(tmp_path, bootstrap=2000, bootstrap_seed=7)
 
-    # per row and objective, from the table: valid pair, draft win, correction win
-    valid = {k: np.array([float("I" not in t) for t in TABLE[k]]) for k in TABLE}
-    win_o = {k: np.array([float(t[0] == "W" and "I" not in t) for t in TABLE[k]]) for k in TABLE}
-    win_a = {k: np.array([float(t[1] == "W" and "I" not in t) for t in TABLE[k]]) for k in TABLE}
+    def interval(statistic):
+        res = scipy_stats.bootstrap((np.arange(8),), statistic, paired=True, vectorized=True, n_resamples=2000,
+                                    batch=stats.DEFAULT_CHUNK, method="percentile", rng=np.random.default_rng(7))
+        return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
-    def average_advantage(idx, axis=-1):
-        per_obj = [win_a[k][idx].sum(axis) / valid[k][idx].sum(axis) - win_o[k][idx].sum(axis)
-                   / valid[k][idx].sum(axis) for k in TABLE]
-        return np.mean(per_obj, axis=0)
+    for suffix in SUFFIXES:
+        rows = _per_row(suffix)
 
-    res = scipy_stats.bootstrap((np.arange(8),), average_advantage, paired=True, vectorized=True,
-                                n_resamples=2000, batch=stats.DEFAULT_CHUNK, method="percentile",
-                                rng=np.random.default_rng(7))
-    lo, hi = report["average"]["ci95"]["advantage"]
-    assert (lo, hi) == pytest.approx((res.confidence_interval.low, res.confidence_interval.high), abs=1e-12)
-    # and each objective's own interval comes from the same resamples
-    k = "honesty"
+        def rate(k, side, idx, axis=-1):
+            num_o, num_a, den = rows[k]
+            return (num_o if side == "original" else num_a)[idx].sum(axis) / den[idx].sum(axis)
 
-    def honesty_advantage(idx, axis=-1):
-        return (win_a[k][idx].sum(axis) - win_o[k][idx].sum(axis)) / valid[k][idx].sum(axis)
+        for k in TABLE:
+            ci = report["objectives"][k]["ci95"]
+            for side in ("original", "aligned"):
+                want = interval(lambda idx, axis=-1: rate(k, side, idx, axis))
+                assert ci[f"win_rate_{side}{suffix}"] == pytest.approx(want, abs=1e-12), (k, side, suffix)
+            want = interval(lambda idx, axis=-1: rate(k, "aligned", idx, axis) - rate(k, "original", idx, axis))
+            assert ci[f"advantage{suffix}"] == pytest.approx(want, abs=1e-12), (k, suffix)
 
-    res = scipy_stats.bootstrap((np.arange(8),), honesty_advantage, paired=True, vectorized=True,
-                                n_resamples=2000, batch=stats.DEFAULT_CHUNK, method="percentile",
-                                rng=np.random.default_rng(7))
-    assert report["objectives"][k]["ci95"]["advantage"] == pytest.approx(
-        [res.confidence_interval.low, res.confidence_interval.high], abs=1e-12)
+        def average_advantage(idx, axis=-1):
+            return np.mean([rate(k, "aligned", idx, axis) - rate(k, "original", idx, axis) for k in TABLE], axis=0)
+
+        assert report["average"]["ci95"][f"advantage{suffix}"] == pytest.approx(interval(average_advantage),
+                                                                                abs=1e-12), suffix
 
 
 def test_script_prompt_gives_the_same_table_and_sends_the_authors_string(tmp_path):
@@ -284,6 +301,34 @@ def test_length_control_matches_scikit_learns_liblinear_fit_the_way_alpacaeval_r
     for k, (_, test) in enumerate(folds):
         assert sorted(set(groups[test])) == sorted(np.flatnonzero(stats.lc_folds(r) == k))
     assert sk.__version__
+
+
+def test_each_resample_is_a_full_refit_of_the_resampled_rows():
+    """The interval's refits equal fitting each resampled data set from scratch (its own sd of the
+    length differences, the full sample's C) with scikit-learn's liblinear."""
+    pytest.importorskip("sklearn", reason="scikit-learn is a test dependency (requirements-dev.txt)")
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(8)
+    r = 120
+    y, delta = _simulate(rng, r, -0.2, 1.5, 150.0, sd=300.0)
+    fit = stats.LCProblem(np.arange(r), y, delta)
+    counts = next(stats.resample_counts(r, 5, seed=3, chunk=5))
+    refits = fit.refit(counts)
+    for b in range(5):
+        rows = np.repeat(np.arange(r), counts[b].astype(int))  # the resample, materialised
+        d, t = delta[rows], y[rows]
+        x = np.tanh(d / d.std(ddof=1))
+        X = np.stack([np.ones(len(rows)), x], axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = LogisticRegression(C=fit.C, penalty="l1", solver="liblinear", fit_intercept=False, tol=1e-10,
+                                       max_iter=100_000).fit(np.concatenate([X, X]),
+                                                             np.concatenate([np.ones(len(rows)), np.zeros(len(rows))]),
+                                                             sample_weight=np.concatenate([t, 1 - t]))
+        assert refits[b] == pytest.approx(1 / (1 + np.exp(-model.coef_[0, 0])), abs=1e-5), b
 
 
 def noisy_longer_wins(body) -> str:

@@ -95,6 +95,18 @@ def check_score_script(claim: str) -> None:
     assert SCORE_SCRIPT.replace("{response}", "{output}").replace("{aspect}", "{aspects}") == want
 
 
+def check_pairwise_script(claim: str) -> None:
+    from metaaligner_core.evaluation.prompts import PAIRWISE_SCRIPT
+
+    heading = "evaluation/HH-RLHF_GPT4_score.py and evaluation/UltraFeedback_GPT4_score.py"
+    if f"## {heading}" not in reference(PROMPTS):
+        pytest.skip(f"{PROMPTS} has no section on {heading}; claim not checked here")
+    want = script_string(heading)
+    ours = (PAIRWISE_SCRIPT.replace("{response_1}", "{output1}").replace("{response_2}", "{output2}")
+            .replace("{aspect}", "{aspects}"))
+    assert ours == want
+
+
 def check_imhi_judge(claim: str) -> None:
     from metaaligner_core.evaluation.prompts import IMHI_SYSTEM, PAIRWISE_IMHI
 
@@ -129,6 +141,7 @@ def check_imhi_protocol(claim: str) -> None:
 
 # A phrase in the claim's paragraph -> its check. The most specific phrases first.
 CHECKS = [
+    ("HH-RLHF_GPT4_score.py", check_pairwise_script),
     ("IMHI_GPT4_score.py", check_imhi_judge),
     ("UltraFeedback_GPT4_rate.py", check_score_script),
     ("Appendix E.1", check_score_paper),
