@@ -166,6 +166,7 @@ def joint_bootstrap(numerators, denominators, n_resamples: int = DEFAULT_RESAMPL
     if n == 0:
         return ratios, lc
     pos = 0
+    chunk = max(1, min(chunk, 4_000_000 // n))  # at most ~4 million drawn indices at a time, however many rows
     for counts in resample_counts(n, n_resamples, seed, chunk):
         b = counts.shape[0]
         top, bottom = counts @ num, counts @ den
