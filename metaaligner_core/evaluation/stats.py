@@ -13,7 +13,7 @@ denominator) of every resample is one matrix product (:func:`joint_bootstrap`).
 :func:`bootstrap_means_loop` is the plain Python loop over resamples (same draws, same result);
 ``bench/bench_bootstrap.py`` compares the two.
 
-Length control (:func:`lc_fit`, :func:`lc_bootstrap`): AlpacaEval 2's ``length_controlled_v1``
+Length control (:class:`LCProblem`, :func:`l1_logistic`): AlpacaEval 2's ``length_controlled_v1``
 GLM (Dubois et al. 2024, arXiv 2404.04475; ``alpaca_eval/metrics/glm_winrate.py``), fitted
 separately for each response side against the golden answer (as AlpacaEval fits each model
 against its baseline)::
@@ -176,12 +176,6 @@ def joint_bootstrap(numerators, denominators, n_resamples: int = DEFAULT_RESAMPL
             lc[pos:pos + b, j] = problem.refit(counts[:, problem.rows])
         pos += b
     return ratios, lc
-
-
-def ratio(num, den) -> float | None:
-    """``sum(num) / sum(den)``; None when the denominator is 0."""
-    d = float(np.sum(den))
-    return float(np.sum(num)) / d if d > 0 else None
 
 
 # --------------------------------------------------------------------------- length control
