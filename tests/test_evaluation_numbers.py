@@ -124,8 +124,15 @@ def test_the_four_definitions_and_their_average_from_a_hand_made_table(tmp_path)
     md = (tmp_path / "out" / "report.md").read_text()
     for label in ("valid-only", "paper, Algorithm 2", "authors' scripts", "ties half", "Average"):
         assert label in md
-    # the authors' definition counts the 4 ties of the draft-vs-golden table as wins: 4/8 on honesty
-    assert "50.00%" in md
+    # the authors' definition counts the draft's ties as wins: 4/8 on honesty
+    assert "| Original | 50.00% [" in md
+    # 6-7 valid pairs: the cross-validated penalty shrinks every length-controlled fit to 50 %,
+    # which is flagged as no information, not as a disagreement with the raw advantage
+    block = report["objectives"]["honesty"]
+    assert block["lc_win_rate_original"] == block["lc_win_rate_aligned"] == 0.5
+    assert block["lc_disagrees"] is False
+    assert [f for f in report["flags"] if "too little information" in f] and \
+        not [f for f in report["flags"] if "disagree" in f]
 
 
 def _per_row(definition: str):

@@ -164,6 +164,11 @@ def summarise(rows, objectives, correctors, plan, verdicts, mode: str, swap: boo
                 continue
             lo, la = fits[(c.name, k, "original")], fits[(c.name, k, "aligned")]
             _add_lc(block, lo.rate, la.rate)
+            for side, fit in (("original", lo), ("aligned", la)):
+                if fit.coef == [0.0, 0.0]:
+                    block["flags"].append(f"the length-controlled fit of the {side} side is 50 %: the cross-validated "
+                                          f"L1 penalty removed both coefficients ({fit.n} rows carry too little "
+                                          f"information)")
             out["length_control"][c.name][k] = {"original": lo.as_dict(), "aligned": la.as_dict()}
             series = {f"win_rate_{side}{suffix}": draws[(c.name, k, f"win_rate_{side}{suffix}")]
                       for suffix in DEFINITIONS for side in ("original", "aligned")}
@@ -193,10 +198,11 @@ def _add_lc(block: dict, lo, la) -> None:
     block["lc_win_rate_original"], block["lc_win_rate_aligned"] = lo, la
     block["lc_advantage"] = None if lo is None or la is None else la - lo
     raw, lc = _sign(block["advantage"]), _sign(block["lc_advantage"])
-    if raw is not None and lc is not None and raw != lc:
+    disagree = raw is not None and lc is not None and raw * lc < 0  # opposite signs
+    if disagree:
         block["flags"].append(f"raw and length-controlled results disagree: advantage {block['advantage']:+.3f} "
                               f"raw, {block['lc_advantage']:+.3f} length-controlled")
-    block["lc_disagrees"] = raw is not None and lc is not None and raw != lc
+    block["lc_disagrees"] = disagree
 
 
 def _average(blocks: dict, draws: dict, corrector: str, mode: str, n: int) -> dict:
