@@ -466,7 +466,7 @@ def create_first_admin(store: "Database", first_run: FirstRun, token: str, name:
 
 
 def client_of(request) -> str | None:
-    """The client address of a ``gr.Request`` (or None), for per-address throttling. Behind a
-    reverse proxy on the same machine, uvicorn already replaces it with X-Forwarded-For."""
+    """The client address of a ``gr.Request`` (or None), for per-address throttling: the TCP
+    peer's, or X-Forwarded-For's from a proxy listed with ``--forwarded-allow-ips``."""
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or None

@@ -45,7 +45,7 @@ class AdminService(Database):
                 .outerjoin(Response, Rating.response_id == Response.id)
                 .group_by(Annotator.id).order_by(Annotator.name)).all()
             return overall, [{"annotator": name, "admin": bool(adm), "items": items, "ratings": n, "drafts": d,
-                              "seconds_per_item": round(secs / items, 1) if secs and items else None}
+                              "seconds_per_item": secs / items if secs and items else None}
                              for name, adm, items, n, d, secs in rows]
 
     def _check_protocol(self, s: Session, protocol: str | None) -> None:

@@ -40,3 +40,31 @@ def test_agreement_json_is_krippendorff_to_1e9_and_unrounded(tmp_path):
     # the text output rounds for display
     text = run_cli("annotate", "agreement", "--db", db, "--bootstrap", "200").stdout
     assert f"{expected:.3f}" in text and repr(block["alpha"]) not in text
+
+
+def test_progress_json_seconds_per_item_is_unrounded(tmp_path, monkeypatch):
+    import sqlite3
+
+    from annotation import accounts
+    from annotation.store import Store, dispose_engine
+
+    monkeypatch.setattr(accounts, "SCRYPT_N", 2 ** 10)
+    db_path = tmp_path / "ann.db"
+    db = f"sqlite:///{db_path}"
+    store = Store(db)
+    store.import_items(write_jsonl(tmp_path / "items.jsonl", [
+        {"item_id": f"i{i}", "query": f"q{i}", "responses": [{"text": f"a{i}"}]} for i in range(3)]))
+    store.add_annotator("rita", "a long rater password")
+    token = store.sign_in("rita", "a long rater password")
+    for secs in (10.123456, 7.654321, 3.333333):
+        view = store.next_item(token)
+        scores = {(r.id, o.key): 1 for r in view.responses for o in view.protocol.objectives}
+        store.save(token, view.uid, scores, submit=True, seconds=secs)
+    dispose_engine(db)
+    res = run_cli("annotate", "progress", "--db", db, "--json")
+    assert res.returncode == 0, res.stderr
+    got = {p["annotator"]: p for p in json.loads(res.stdout)["annotators"]}["rita"]["seconds_per_item"]
+    con = sqlite3.connect(db_path)  # the stored seconds, summed here without the store
+    total = con.execute("SELECT SUM(seconds) FROM ratings").fetchone()[0]
+    con.close()
+    assert abs(got - total / 3) < 1e-9 and round(got, 1) != got

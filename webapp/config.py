@@ -21,6 +21,9 @@ class AppConfig:
     template: aligner prompt template, ``auto`` picks it from the aligner's name.
     db_url: SQLAlchemy URL of the annotation store.
     host / port / share / auth: where and how Gradio serves.
+    forwarded_allow_ips: proxies whose X-Forwarded-For is trusted as the client's address
+        (comma list of addresses or networks); empty: none, the TCP peer's address counts
+        (per-address sign-in throttling must not be fooled by a forged header).
     max_new_tokens: default generation length (UI slider start and API setting).
     concurrency: generations that may run at once (1 suits one CPU or GPU).
     max_models: loaded models kept per kind before the least recently used is dropped.
@@ -41,6 +44,7 @@ class AppConfig:
     port: int = 7860
     share: bool = False
     auth: tuple[str, str] | None = None
+    forwarded_allow_ips: str = ""
     max_new_tokens: int = 256
     concurrency: int = 1
     max_models: int = 2
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--auth", metavar="USER:PASS", help="require this login for the whole app (visible in `ps`: "
                    f"prefer --auth-file or ${sec.AUTH_ENV})")
     p.add_argument("--auth-file", metavar="FILE", help="read USER:PASS for the whole app from the first line of FILE")
+    p.add_argument("--forwarded-allow-ips", metavar="ADDRS", default="",
+                   help="comma list of reverse-proxy addresses (or networks) whose X-Forwarded-For is trusted as "
+                        "the client's address; default: none, the connecting peer's address counts")
     p.add_argument("--allow-models", metavar="MODEL,...", action="append", default=[],
                    help="further MODEL strings visitors may pick (comma-separated, repeatable); besides "
                         "--policy, --aligner and default, nothing else is accepted")
@@ -90,10 +97,17 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         log.warning("--auth USER:PASS is visible to every local user in the process list; "
                     "use --auth-file FILE or $%s instead", sec.AUTH_ENV)
     allow = [m.strip() for item in a.allow_models for m in item.split(",") if m.strip()]
+    from metaaligner_core.serve import forwarded_allow_ips
+
+    try:
+        forwarded = ",".join(forwarded_allow_ips(a.forwarded_allow_ips))
+    except MetaAlignerError as e:
+        p.error(str(e))
     if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1 or (a.threads is not None and a.threads < 1):
         p.error("--concurrency, --max-models, --max-new-tokens and --threads must be >= 1")
     return AppConfig(policy=a.policy, aligner=a.aligner, template=a.template, db_url=a.db_url, host=a.host,
-                     port=a.port, share=a.share, auth=auth, max_new_tokens=a.max_new_tokens,
+                     port=a.port, share=a.share, auth=auth, forwarded_allow_ips=forwarded,
+                     max_new_tokens=a.max_new_tokens,
                      concurrency=a.concurrency, max_models=a.max_models, preload=a.preload, threads=a.threads,
                      allow_models=allow, allow_any_model=a.allow_any_model)
 

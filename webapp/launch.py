@@ -55,6 +55,9 @@ def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
     # A bounded queue: requests beyond it are refused at once instead of piling up in memory.
     # Generation has its own limit (concurrency_id "generation"); other events are quick.
     demo.queue(max_size=config.limits.queue)
+    # Gradio's uvicorn reads the trusted proxies from the environment (its default trusts
+    # 127.0.0.1, so any local process could claim any address): none unless the operator lists them.
+    os.environ["FORWARDED_ALLOW_IPS"] = config.forwarded_allow_ips
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=config.auth,
                 prevent_thread_lock=True, quiet=quiet, show_error=False, max_file_size=config.limits.upload)
     if config.preload:

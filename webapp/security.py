@@ -203,8 +203,8 @@ class SessionSlots:
 
 
 def client_address(request) -> str | None:
-    """The client's address as the server saw it (uvicorn applies X-Forwarded-For only from
-    trusted proxies, by default 127.0.0.1, so a local TLS proxy passes the real address)."""
+    """The client's address as the server saw it: the TCP peer's, or X-Forwarded-For's when the
+    peer is a proxy the operator listed with ``--forwarded-allow-ips`` (default: none)."""
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or None
 

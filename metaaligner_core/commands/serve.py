@@ -1,7 +1,6 @@
 """``metaaligner serve``: an OpenAI-compatible chat-completions server that answers with corrections."""
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from ..errors import MetaAlignerError
@@ -69,7 +68,7 @@ def read_api_keys(path: str) -> list[str]:
 
 def check_args(args) -> list[str] | None:
     """Flag checks that need no model; returns the API keys (None when no file is given)."""
-    from ..serve import is_loopback
+    from ..serve import forwarded_allow_ips, is_loopback
     from ..templates import TEMPLATE_NAMES
 
     if not 0 < args.port < 65536:
@@ -83,13 +82,7 @@ def check_args(args) -> list[str] | None:
         raise MetaAlignerError(f"--threads: expected a positive number, got {args.threads}")
     if args.template not in ("auto", *TEMPLATE_NAMES):
         raise MetaAlignerError(f'--template "{args.template}": expected auto, {", ".join(TEMPLATE_NAMES)}')
-    for addr in (a.strip() for a in args.forwarded_allow_ips.split(",")):
-        try:
-            if addr:
-                ipaddress.ip_network(addr, strict=False)
-        except ValueError:
-            raise MetaAlignerError(f'--forwarded-allow-ips: "{addr}" is not an IP address or network '
-                                   "(e.g. 10.0.0.5,10.1.0.0/16)") from None
+    forwarded_allow_ips(args.forwarded_allow_ips)
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     if keys is None and not is_loopback(args.host):
         raise MetaAlignerError(f"--host {args.host}: without --api-keys the server only listens on loopback "
@@ -101,7 +94,9 @@ def forwarded_settings(allow: str) -> dict:
     """uvicorn's proxy settings for ``--forwarded-allow-ips``: forwarded headers are applied only
     from the listed peers; with none listed they are ignored (uvicorn's own default trusts
     127.0.0.1, so that any local process could claim any address)."""
-    ips = [a.strip() for a in (allow or "").split(",") if a.strip()]
+    from ..serve import forwarded_allow_ips
+
+    ips = forwarded_allow_ips(allow)
     return {"proxy_headers": bool(ips), "forwarded_allow_ips": ",".join(ips) if ips else None}
 
 

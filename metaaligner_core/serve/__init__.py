@@ -29,6 +29,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def forwarded_allow_ips(spec: str | None, flag: str = "--forwarded-allow-ips") -> list[str]:
+    """The proxies (addresses or CIDR networks) whose ``X-Forwarded-For`` is trusted, from a
+    comma list; empty: none (the TCP peer's address counts). One clear error for a bad item."""
+    from ..errors import MetaAlignerError
+
+    out = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise MetaAlignerError(f'{flag}: "{item}" is not an IP address or network (e.g. 10.0.0.5,10.1.0.0/16)') \
+                from None
+        out.append(item)
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
