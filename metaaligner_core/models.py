@@ -13,7 +13,10 @@ MODEL strings (:func:`parse_model`):
   operator names in ``METAALIGNER_COMPAT_API_KEY_ENV``; without one a placeholder is sent.
 
 Device, dtype and attention are chosen automatically: CUDA → MPS → CPU; bf16 on CUDA, fp32
-elsewhere; ``flash_attention_2`` when flash-attn is importable on CUDA, else PyTorch SDPA.
+elsewhere; models loaded for decoding (:func:`load_causal_lm`) use PyTorch SDPA everywhere —
+flash-attention-2 with padded decode rows makes the host wait for the device twice per layer per
+step — and training (:func:`auto_attention`) uses ``flash_attention_2`` when flash-attn is
+importable on CUDA, else SDPA.
 API models (``openai:``, ``anthropic:``, ``openai-compatible:``) are not handled here; see
 :mod:`metaaligner_core.backends`.
 """
@@ -177,9 +180,13 @@ def flash_attn_available() -> bool:
     return flash_attention_status().usable
 
 
-def auto_attention(device: str, attn: str | None = None) -> str:
+def auto_attention(device: str, attn: str | None = None, *, decoding: bool = False) -> str:
+    """``attn`` when given; else SDPA for decoding, and for training flash-attention-2 where it is
+    usable on CUDA (SDPA otherwise)."""
     if attn and attn != "auto":
         return attn
+    if decoding:
+        return "sdpa"
     return "flash_attention_2" if device.startswith("cuda") and flash_attn_available() else "sdpa"
 
 
@@ -206,7 +213,7 @@ def load_causal_lm(spec: str | None, device: str | None = None, dtype: str | Non
     name, extra = resolve_pretrained(spec)
     dev = auto_device(device)
     torch_dtype = auto_dtype(dev, dtype)
-    attn_impl = auto_attention(dev, attn)
+    attn_impl = auto_attention(dev, attn, decoding=True)
     tok = load_tokenizer(spec, padding_side=padding_side)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn_impl, **extra)

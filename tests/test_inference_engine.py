@@ -114,3 +114,23 @@ def test_a_stream_resumed_by_other_threads_gives_the_same_tokens(tiny, monkeypat
     import torch
 
     assert not torch.is_inference_mode_enabled()
+
+
+def test_decoding_loads_sdpa_even_where_flash_attention_is_usable(monkeypatch):
+    """flash-attention-2 is for training; decoding (padded rows) uses SDPA on every device."""
+    from metaaligner_core import models
+
+    monkeypatch.setattr(models, "flash_attn_available", lambda: True)
+    assert models.auto_attention("cuda") == "flash_attention_2"  # training keeps it
+    assert models.auto_attention("cuda", decoding=True) == "sdpa"
+    assert models.auto_attention("cuda", "flash_attention_2", decoding=True) == "flash_attention_2"  # asked for
+    seen = {}
+    real = models.auto_attention
+
+    def spy(device, attn=None, **kw):
+        seen.update(kw, device=device)
+        return real(device, attn, **kw)
+
+    monkeypatch.setattr(models, "auto_attention", spy)
+    model, _ = models.load_causal_lm("default", device="cpu")
+    assert seen == {"device": "cpu", "decoding": True} and model.config._attn_implementation == "sdpa"

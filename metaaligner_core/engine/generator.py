@@ -366,8 +366,10 @@ class LocalGenerator:
                 shift = T - plan_at
                 attention.PLAN.chunks = [(a, b, w + shift) for a, b, w in plan] if len(plan) > 1 else None
             try:
-                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                 use_cache=True, **self._cache_kw(cache))
+                # A 4-D boolean mask is used as given: transformers' own mask building would ask
+                # the device whether every row is unpadded (a second host wait per step).
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask.bool()[:, None, None, :],
+                                 position_ids=positions, use_cache=True, **self._cache_kw(cache))
             finally:
                 attention.PLAN.chunks = None
             logits = out.logits[:, -1, :]
