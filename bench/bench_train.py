@@ -17,18 +17,20 @@ sampler sorts mega-batches of up to 50 batches, so a set of a few batches would 
     .venv/bin/python bench/bench_train.py [--steps 4] [--batch-size 8] [--max-length 192]
 
 GPU (``--gpu``, needs CUDA): tokens/s, model FLOPs utilisation and peak memory for SmolLM2-135M
-and a randomly initialised 1.1B LLaMA-shaped model (TinyLlama dimensions; no weights needed),
-padded length-grouped batches vs padding-free batches (padding-free needs a working flash-attn).
-Right by construction: each mode runs the trainer's own ``train()`` for ``skip + steps`` optimizer
-steps, so bf16 autocast (accelerate wraps the model's forward), gradient checkpointing (on unless
-``--no-gradient-checkpointing``), the collator and the optimizer are exactly those of
-``metaaligner train``; a callback times the steps after ``skip`` (CUDA synchronised) and reads the
-tokens from the trainer's own count. FLOPs per token = 6·N(non-embedding) + 12·L·d_attn·T
-(``metaaligner_core.hardware.train_flops_per_token``, T = Σlen²/Σlen of the rows); the peak
-is looked up from the device name (``--peak-tflops`` overrides). Rows are random token ids,
-lengths uniform in [max_length/8, max_length].
+and a randomly initialised 1.1B LLaMA-shaped model (TinyLlama dimensions; no weights needed), in
+the modes of ``GPU_MODES``: SDPA and Flash-Attention 2 (when flash-attn is usable), gradient
+checkpointing on and off, padded length-grouped batches, and with Flash-Attention padding-free
+batches. Each mode runs the trainer's own ``train()`` for ``skip + steps`` optimizer steps, so
+bf16 autocast, checkpointing, the collator and the optimizer are those of ``metaaligner train``;
+a callback times the steps after ``skip`` (CUDA synchronised) and a wrapper around the trainer's
+``training_step`` records the batches of those steps. Model FLOPs (``mfu_flops``) =
+(6·N_body + 12·L·d_attn·T)·tokens + 6·N_head·labelled: the LM head only on the positions TRL's
+fused head projects (next-token label not -100), T = Σlen²/Σlen of the timed batches' rows. The
+peak is looked up from the device name (``--peak-tflops`` overrides). Rows are random token ids,
+lengths uniform in [max_length/8, max_length], 60% of each a masked prompt. ``--device cpu``
+runs this path on a tiny model on the CPU (a check that it works; figures meaningless).
 
-    python bench/bench_train.py --gpu [--max-length 2048] [--batch-size 8] [--steps 10]
+    python bench/bench_train.py --gpu [--max-length 2048] [--batch-size 8] [--steps 10] [--modes flash]
 """
 from __future__ import annotations
 
@@ -147,6 +149,7 @@ def cpu_bench(args) -> None:
 
     tok = load_tokenizer("default")
     rows, source = aligner_rows(args.seed)
+    rows = rows[:args.rows] if args.rows else rows
     full = [len(x["input_ids"]) for x in scaled_rows(tok, rows, args.full_length, args.full_length)]
     print(f"Rows: {len(rows)} from {source}. At max length {args.full_length} and batch {args.batch_size}, an "
           f"epoch's batches hold {padding_factor(full, args.batch_size, False):.2f}x the real tokens in random "
@@ -159,10 +162,10 @@ def cpu_bench(args) -> None:
     trainers = {}
     model = None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, grouped in (("naive (random order, padded)", False), ("length-grouped", True)):
+        for name, grouped, free in (("naive (random order, padded)", False, False), ("length-grouped", True, False)):
             cfg = TrainConfig(data=".", base="default", device="cpu", batch_size=args.batch_size,
-                              max_length=args.max_length, lr=1e-5, group_by_length=grouped, disable_tqdm=True,
-                              seed=args.seed)
+                              max_length=args.max_length, lr=1e-5, group_by_length=grouped, padding_free=free,
+                              disable_tqdm=True, seed=args.seed)
             rt = resolve_runtime(cfg)
             model = model or load_model("default", cfg, rt)
             trainers[name] = make_trainer(cfg, rt, model, tok, dataset, Path(tmp) / name)
@@ -174,92 +177,165 @@ def cpu_bench(args) -> None:
     print(f"  ratio length-grouped / naive: {grouped / naive:.2f}x")
 
 
+def batch_stats(batch) -> tuple[int, int, list[int]]:
+    """``(real tokens, labelled positions, row lengths)`` of one collated batch, padded or
+    padding-free. Labelled positions are those whose next-token label is not -100: the only ones
+    TRL's fused LM head projects."""
+    labels = batch["labels"]
+    labelled = int((labels[..., 1:] != -100).sum())
+    if "attention_mask" in batch:
+        lengths = [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
+    else:  # padding-free: one row, positions restart at 0 for each sequence
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+    return sum(lengths), labelled, lengths
+
+
 def _step_timer(skip: int, cuda: bool):
     import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time and input tokens of each optimizer step after the first ``skip``."""
+        """Wall time of each optimizer step after the first ``skip``, and the tokens, labelled
+        positions and Σ len² of the batches those steps trained on (recorded by :func:`watch`)."""
 
         def __init__(self):
-            self.seconds, self.tokens, self._t, self._tokens = 0.0, 0, None, 0
+            self.seconds, self.tokens, self.labelled, self.sq = 0.0, 0, 0, 0
+            self._t, self.on = None, False
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step >= skip:
+            self.on = state.global_step >= skip
+            if self.on:
                 if cuda:
                     torch.cuda.synchronize()
-                self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+                self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if self._t is not None:
                 if cuda:
                     torch.cuda.synchronize()
                 self.seconds += time.perf_counter() - self._t
-                self.tokens += state.num_input_tokens_seen - self._tokens
-                self._t = None
+                self._t, self.on = None, False
+
+        def watch(self, trainer):
+            """Record the statistics of every batch the trainer trains on while a step is timed."""
+            step = trainer.training_step
+
+            def training_step(model, inputs, *args, **kwargs):
+                if self.on:
+                    tokens, labelled, lengths = batch_stats(inputs)
+                    self.tokens += tokens
+                    self.labelled += labelled
+                    self.sq += sum(n * n for n in lengths)
+                return step(model, inputs, *args, **kwargs)
+
+            trainer.training_step = training_step
 
     return StepTimer()
 
 
+def mfu_flops(n_body: int, n_head: int, layers: int, d_attn: int, tokens: int, labelled: int, sq: int) -> float:
+    """Model FLOPs of the timed steps: ``(6·N_body + 12·L·d_attn·T)·tokens + 6·N_head·labelled``
+    with T = Σlen²/Σlen of the timed batches' rows. N_body: the non-embedding parameters without
+    the output head; the head (vocabulary × hidden) is charged only on the labelled positions,
+    the ones TRL's fused head projects."""
+    from metaaligner_core.hardware import train_flops_per_token
+
+    seq_len = sq / tokens
+    return train_flops_per_token(n_body, layers, d_attn, seq_len) * tokens + 6.0 * n_head * labelled
+
+
+GPU_MODES = {  # name: (attention, gradient checkpointing, padding-free)
+    "sdpa, checkpointing, padded": ("sdpa", True, False),
+    "sdpa, no checkpointing, padded": ("sdpa", False, False),
+    "flash, checkpointing, padded": ("flash_attention_2", True, False),
+    "flash, no checkpointing, padded": ("flash_attention_2", False, False),
+    "flash, checkpointing, padding-free": ("flash_attention_2", True, True),
+    "flash, no checkpointing, padding-free": ("flash_attention_2", False, True),
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
 def gpu_bench(args) -> None:
+    """Every mode of GPU_MODES (flash modes only when flash-attn is usable) for each model.
+
+    ``--device cpu`` runs the same code on the CPU in fp32 with a tiny random model, as a check
+    that the path works where no GPU is present (its figures mean nothing)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from metaaligner_core.embedded import embedded_model_dir
     from metaaligner_core.hardware import (attention_dims, bf16_peak_tflops, flash_attention_status,
-                                           non_embedding_params, train_flops_per_token)
+                                           non_embedding_params)
     from metaaligner_core.models import load_tokenizer
 
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs CUDA")
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or bf16_peak_tflops(name)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--gpu needs CUDA (or --device cpu for a check of the code path)")
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peak = args.peak_tflops or (bf16_peak_tflops(name) if cuda else None)
     if peak is None:
         sys.exit(f"no bf16 peak known for {name!r}: pass --peak-tflops")
     tok = load_tokenizer("default")
     rng = random.Random(args.seed)
     rows = []
-    for _ in range(max(512, 2 * args.batch_size * (args.steps + args.skip))):
+    for _ in range(max(64 if not cuda else 512, 2 * args.batch_size * (args.steps + args.skip))):
         n = rng.randint(args.max_length // 8, args.max_length)
         ids = [rng.randrange(100, 30000) for _ in range(n)]
         rows.append({"input_ids": ids, "labels": [-100] * int(n * 0.6) + ids[int(n * 0.6):]})
     dataset = datasets.Dataset.from_list(rows)
-    lengths = [len(r["input_ids"]) for r in rows]
-    seq_len = sum(x * x for x in lengths) / sum(lengths)  # attention span of the average token
-    flash = flash_attention_status()
-    print(f"GPU {name} (bf16 peak {peak:.0f} TFLOP/s), bf16 autocast, batch {args.batch_size}, lengths "
-          f"{args.max_length // 8}-{args.max_length}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps per mode after {args.skip}; "
-          f"flash-attn: {flash.reason}{'' if flash.usable else ' (SDPA; padding-free skipped)'}")
-    models = {"SmolLM2-135M": lambda cfg, rt: load_model(str(embedded_model_dir()), cfg, rt),
-              "1.1B LLaMA-shaped (random init)": lambda cfg, rt: AutoModelForCausalLM.from_config(
-                  LlamaConfig(**TINYLLAMA, use_cache=False), dtype=torch.float32, attn_implementation=rt.attn)}
-    modes = {"padded, length-grouped": False, **({"padding-free": True} if flash.usable else {})}
+    flash = flash_attention_status() if cuda else None
+    flash_ok = bool(flash and flash.usable)
+    modes = {k: v for k, v in GPU_MODES.items()
+             if (flash_ok or v[0] == "sdpa") and (not args.modes or any(m in k for m in args.modes))}
+    precision = "bf16" if cuda else "fp32"
+    print(f"{name} ({'bf16 peak' if cuda else 'peak given'} {peak:.0f} TFLOP/s), {precision}, batch {args.batch_size}, "
+          f"lengths {args.max_length // 8}-{args.max_length} (60% prompt, masked), {args.steps} timed steps per mode "
+          f"after {args.skip}; flash-attn: {flash.reason if flash else 'n/a on CPU'}"
+          f"{'' if flash_ok else ' (flash modes skipped)'}")
+    print("MFU = model FLOPs of the timed steps / time / peak: (6·N_body + 12·L·d_attn·T)·tokens + 6·N_head·labelled, "
+          "T = Σlen²/Σlen of the timed batches; recomputation not counted")
+    if cuda:
+        models = {"SmolLM2-135M": lambda rt: load_model(str(embedded_model_dir()), cfg_for(rt), rt),
+                  "1.1B LLaMA-shaped (random init)": lambda rt: AutoModelForCausalLM.from_config(
+                      LlamaConfig(**TINYLLAMA, use_cache=False), dtype=torch.float32, attn_implementation=rt.attn)}
+    else:
+        models = {"tiny random LLaMA (CPU check)": lambda rt: AutoModelForCausalLM.from_config(
+            LlamaConfig(**TINY, use_cache=False), dtype=torch.float32, attn_implementation=rt.attn)}
+
+    def cfg_for(rt):
+        return TrainConfig(data=".", base="default", device=args.device, precision=precision)
+
     for model_name, make in models.items():
-        for mode, free in modes.items():
+        for mode, (attn, ckpt, free) in modes.items():
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = TrainConfig(data=".", base="default", device="cuda", precision="bf16",
+                cfg = TrainConfig(data=".", base="default", device=args.device, precision=precision, attn=attn,
                                   batch_size=args.batch_size, max_length=args.max_length, padding_free=free,
-                                  group_by_length=not free, gradient_checkpointing=args.gradient_checkpointing,
+                                  group_by_length=not free, gradient_checkpointing=ckpt,
                                   max_steps=args.skip + args.steps, warmup_ratio=0.0, logging_steps=10 ** 6,
                                   save_steps=10 ** 6, disable_tqdm=True, seed=args.seed)
                 rt = resolve_runtime(cfg)
-                model = make(cfg, rt)
+                model = make(rt)
                 n_params = non_embedding_params(model)
+                n_head = model.get_output_embeddings().weight.numel()
                 layers, d_attn = attention_dims(model.config)
-                timer = _step_timer(args.skip, cuda=True)
+                timer = _step_timer(args.skip, cuda=cuda)
                 trainer = make_trainer(cfg, rt, model, tok, dataset, Path(tmp), [timer])
-                torch.cuda.reset_peak_memory_stats()
+                timer.watch(trainer)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 trainer.train()
-                mem = torch.cuda.max_memory_allocated() / 2 ** 30
+                mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
                 trainer.accelerator.free_memory()
                 del trainer, model
                 release_memory()
             tps = timer.tokens / timer.seconds
-            mfu = train_flops_per_token(n_params, layers, d_attn, seq_len) * tps / (peak * 1e12)
-            print(f"  {model_name:<32} {mode:<24} {tps:12,.0f} tokens/s  MFU {mfu:6.1%}  peak memory {mem:5.1f} GiB "
-                  f"(N non-embedding {n_params / 1e6:,.0f}M)")
+            flops = mfu_flops(n_params - n_head, n_head, layers, d_attn, timer.tokens, timer.labelled, timer.sq)
+            mfu = flops / timer.seconds / (peak * 1e12)
+            print(f"  {model_name:<32} {mode:<38} {tps:12,.0f} tokens/s  MFU {mfu:6.1%}  peak memory {mem:5.1f} GiB "
+                  f"(T {timer.sq / timer.tokens:,.0f}, labelled {timer.labelled / timer.tokens:.0%})")
 
 
 def main() -> None:
@@ -270,10 +346,14 @@ def main() -> None:
     ap.add_argument("--full-length", type=int, default=2048, help="CPU: the real setting's max length (default 2048)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 4 on CPU, 10 on GPU)")
     ap.add_argument("--skip", type=int, default=None, help="untimed warm-up steps per mode (default 1 on CPU, 3 on GPU)")
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="GPU: recompute activations, as training does on CUDA (default on; not counted in MFU)")
+    ap.add_argument("--modes", nargs="*", default=None,
+                    help="GPU: run only the modes whose name contains one of these words (e.g. flash padding-free); "
+                         "default all: sdpa/flash x checkpointing on/off x padded/padding-free")
+    ap.add_argument("--device", default="cuda", help="GPU mode's device; cpu runs its code path on a tiny model "
+                    "(a check that it works, figures meaningless; needs --peak-tflops)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="GPU bf16 dense peak (default: from the device name, metaaligner_core.hardware)")
+    ap.add_argument("--rows", type=int, default=None, help="CPU: use the first N (shuffled) rows only (default all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

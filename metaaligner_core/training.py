@@ -102,8 +102,10 @@ class TrainConfig:
         only when :func:`metaaligner_core.hardware.train_memory_estimate` without it (the model's
         size, ``batch_size`` full-length rows, the launch's sharding) exceeds the GPU's memory;
         off on CPU and MPS. ``true``/``false`` are obeyed.
-    padding_free (`bool` or `None`): flatten each batch into one unpadded sequence (needs
-        Flash-Attention 2, which keeps the sequences apart).
+    padding_free (`bool` or `None`): flatten each batch into one unpadded sequence with
+        ``position_ids`` restarting at each row (needs Flash-Attention 2, whose varlen kernels
+        attend within each sequence only; with SDPA transformers would keep the sequences apart
+        with a mask over the whole flattened row, not measured faster). ``None``: on with it.
     group_by_length (`bool` or `None`): batch rows of similar length together (less padding);
         on by default whenever batches are padded.
 
@@ -385,8 +387,14 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     attn = auto_attention(device, config.attn)
     flash = attn.startswith("flash_attention")
     if config.padding_free and not flash:
-        raise MetaAlignerError("padding_free needs attn=flash_attention_2 (pip install flash-attn): with "
-                               f"{attn}, sequences flattened into one batch row would attend to each other")
+        # Not for correctness: transformers 5.x keeps the flattened sequences apart with a
+        # block-diagonal causal mask built from the restarting position_ids (tests/test_training.py
+        # compares the losses). But that mask spans the whole flattened row, so attention costs
+        # (sum of lengths)^2, and padding-free was not measured faster than length-grouped batches
+        # with SDPA.
+        raise MetaAlignerError(f"padding_free needs attn=flash_attention_2 (pip install flash-attn): with {attn} "
+                               "the flattened sequences are kept apart by a mask over the whole flattened row "
+                               "(attention over all its tokens), not measured faster than length-grouped batches")
     padding_free = flash if config.padding_free is None else config.padding_free
     kind = launch_kind()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -559,8 +567,19 @@ def rank0_loads_for_all() -> bool:
     broadcasts them; FSDP1's ``sync_module_states`` does the same), so only rank 0 needs to read
     them. transformers 5.x does not skip the read on the other ranks by itself (only under
     DeepSpeed ZeRO-3), so :func:`load_model` builds them from the config on the meta device."""
-    return (launch_kind() == "fsdp" and _env_on("FSDP_CPU_RAM_EFFICIENT_LOADING")
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return (_env_on("FSDP_CPU_RAM_EFFICIENT_LOADING") and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and fsdp_in_effect())
+
+
+def fsdp_in_effect() -> bool:
+    """An FSDP launch that accelerate will run as FSDP: it does so only on an accelerator; on CPUs
+    the launch runs as MULTI_CPU (plain data parallel), where nothing would replace empty weights
+    or upcast bf16 ones to fp32 master weights."""
+    if launch_kind() != "fsdp":
+        return False
+    from accelerate import PartialState
+
+    return PartialState().distributed_type.value != "MULTI_CPU"
 
 
 def load_dtype(config: TrainConfig, rt: Runtime):
@@ -574,7 +593,7 @@ def load_dtype(config: TrainConfig, rt: Runtime):
     import torch
 
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision)
-    if low is not None and (config.lora or launch_kind() == "fsdp"):
+    if low is not None and (config.lora or fsdp_in_effect()):
         return low
     return torch.float32
 

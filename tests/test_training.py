@@ -131,7 +131,7 @@ def test_effective_batch_sets_grad_accum(monkeypatch):
     assert (rt.grad_accum, rt.world_size) == (16, 4)
     assert (rt.precision, rt.attn, rt.padding_free, rt.group_by_length, rt.gradient_checkpointing) == \
         ("fp32", "sdpa", False, True, False)
-    with pytest.raises(MetaAlignerError, match="padding_free needs"):
+    with pytest.raises(MetaAlignerError, match="padding_free needs attn=flash_attention_2.*kept apart by a mask"):
         resolve_runtime(TrainConfig(data="d", device="cpu", padding_free=True))
 
 
@@ -528,6 +528,9 @@ def test_fsdp_only_rank0_reads_the_weights_sharded_checkpoints_resume_and_the_re
     make_data_dir(tmp_path / "data", n=16)  # 16 rows / (2 per process × 2 processes) / 2 accumulated = 2 steps
     res, stopped = _fsdp_launch(tmp_path, "rank0", "full", "equal", 2)
     assert res.returncode == 0 and all(r.get("stopped") for r in stopped), res.stderr[-3000:]
+    out, ref = tmp_path / "rank0", tmp_path / "all"
+    weights = lambda d: str(d / "model.safetensors")  # noqa: E731
+    assert stopped[0]["opened"] == [weights(base), weights(out / "warmup")] and stopped[1]["opened"] == []
     ckpt = tmp_path / "rank0" / "equal" / "checkpoints" / "checkpoint-1"
     # SHARDED_STATE_DICT: each rank wrote its shard of the weights and of the optimizer state
     assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -538,11 +541,7 @@ def test_fsdp_only_rank0_reads_the_weights_sharded_checkpoints_resume_and_the_re
     res, everyone = _fsdp_launch(tmp_path, "all", "full", launch_args=["--fsdp_cpu_ram_efficient_loading", "false"])
     assert res.returncode == 0, res.stderr[-3000:]
 
-    out, ref = tmp_path / "rank0", tmp_path / "all"
-    weights = lambda d: str(d / "model.safetensors")  # noqa: E731
-    assert stopped[0]["opened"] == [weights(base), weights(out / "warmup")]
-    assert resumed[0]["opened"] == [weights(out / "warmup"), weights(out / "equal")]
-    assert stopped[1]["opened"] == [] and resumed[1]["opened"] == []
+    assert resumed[0]["opened"] == [weights(out / "warmup"), weights(out / "equal")] and resumed[1]["opened"] == []
     assert everyone[1]["opened"] == [weights(base), weights(ref / "warmup"), weights(ref / "equal")]  # the hook sees reads
     for rep in (*stopped, *resumed, *everyone):
         expected = "meta" if rep["rank"] == 1 and rep in (*stopped, *resumed) else "cpu"
@@ -803,3 +802,28 @@ def test_padding_free_batch_with_sdpa_has_the_padded_batch_loss(tmp_path):
     print(f"loss padded {loss_padded.item():.7f}, flattened {loss_flat.item():.7f}, one sequence {loss_mixed.item():.7f}")
     assert abs(loss_flat.item() - loss_padded.item()) < 1e-6
     assert abs(loss_mixed.item() - loss_padded.item()) > 1e-4  # one long sequence: the rows see each other
+
+
+def test_fsdp_gradients_are_reduced_in_fp32(monkeypatch):
+    """The FSDP plugin the trainer's accelerator holds gets bf16 compute and fp32 reduce-scatter
+    (accelerate's own default reduces in bf16); nothing changes without FSDP or mixed precision."""
+    import types
+
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from metaaligner_core.training import _fp32_gradient_reduction, resolve_runtime
+
+    for version in (2, 1):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+        plugin.set_mixed_precision("bf16")  # what accelerate does for a bf16 launch
+        assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
+        trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin)))
+        rt = resolve_runtime(TrainConfig(data="d", device="cpu", precision="bf16"))
+        _fp32_gradient_reduction(trainer, rt)
+        policy = plugin.mixed_precision_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32), version
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin)))
+    _fp32_gradient_reduction(trainer, resolve_runtime(TrainConfig(data="d", device="cpu")))  # fp32 training
+    assert plugin.mixed_precision_policy is None

@@ -115,23 +115,30 @@ def fsdp_on_cpu():
     """Let accelerate run FSDP on these CPU processes.
 
     Without a GPU accelerate makes a CPU launch MULTI_CPU and ignores the FSDP plugin
-    (``AcceleratorState`` turns only accelerator launches into FSDP). PyTorch's FSDP2 itself runs
+    (``AcceleratorState`` turns only accelerator launches into FSDP; ``load_model`` builds empty
+    models on ranks > 0 only when the state is not MULTI_CPU). PyTorch's FSDP2 itself runs
     on CPU over gloo, so this gives the state the FSDP type and plugin, as it would on GPUs; the
     rest (wrapping, rank-0 loading, mixed precision, sharded checkpoints) is accelerate's own code."""
     import accelerate.state as state
     from accelerate.utils import DistributedType
 
-    init = state.AcceleratorState.__init__
+    partial_init, init = state.PartialState.__init__, state.AcceleratorState.__init__
+
+    def partial_patched(self, *args, **kwargs):
+        partial_init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:  # as on GPUs: not MULTI_CPU
+            self.distributed_type = DistributedType.FSDP
 
     def patched(self, *args, fsdp_plugin=None, **kwargs):
         init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        if fsdp_plugin is not None and self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP):
             self.distributed_type = DistributedType.FSDP
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             state.PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does
 
+    state.PartialState.__init__ = partial_patched
     state.AcceleratorState.__init__ = patched
 
 
