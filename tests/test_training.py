@@ -512,6 +512,7 @@ def _fsdp_launch(tmp_path, name, *args, launch_args=()):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four two-process launches: ~2 minutes on a quiet machine, 20 at load 25
 def test_fsdp_only_rank0_reads_the_weights_sharded_checkpoints_resume_and_the_result_is_unchanged(tmp_path):
     """Two CPU processes under training/accelerate/fsdp_full_shard.yaml, FSDP2 over gloo, bf16.
 
@@ -562,7 +563,19 @@ def test_fsdp_only_rank0_reads_the_weights_sharded_checkpoints_resume_and_the_re
     assert all(torch.equal(final[k], reference[k]) for k in final)
     assert not torch.equal(final["lm_head.weight"], start["lm_head.weight"].bfloat16())  # it trained
 
-    res, lora = _fsdp_launch(tmp_path, "lora", "lora")  # LoRA: the adapter is gathered, merged by rank 0
+
+@pytest.mark.slow
+def test_fsdp_lora_rank0_reads_gathers_and_merges_the_adapter(tmp_path):
+    """LoRA under the same CPU FSDP launch: rank 1 reads no weights; the adapter (the trainer
+    writes none under SHARDED_STATE_DICT) is gathered and merged by rank 0 into each stage."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tiny_llama_dir(tmp_path / "base")
+    make_data_dir(tmp_path / "data", n=16)
+    start = load_file(str(base / "model.safetensors"))
+    weights = lambda d: str(d / "model.safetensors")  # noqa: E731
+    res, lora = _fsdp_launch(tmp_path, "lora", "lora")
     assert res.returncode == 0, res.stderr[-3000:]
     assert lora[1]["opened"] == [] and {x["device"] for x in lora[1]["loaded"]} == {"meta"}
     merged = load_file(weights(tmp_path / "lora" / "final"))
