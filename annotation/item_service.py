@@ -44,6 +44,15 @@ class ImportResult:
 class ItemService(Database):
     """Items and ratings coming in (see :class:`annotation.store.Store`)."""
 
+    def audience(self, uid: str, target: int | None = None) -> workflow.Audience:
+        """How many raters an item still waits for and how many accounts can rate it (counts
+        only: what the app tells whoever queued the item)."""
+        with self._session() as s:
+            item_id = s.scalar(select(Item.id).where(Item.uid == uid))
+            if item_id is None:
+                raise MetaAlignerError(f'no item "{uid}"')
+            return workflow.audience(s, item_id, target)
+
     def _protocol_row(self, s: Session, protocol: Protocol) -> ProtocolRow:
         """The stored protocol of this name; a new ``version`` replaces the stored definition
         (ratings keep the version they were made under), a changed definition under the same

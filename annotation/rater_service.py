@@ -4,6 +4,7 @@ token and touches only that rater's ratings.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -164,10 +165,36 @@ class RaterService(Database):
             s.flush()
             return self._view(s, me, item)
 
-    def progress(self, token: str, target: int | None = None) -> Progress:
+    def queue_version(self, token: str) -> tuple[int, int, int]:
+        """The study's change marker (:func:`annotation.workflow.study_version`) for a signed-in
+        rater: what the Annotate tab asks every few seconds while it has nothing to show, before
+        it runs the full next-item query."""
+        with self._session() as s:
+            accounts.current(s, token)
+            return workflow.study_version(s)
+
+    def progress(self, token: str, target: int | None = None, max_age: float = 0.0) -> Progress:
+        """This rater's progress bar. The study-wide counts come from a cache shared by every
+        session of this process, keyed by the study's change marker (and at most
+        SHARED_COUNTS_MAX_AGE_S old); ``max_age``: counts up to that many seconds old will do even
+        after a change (what an idle tab's timer asks for, so that twenty idle tabs do not each
+        count the whole study again after every submission). The rater's own count is exact."""
         with self._session() as s:
             me = accounts.current(s, token)
-            return count_progress(s, me.id, target)
+            key = (self.url, id(self.engine), target)
+            version = workflow.study_version(s)
+            hit = _SHARED_COUNTS.get(key)
+            age = None if hit is None else time.monotonic() - hit[1]
+            if hit is not None and (hit[0] == version or age < max_age) and age < SHARED_COUNTS_MAX_AGE_S:
+                return Progress(mine=_submitted_by(s, me.id), total=hit[2], complete=hit[3], target=target)
+            progress = count_progress(s, me.id, target)
+            _SHARED_COUNTS[key] = (version, time.monotonic(), progress.total, progress.complete)
+            return progress
+
+
+# Study-wide progress counts per (database, engine, k): (change marker, when, items, complete).
+_SHARED_COUNTS: dict[tuple, tuple[tuple, float, int, int]] = {}
+SHARED_COUNTS_MAX_AGE_S = 60.0
 
 
 def count_progress(s: Session, annotator_id: int | None, target: int | None) -> Progress:
@@ -178,11 +205,13 @@ def count_progress(s: Session, annotator_id: int | None, target: int | None) -> 
     k = func.coalesce(Item.target_raters, DEFAULT_TARGET_ANNOTATORS) if target is None else target
     complete = s.scalar(select(func.count()).select_from(per_item).join(Item, Item.id == per_item.c.item_id)
                         .where(per_item.c.n >= k))
-    mine = 0
-    if annotator_id is not None:
-        mine = s.scalar(select(func.count()).select_from(Assignment)
-                        .where(Assignment.annotator_id == annotator_id, Assignment.status == SUBMITTED))
+    mine = _submitted_by(s, annotator_id) if annotator_id is not None else 0
     return Progress(mine=mine, total=total, complete=complete, target=target)
+
+
+def _submitted_by(s: Session, annotator_id: int) -> int:
+    return s.scalar(select(func.count()).select_from(Assignment)
+                    .where(Assignment.annotator_id == annotator_id, Assignment.status == SUBMITTED))
 
 
 def upsert_rating(s: Session, response_id: int, annotator_id: int, objective: str, score: int,

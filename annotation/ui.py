@@ -13,8 +13,18 @@ token lives in a ``gr.State`` (server side); passwords are cleared from the page
 never logged. Responses are shown without their model names, so ratings stay blind; a rater
 sees only their own scores. Examiners (and admins) also get a *Review* section on the Annotate
 tab: items whose raters disagree, every rater's scores and notes side by side, and final scores
-with a reason. The Export tab is the admins' dashboard. Every handler goes through a store
-function that checks the sign-in and the role itself: the page hiding a section is not the check.
+with a reason. The Export tab is the admins' dashboard, computed when an admin opens the tab
+and on each refresh. Every handler goes through a store function that checks the sign-in and the
+role itself: the page hiding a section is not the check.
+
+A rater with nothing on screen is not left waiting for a sign-in: while the Annotate tab is open
+and idle, a timer checks every :data:`POLL_SECONDS` (and a **Check for new items** button checks
+at once), so an item queued later (imported, sent from the Align tab, freed by a hold running
+out) appears by itself, and the progress bars follow the team's work. A check is one query over
+three primary keys (:meth:`annotation.store.Store.queue_version`); the next-item query runs only
+when a newer item exists, or every :data:`FULL_CHECK_SECONDS`. The timer is off while an item is on screen
+and off while another tab is open, and the handler refuses to replace an item on screen anyway,
+since any client can call it.
 
 ``python -m annotation.ui --db sqlite:///tmp/x.db`` serves just these two tabs on 127.0.0.1.
 """
@@ -84,6 +94,10 @@ ANNOTATE_SHORTCUTS_JS = r"""
 }
 """
 
+POLL_SECONDS = 5.0  # an idle Annotate tab checks for new items this often
+FULL_CHECK_SECONDS = 60.0  # ... and runs the full next-item query at least this often (holds running out)
+IDLE_MESSAGE = "No items are waiting for you. Thank you! New ones appear here by themselves."
+
 SHORTCUTS_HELP = ("Keys: **0–9** score the highlighted objective and move on · **↓/↑** (or **j/k**) move · "
                   "**Ctrl+Enter** submit · **Ctrl+S** save draft")
 
@@ -128,24 +142,33 @@ def _load_next(store: Store, token: str, skipped: list[str], target: int | None)
     return view, skipped
 
 
+def _idle_controls(signed_in: bool, view: ItemView | None) -> tuple:
+    """The "Check for new items" button and the polling timer: on for a signed-in rater with
+    nothing on screen, off otherwise (so the timer never replaces an item being rated)."""
+    import gradio as gr
+
+    idle = bool(signed_in) and view is None
+    return gr.update(visible=idle), gr.Timer(active=idle)
+
+
 def on_sign_in(store: Store, target: int | None, name: str, password: str, client: str | None = None):
     """-> token, item, skipped, status, progress, password box, sign-in row, signed-in row, who, shown_at,
-    review section"""
+    review section, check button, timer"""
     import gradio as gr
 
     try:
         token = store.sign_in(name, password, client=client)  # client: per-address throttling
     except MetaAlignerError as e:
         return (None, None, [], _message(str(e), "error"), "", "", gr.update(visible=True),
-                gr.update(visible=False), "", time.time(), gr.update(visible=False))
+                gr.update(visible=False), "", time.time(), gr.update(visible=False), *_idle_controls(False, None))
     account = store.whoami(token)
     view, skipped = _load_next(store, token, [], target)
-    status = "" if view else _message("No items are waiting for you. Thank you!", "ok")
+    status = "" if view else _message(IDLE_MESSAGE, "ok")
     role = getattr(account, "role", "admin" if account.is_admin else "rater")
     who = f"Signed in as **{html.escape(account.name)}**{'' if role == 'rater' else f' ({role})'}"
     return (token, view, skipped, status, progress_html(store.progress(token, target)), "",
             gr.update(visible=False), gr.update(visible=True), who, time.time(),
-            gr.update(visible=role in ("examiner", "admin")))
+            gr.update(visible=role in ("examiner", "admin")), *_idle_controls(True, view))
 
 
 def on_sign_out(store: Store, token: str | None):
@@ -153,12 +176,55 @@ def on_sign_out(store: Store, token: str | None):
 
     store.sign_out(token)
     return (None, None, [], _message("Signed out."), "", gr.update(visible=True), gr.update(visible=False), "",
-            gr.update(visible=False), None)
+            gr.update(visible=False), None, *_idle_controls(False, None))
+
+
+def on_poll(store: Store, target: int | None, token: str | None, view: ItemView | None, skipped: list[str],
+            watch: dict | None, force: bool = False):
+    """An idle tab's check for new items: the timer's tick (``force`` False), the "Check for new
+    items" button and opening the tab (``force`` True).
+    -> item, skipped, status, progress, shown_at, watch, check button, timer
+
+    Acts only for a signed-in rater with nothing on screen; anything else gets its controls
+    switched off and nothing more (an item being rated is never replaced). ``watch`` (server-side
+    state) holds the study's change marker ``(newest item, assignment, audit row)`` seen last and
+    when the last full check ran. A tick costs one indexed query and sends nothing back while the
+    marker stands still; other raters' work (a newer assignment or audit row) only refreshes the
+    progress bars, since taking or rating items never frees one for an idle rater; a newer item,
+    or FULL_CHECK_SECONDS since the last full check (a hold running out, a changed k), runs the
+    next-item query.
+    """
+    import gradio as gr
+
+    unchanged = (gr.skip(),) * 5  # item, skipped, status, progress, shown_at
+    if token is None or view is not None:
+        return (*unchanged, gr.skip(), *_idle_controls(token is not None, view))
+    now = time.monotonic()
+    watch = watch if isinstance(watch, dict) else {}
+    try:
+        version = store.queue_version(token)  # also checks the sign-in
+        full = (force or not watch or watch.get("version", (None,))[0] != version[0]
+                or now - watch.get("at", 0.0) >= FULL_CHECK_SECONDS)
+        if not full:
+            if watch.get("version") == version:
+                return (*unchanged, gr.skip(), gr.skip(), gr.skip())
+            # others' work: the bars follow, with study-wide counts shared by every tab for an interval
+            progress = progress_html(store.progress(token, target, max_age=POLL_SECONDS))
+            return (*unchanged[:3], progress, gr.skip(), {**watch, "version": version}, gr.skip(), gr.skip())
+        nxt, skipped = _load_next(store, token, skipped, target)
+        progress = progress_html(store.progress(token, target))
+    except MetaAlignerError as e:  # signed out elsewhere, sign-in expired, account disabled
+        return (gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip(), gr.skip(), None,
+                *_idle_controls(False, None))
+    watch = {"version": version, "at": now}
+    if nxt is None:
+        return gr.skip(), skipped, _message(IDLE_MESSAGE, "ok"), progress, gr.skip(), watch, *_idle_controls(True, None)
+    return nxt, skipped, _message("A new item is here.", "ok"), progress, time.time(), watch, *_idle_controls(True, nxt)
 
 
 def on_save(store: Store, target: int | None, view: ItemView, submit: bool,
             token: str | None, skipped: list[str], shown_at: float, *values):
-    """Save a draft or submit. -> item, skipped, status, progress, shown_at"""
+    """Save a draft or submit. -> item, skipped, status, progress, shown_at, check button, timer"""
     import gradio as gr
 
     keys = _rating_keys(view)
@@ -169,31 +235,37 @@ def on_save(store: Store, target: int | None, view: ItemView, submit: bool,
     try:
         store.save(token, view.uid, scores, notes=notes, submit=submit, seconds=elapsed)
     except MetaAlignerError as e:
-        return gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     progress = progress_html(store.progress(token, target))
     if not submit:
-        return gr.skip(), gr.skip(), _message(f"Draft saved at {time.strftime('%H:%M:%S')}.", "ok"), progress, time.time()
+        return (gr.skip(), gr.skip(), _message(f"Draft saved at {time.strftime('%H:%M:%S')}.", "ok"), progress,
+                time.time(), gr.skip(), gr.skip())
     nxt, skipped = _load_next(store, token, skipped, target)
-    status = _message("Submitted." + ("" if nxt else " No more items are waiting for you. Thank you!"), "ok")
-    return nxt, skipped, status, progress, time.time()
+    status = _message("Submitted." + ("" if nxt else " " + IDLE_MESSAGE), "ok")
+    return nxt, skipped, status, progress, time.time(), *_idle_controls(True, nxt)
 
 
 def on_skip(store: Store, target: int | None, view: ItemView, token: str | None, skipped: list[str]):
+    """-> item, skipped, status, shown_at, check button, timer"""
+    import gradio as gr
+
     skipped = [*skipped, view.uid]
     try:
         nxt, skipped = _load_next(store, token, skipped, target)
     except MetaAlignerError as e:
-        import gradio as gr
-
-        return gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip()
-    return nxt, skipped, _message("Skipped: it comes back when the other items are done."), time.time()
+        return gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip(), gr.skip(), gr.skip()
+    return (nxt, skipped, _message("Skipped: it comes back when the other items are done."), time.time(),
+            *_idle_controls(True, nxt))
 
 
 # ----------------------------------------------------------------------------- tabs
 
-def build_annotate_tab(db_url: str | None = None, target_annotators: int | None = None):
+def build_annotate_tab(db_url: str | None = None, target_annotators: int | None = None,
+                       poll_seconds: float = POLL_SECONDS):
     """Sign-in, guidelines and rubric, one item at a time, a score per objective per response;
     for examiners, the review of disagreements. ``target_annotators`` overrides every item's k.
+    Built inside a ``gr.Tab``, the tab checks for new items when it is opened, and every
+    ``poll_seconds`` while it is open with nothing on screen.
 
     Returns the ``gr.State`` holding the sign-in token, for :func:`build_export_tab`.
     """
@@ -201,10 +273,13 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
     from gradio.context import Context
 
     store = Store(db_url)
+    tab = Context.block if isinstance(Context.block, gr.Tab) else None
     token = gr.State(None)
     item = gr.State(None)
     skipped = gr.State([])
     shown_at = gr.State(0.0)
+    watch = gr.State(None)  # the study's change marker at this session's last full check
+    poll_timer = gr.Timer(poll_seconds, active=False)
 
     gr.Markdown("Rate each response on every objective, using the rubric beside it. Only your own ratings are "
                 "shown to you; model names are hidden. The texts may describe self-harm: nothing here is "
@@ -217,7 +292,9 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
         who = gr.Markdown(elem_id="ma-who")
         signout_btn = gr.Button("Sign out", size="sm", scale=0)
     status = gr.Markdown(elem_id="ma-status")
+    check_btn = gr.Button("Check for new items", visible=False, size="sm", elem_id="ma-check")
     progress = gr.HTML(elem_id="ma-progress")
+    idle_controls = [check_btn, poll_timer]
 
     @gr.render(inputs=[item])
     def _render(view: ItemView | None):
@@ -248,16 +325,16 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
                 gr.Markdown(rubric_markdown(view.protocol), elem_id="ma-rubric")
 
         common = dict(inputs=[token, skipped, shown_at, *radios, *notes],
-                      outputs=[item, skipped, status, progress, shown_at], api_visibility="private")
+                      outputs=[item, skipped, status, progress, shown_at, *idle_controls], api_visibility="private")
         save_btn.click(lambda *a: on_save(store, target_annotators, view, False, *a), **common)
         submit_btn.click(lambda *a: on_save(store, target_annotators, view, True, *a), **common)
         skip_btn.click(lambda tok, sk: on_skip(store, target_annotators, view, tok, sk), inputs=[token, skipped],
-                       outputs=[item, skipped, status, shown_at], api_visibility="private")
+                       outputs=[item, skipped, status, shown_at, *idle_controls], api_visibility="private")
 
     review_box, review_item = build_review_section(store, token)
 
     sign_in_outputs = [token, item, skipped, status, progress, password, signin_row, signed_row, who, shown_at,
-                       review_box]
+                       review_box, *idle_controls]
     def _sign_in(n, p, request):
         return on_sign_in(store, target_annotators, n, p, client=client_of(request))
 
@@ -267,8 +344,28 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
     password.submit(**sign_in)
     signout_btn.click(lambda tok: on_sign_out(store, tok), inputs=[token],
                       outputs=[token, item, skipped, status, progress, signin_row, signed_row, who, review_box,
-                               review_item],
+                               review_item, *idle_controls],
                       api_visibility="private")
+
+    # Checking for new items. Through the queue (a state changed outside it does not re-render the
+    # item), but never waiting there: no concurrency limit, and a tick is one indexed query while
+    # nothing changes, so idle raters' ticks hold no place a generation request needs.
+    poll = dict(inputs=[token, item, skipped, watch], outputs=[item, skipped, status, progress, shown_at, watch,
+                                                             *idle_controls],
+                concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    poll_timer.tick(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w), **poll)
+    check_btn.click(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w, force=True), **poll)
+    if tab is not None:
+        tab.select(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w, force=True), **poll)
+        tabs = tab.parent if isinstance(tab.parent, gr.Tabs) else None
+        if tabs is not None:  # leaving the tab stops the timer (a Timer keeps ticking on a hidden tab)
+            label = tab.label
+
+            def _left(evt):
+                return gr.skip() if evt.value == label else gr.Timer(active=False)
+
+            _left.__annotations__ = {"evt": gr.SelectData}  # Gradio passes the event data by this hint
+            tabs.select(_left, None, poll_timer, queue=False, show_progress="hidden", api_visibility="private")
     root = Context.root_block
     if root is not None:
         root.load(None, js=ANNOTATE_SHORTCUTS_JS, api_visibility="private")
@@ -370,9 +467,13 @@ def _shown(value, digits: int = 3):
 
 def export_view(store: Store, token: str | None, target: int | None = None):
     """The dashboard for an admin (the store raises AccessDenied otherwise):
-    -> (status, agreement rows, source rows, rater rows, distribution plot path)."""
+    -> (status, agreement rows, source rows, rater rows, distribution plot path).
+
+    The status ends with the time it was computed; with no submitted rating yet it is one line
+    saying so, and there is no plot."""
     dash = store.dashboard(token, bootstrap=500)
     overall, people = store.progress_by_annotator(token, target)
+    computed = f"Computed at {time.strftime('%H:%M:%S', time.gmtime())} UTC."
     agreement_rows = [[k, _shown(a["alpha"]), None if not a.get("ci95") else f"{a['ci95'][0]:.3f} – {a['ci95'][1]:.3f}",
                        a["units"], a["annotators"]] for k, a in dash["objectives"].items()]
     source_rows = [[src, *[_shown(block[k]["alpha"]) for k in dash["objectives"]]]
@@ -392,14 +493,16 @@ def export_view(store: Store, token: str | None, target: int | None = None):
               f"{pr['reviewed']} reviewed, {pr['waiting_for_review']} waiting for review, {pr['gold_items']} gold. "
               f"Median time per item: {t if t is not None else 'n/a'} s. Alpha: Krippendorff's alpha, ordinal, "
               "units = responses with at least two ratings, 95% bootstrap interval over responses (empty where "
-              "undefined).")
-    plot = None
-    if any(sum(v.values()) for v in dash["distribution"].values()):
-        from .dashboard import distribution_plot
+              f"undefined). {computed}")
+    if not any(sum(v.values()) for v in dash["distribution"].values()):
+        status = (f"No ratings submitted yet ({overall.total} item{'s' if overall.total != 1 else ''} waiting for "
+                  f"raters). {computed}")
+        return status, agreement_rows, source_rows, rater_rows, None
+    from .dashboard import distribution_plot
 
-        plot_dir = Path(tempfile.mkdtemp(prefix="metaaligner-dash-"))
-        plot = distribution_plot(dash["distribution"], plot_dir / "scores.png")
-        remove_later(plot_dir)
+    plot_dir = Path(tempfile.mkdtemp(prefix="metaaligner-dash-"))
+    plot = distribution_plot(dash["distribution"], plot_dir / "scores.png")
+    remove_later(plot_dir)
     return status, agreement_rows, source_rows, rater_rows, plot
 
 
@@ -422,11 +525,14 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
     distributions, progress, time) and downloads of ratings, final labels and pairs.
 
     ``signed_in`` is the state returned by :func:`build_annotate_tab`; without it the tab has
-    its own sign-in form.
+    its own sign-in form. Built inside a ``gr.Tab``, the dashboard is computed when the tab is
+    opened; tables stay hidden until they have rows.
     """
     import gradio as gr
+    from gradio.context import Context
 
     store = Store(db_url)
+    tab = Context.block if isinstance(Context.block, gr.Tab) else None
     if signed_in is None:
         signed_in = gr.State(None)
         with gr.Row():
@@ -438,27 +544,45 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
         gr.Markdown("Sign in with an admin account on the Annotate tab.")
     status = gr.Markdown(elem_id="ma-export-status")
     refresh_btn = gr.Button("Refresh the dashboard", elem_id="ma-export-refresh")
-    agreement_df = gr.Dataframe(headers=["objective", "alpha", "95% interval", "units", "annotators"],
-                                label="Agreement per objective", interactive=False, elem_id="ma-agreement")
-    source_df = gr.Dataframe(label="Agreement (alpha) within each response source", interactive=False,
-                             elem_id="ma-by-source")
-    people_df = gr.Dataframe(headers=["annotator", "items", "ratings", "drafts", "agreement with final labels",
-                                      "mean |diff| from others", "gold accuracy", "median s / item"],
-                             label="Raters", interactive=False, elem_id="ma-raters")
-    plot = gr.Image(label="Score distribution per objective", type="filepath", interactive=False,
+    agreement_headers = ["objective", "alpha", "95% interval", "units", "annotators"]
+    people_headers = ["annotator", "items", "ratings", "drafts", "agreement with final labels",
+                      "mean |diff| from others", "gold accuracy", "median s / item"]
+    # Hidden until they have rows (an empty Dataframe shows placeholder headers, "1 2 3"); kept in
+    # the page ("hidden", not False) so that scripts and tests find them by id.
+    agreement_df = gr.Dataframe(headers=agreement_headers, label="Agreement per objective", interactive=False,
+                                visible="hidden", elem_id="ma-agreement")
+    source_df = gr.Dataframe(headers=["source"], label="Agreement (alpha) within each response source",
+                             interactive=False, visible="hidden", elem_id="ma-by-source")
+    people_df = gr.Dataframe(headers=people_headers, label="Raters", interactive=False, visible="hidden",
+                             elem_id="ma-raters")
+    plot = gr.Image(label="Score distribution per objective", type="filepath", interactive=False, visible="hidden",
                     elem_id="ma-distribution")
     prepare_btn = gr.Button("Prepare downloads", variant="primary", elem_id="ma-export-prepare")
     labels = ["Ratings (JSONL)", "Ratings (CSV)", "Final labels (JSONL)", "Pairs (JSONL)"]
     with gr.Row():
         dl = [gr.DownloadButton(label, visible=False, elem_id=f"ma-download-{i}") for i, label in enumerate(labels)]
 
+    hidden = (gr.update(value=None, visible="hidden"),) * 4
+
+    def table(headers, rows):
+        return gr.update(value={"headers": headers, "data": rows}, visible=True) if rows else hidden[0]
+
     def refresh(token):
         try:
             s, a, src, p, img = export_view(store, token, target_annotators)
         except MetaAlignerError as e:
-            return _message(str(e), "error"), None, None, None, None
+            return (_message(str(e), "error"), *hidden)
+        if img is None:  # no ratings yet: the status line says so, and there is nothing to tabulate
+            return (s, *hidden)
         keys = [row[0] for row in a]
-        return s, a, gr.update(value=src, headers=["source", *keys]) if src else None, p, img
+        return (s, table(agreement_headers, a), table(["source", *keys], src), table(people_headers, p),
+                gr.update(value=img, visible=True if img is not None else "hidden"))
+
+    def opened(token):
+        """The tab was opened: the dashboard for an admin; a line for anyone else."""
+        if token is None:
+            return (_message("Sign in with an admin account to see the dashboard."), *hidden)
+        return refresh(token)
 
     def prepare(token):
         try:
@@ -471,26 +595,29 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
 
     dash_outputs = [status, agreement_df, source_df, people_df, plot]
     refresh_btn.click(refresh, inputs=[signed_in], outputs=dash_outputs, api_visibility="private")
+    if tab is not None:
+        tab.select(opened, inputs=[signed_in], outputs=dash_outputs, api_visibility="private")
     prepare_btn.click(prepare, inputs=[signed_in], outputs=[status, *dl], api_visibility="private")
     if signin_btn is not None:
         def sign_in(n, p):
             try:
                 token = store.sign_in(n, p)
             except MetaAlignerError as e:
-                return None, "", _message(str(e), "error"), None, None, None, None
+                return None, "", _message(str(e), "error"), *hidden
             return token, "", *refresh(token)
 
         signin_btn.click(sign_in, inputs=[name, password], outputs=[signed_in, password, *dash_outputs],
                          api_visibility="private")
 
 
-def build_demo(db_url: str | None = None, target_annotators: int | None = None):
+def build_demo(db_url: str | None = None, target_annotators: int | None = None,
+               poll_seconds: float = POLL_SECONDS):
     import gradio as gr
 
-    with gr.Blocks(title="MetaAligner annotation", analytics_enabled=False) as demo:
-        with gr.Tab("Annotate"):
-            signed_in = build_annotate_tab(db_url, target_annotators)
-        with gr.Tab("Export"):
+    with gr.Blocks(title="MetaAligner annotation", analytics_enabled=False) as demo, gr.Tabs():
+        with gr.Tab("Annotate", id="annotate"):
+            signed_in = build_annotate_tab(db_url, target_annotators, poll_seconds)
+        with gr.Tab("Export", id="export"):
             build_export_tab(db_url, signed_in, target_annotators)
     return demo
 
@@ -503,8 +630,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--target", type=int, default=None,
                         help="raters wanted per item, overriding each item's k (default: each item's own)")
+    parser.add_argument("--poll-seconds", type=float, default=POLL_SECONDS,
+                        help="how often an idle Annotate tab checks for new items (default: %(default)s)")
     args = parser.parse_args(argv)
-    build_demo(args.db, args.target).launch(server_name=args.host, server_port=args.port)
+    if args.poll_seconds <= 0:
+        parser.error("--poll-seconds must be > 0")
+    build_demo(args.db, args.target, args.poll_seconds).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

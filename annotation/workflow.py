@@ -190,6 +190,52 @@ def _most_disagreeing(s: Session, k, mine, exclude: list[str]) -> int | None:
     return best if disagreement(units[best].values()) > 0 else None
 
 
+def study_version(s: Session) -> tuple[int, int, int]:
+    """A marker that changes when a rater's queue or the progress figures may have changed:
+    ``(newest item, assignment, audit-trail row)``, i.e. new items, raters taking items, ratings
+    saved or submitted. One query over three primary keys, so an idle rater's page can ask it
+    every few seconds. Only a new item can give an idle rater work (others taking or rating items
+    leaves less); what the marker cannot see (a hold running out after :data:`ASSIGNMENT_TTL`, a
+    re-import changing an item's k) the caller catches with a full check now and then."""
+    newest = [select(func.coalesce(func.max(col), 0)).scalar_subquery()
+              for col in (Item.id, Assignment.id, RatingEvent.id)]
+    return tuple(s.execute(select(*newest)).one())
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Who an item goes to: ``wanted`` raters (its k), ``submitted`` so far, and ``able``: the
+    other accounts that can take it (enabled, with a password, not yet submitted)."""
+
+    wanted: int
+    submitted: int
+    able: int
+
+    @property
+    def waiting_for(self) -> int:
+        return max(0, self.wanted - self.submitted)
+
+    def describe(self) -> str:
+        """One phrase for the sender, e.g. "queued for 2 raters"."""
+        if self.waiting_for == 0:
+            return f"already rated by its {self.wanted} rater{'s' if self.wanted != 1 else ''}"
+        text = f"queued for {self.waiting_for} rater{'s' if self.waiting_for != 1 else ''}"
+        if self.able < self.waiting_for:
+            have = "no account" if self.able == 0 else f"only {self.able} account{'s' if self.able != 1 else ''}"
+            text += f"; {have} can rate it yet: add raters on the Accounts tab"
+        return text
+
+
+def audience(s: Session, item_id: int, target: int | None = None) -> Audience:
+    item = s.get(Item, item_id)
+    done = select(Assignment.annotator_id).where(Assignment.item_id == item_id, Assignment.status == SUBMITTED)
+    able = s.scalar(select(func.count(Annotator.id)).where(
+        Annotator.password_hash.is_not(None), or_(Annotator.disabled.is_(None), Annotator.disabled.is_(False)),
+        Annotator.id.not_in(done)))
+    submitted = s.scalar(select(func.count()).select_from(done.subquery()))
+    return Audience(wanted=target or target_of(item.target_raters), submitted=submitted, able=able)
+
+
 # ----------------------------------------------------------------------------- review and final labels
 
 @dataclass
@@ -330,6 +376,6 @@ def gold_accuracy(items: list[ItemScores]) -> dict[str, dict]:
             for who, d in sorted(out.items()) if d["ratings"]}
 
 
-__all__ = ["ASSIGNMENT_TTL", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "disagreement", "final_label",
-           "gold_accuracy",
-           "load_scores", "pair_score", "pick_next", "record", "actor_name", "target_of"]
+__all__ = ["ASSIGNMENT_TTL", "Audience", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "audience",
+           "disagreement", "final_label", "gold_accuracy", "load_scores", "pair_score", "pick_next", "record",
+           "actor_name", "study_version", "target_of"]

@@ -9,12 +9,31 @@ rater's current item and times ``next_item`` (what the Annotate tab calls after 
 times ``agreement`` (alpha per objective over every item) and the full dashboard (with a
 1,000-resample bootstrap). PostgreSQL runs on a throw-away server (tests/pg_server.py, Debian's
 ``postgresql`` package). Targets (issue 13): next item <= 100 ms median, agreement <= 2 s.
+
+    python bench/bench_annotation.py --polling [--pollers 20] [--blocks 6] [--align-repeats 6]
+
+``--polling`` measures what idle raters' Annotate tabs cost while they check for new items (a
+timer every ``annotation.ui.POLL_SECONDS``). ``--pollers`` further raters are idle for real:
+they have submitted every open item, whose k is raised to leave room for the working raters, so
+their checks find nothing, as an idle rater's do. Two figures, each with the pollers off and on
+in alternating blocks (so a shared machine's changing load hits both alike):
+
+* the working raters' next-item time (SQLite, in-process): each poller is a thread calling the
+  tab's own tick handler (:func:`annotation.ui.on_poll`) every interval, staggered, as the
+  server runs them. The working raters' submits move the study's change marker, so pollers run
+  their full check on most ticks: the worst case for idle raters;
+* the first streamed token of a correction on the Align tab of ``python app.py`` (the embedded
+  models) on that database, while the pollers, each signed in through its own session, call the
+  tab's timer event over Gradio's HTTP protocol every interval.
+
+Target (issue 27): polling adds < 5% to either.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 OBJ = ("correctness", "informative", "professional")
 
@@ -123,6 +143,244 @@ def bench_db(label: str, url: str, args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- idle raters polling
+
+POLLER_PASSWORD = "bench-poller-password"
+
+
+def add_idle_pollers(url: str, n_pollers: int) -> list[str]:
+    """Accounts that have submitted every open item (whose k grows by ``n_pollers``, so the
+    working raters still have the same work): their queue is empty, as an idle rater's is."""
+    from sqlalchemy import insert, select, update
+
+    from annotation.models import Annotator, Assignment, Item, utcnow
+    from annotation.store import Store
+
+    store = Store(url)
+    names = [f"idle{i:02d}" for i in range(n_pollers)]
+    for n in names:
+        store.add_annotator(n, POLLER_PASSWORD)
+    now = utcnow()
+    with store._session(write=True) as s:
+        ids = list(s.scalars(select(Annotator.id).where(Annotator.name.in_(names))))
+        open_items = list(s.scalars(select(Item.id).where(Item.submitted_count == 0)))
+        s.execute(update(Item).where(Item.id.in_(open_items))
+                  .values(target_raters=2 + n_pollers, submitted_count=n_pollers))
+        s.execute(insert(Assignment), [{"item_id": i, "annotator_id": a, "status": "submitted", "created_at": now,
+                                        "submitted_at": now} for i in open_items for a in ids])
+    return names
+
+
+class Pollers:
+    """Idle raters' tabs, each checking every ``interval`` seconds (staggered) until stopped;
+    ``tick`` is one check for one poller (its own state kept between calls)."""
+
+    def __init__(self, n: int, interval: float, tick, states: list | None = None):
+        import random
+        import threading
+
+        self.n, self.interval, self.tick = n, interval, tick
+        self.states = states or [None] * n
+        self.on = threading.Event()
+        self.stopped = threading.Event()
+        self.durations: list[float] = []
+        self.errors: list[str] = []
+        rng = random.Random(0)
+        self.threads = [threading.Thread(target=self._run, args=(i, rng.uniform(0, interval)), daemon=True)
+                        for i in range(n)]
+        for th in self.threads:
+            th.start()
+
+    def _run(self, i: int, offset: float) -> None:
+        state = self.states[i]
+        next_at = time.monotonic() + offset
+        while not self.stopped.is_set():
+            if self.stopped.wait(max(0.0, next_at - time.monotonic())):
+                return
+            next_at += self.interval
+            if not self.on.is_set():
+                continue
+            t = time.perf_counter()
+            try:
+                state = self.tick(i, state)
+            except Exception as e:  # reported, not hidden: a failing poller measures nothing
+                self.errors.append(f"{type(e).__name__}: {e}")
+            self.durations.append(time.perf_counter() - t)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for th in self.threads:
+            th.join(timeout=60)
+
+
+def _ab_blocks(blocks: int, measure, pollers: Pollers) -> dict[str, list[float]]:
+    """Alternate off/on blocks (off first in even blocks, on first in odd ones)."""
+    out = {"off": [], "on": []}
+    for b in range(blocks):
+        for phase in (("off", "on") if b % 2 == 0 else ("on", "off")):
+            (pollers.on.set if phase == "on" else pollers.on.clear)()
+            if phase == "on":
+                time.sleep(pollers.interval)  # every poller is ticking before timing starts
+            out[phase].extend(measure())
+    pollers.on.clear()
+    return out
+
+
+def bench_polling_store(url: str, names: list[str], idle: list[str], args) -> dict:
+    """The working raters' next-item time with the idle raters' ticks off and on (in-process)."""
+    from annotation import ui
+    from annotation.store import Store
+
+    store = Store(url)
+    tokens = {n: store.sign_in(n, "bench-password") for n in names}
+    idle_tokens = [store.sign_in(n, POLLER_PASSWORD) for n in idle]
+    kinds = {"next-item query": 0, "progress only": 0, "nothing changed": 0}
+
+    def tick(i, watch):
+        out = ui.on_poll(store, None, idle_tokens[i], None, [], watch)
+        assert not hasattr(out[0], "uid"), "an idle poller was handed an item"
+        new = out[5] if isinstance(out[5], dict) and "version" in out[5] else watch
+        kinds["next-item query" if new["at"] != watch["at"] else "progress only" if isinstance(out[3], str)
+              else "nothing changed"] += 1
+        return new
+
+    watches = []
+    for tok in idle_tokens:  # warm-up (imports Gradio, fills SQLite's page cache); not timed
+        out = ui.on_poll(store, None, tok, None, [], None)
+        assert not hasattr(out[0], "uid"), "an idle poller got an item"
+        watches.append(out[5])
+    current = {n: store.next_item(tokens[n]) for n in names}
+    rounds = [0]
+
+    def measure() -> list[float]:
+        times = []
+        for _ in range(args.block_rounds):
+            n = names[rounds[0] % len(names)]
+            rounds[0] += 1
+            view = current[n]
+            if view is None:
+                continue
+            store.save(tokens[n], view.uid, {(x.id, o.key): (rounds[0] + x.position) % 4 for x in view.responses
+                                             for o in view.protocol.objectives}, submit=True, seconds=12.0)
+            t = time.perf_counter()
+            current[n] = store.next_item(tokens[n])
+            times.append((time.perf_counter() - t) * 1000)
+        return times
+
+    pollers = Pollers(len(idle), ui.POLL_SECONDS, tick, states=watches)
+    try:
+        times = _ab_blocks(args.blocks, measure, pollers)
+    finally:
+        pollers.stop()
+    if pollers.errors:
+        raise SystemExit(f"pollers failed: {pollers.errors[:3]}")
+    return {"off": times["off"], "on": times["on"], "ticks": len(pollers.durations), "kinds": kinds,
+            "tick_ms": [d * 1000 for d in pollers.durations]}
+
+
+def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
+    """First correction token on the Align tab of ``python app.py``, idle raters' ticks off and on."""
+    import uuid
+
+    from gradio_client import Client
+
+    from annotation import ui
+    from bench_app import DRAFT, free_port, stream_times, wait_http
+    from test_security_app import RawGradio, backend_fns, components, fn_by_inputs
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--db", db_url, "--max-new-tokens",
+                             str(args.max_new_tokens), "--threads", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    raws: list = []
+    try:
+        wait_http(base, proc)
+        client = Client(base, verbose=False)
+        client.predict("Hi?", "helpfulness", DRAFT, api_name="/align")  # models loaded and warm
+        cfg = RawGradio(base).config()
+        comps = components(cfg)
+        sign_in = fn_by_inputs(cfg, "ma-name", "ma-password")
+        timers = {c["id"] for c in comps.values() if c.get("type") == "timer"
+                  and c.get("props", {}).get("value") == ui.POLL_SECONDS}
+        tick_fn = next(fn for fn, dep in backend_fns(cfg) if any(t[0] in timers and t[1] == "tick"
+                                                                 for t in dep.get("targets", [])))
+        sessions = []
+        for name in idle:
+            raw = RawGradio(base)
+            raws.append(raw)
+            session = uuid.uuid4().hex[:11]
+            res = raw.call(sign_in, [name, POLLER_PASSWORD], session_hash=session)
+            if not res["ok"]:
+                raise SystemExit(f"sign-in of {name} failed: {res}")
+            sessions.append(session)
+
+        def tick(i, _state):
+            res = raws[i].call(tick_fn, [None, None, None, None], session_hash=sessions[i])
+            if not res["ok"]:
+                raise RuntimeError(str(res["error"]))
+            return None
+
+        def measure() -> list[float]:
+            return [stream_times(client, DRAFT, args.max_new_tokens)[1] for _ in range(args.align_repeats)]
+
+        pollers = Pollers(len(idle), ui.POLL_SECONDS, tick)
+        try:
+            times = _ab_blocks(args.align_blocks, measure, pollers)
+        finally:
+            pollers.stop()
+        if pollers.errors:
+            raise SystemExit(f"pollers failed: {pollers.errors[:3]}")
+        return {"off": times["off"], "on": times["on"], "ticks": len(pollers.durations),
+                "tick_ms": [d * 1000 for d in pollers.durations]}
+    finally:
+        for raw in raws:
+            raw.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def polling(args) -> int:
+    from annotation import ui
+    from annotation.store import dispose_engine
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    ok = True
+    med = statistics.median
+    with tempfile.TemporaryDirectory() as d:
+        url = f"sqlite:///{d}/bench.db"
+        names = populate(url, args.items, args.raters, args.open)
+        idle = add_idle_pollers(url, args.pollers)
+        print(f"{args.items} items, {args.raters} working raters, {args.pollers} idle raters polling every "
+              f"{ui.POLL_SECONDS:g} s (full check at least every {ui.FULL_CHECK_SECONDS:g} s)")
+        r = bench_polling_store(url, names, idle, args)
+        ratio = med(r["on"]) / med(r["off"])
+        ok &= ratio < 1.05
+        ticks = sorted(r["tick_ms"])
+        print(f"[sqlite] next item after a submit: median {med(r['off']):.2f} ms without polling, "
+              f"{med(r['on']):.2f} ms with {args.pollers} idle raters polling ({len(r['off'])} + {len(r['on'])} "
+              f"submits, {args.blocks} alternating blocks each) -> ratio {ratio:.3f} (target < 1.05)")
+        print(f"[sqlite] {r['ticks']} ticks ({', '.join(f'{v} {k}' for k, v in r['kinds'].items())}): median "
+              f"{med(ticks):.2f} ms, p95 {ticks[int(0.95 * (len(ticks) - 1))]:.2f} ms per tick")
+        if not args.no_align:
+            dispose_engine(url)
+            a = bench_polling_align(url, idle, args)
+            ratio_a = med(a["on"]) / med(a["off"])
+            ok &= ratio_a < 1.05
+            ticks = sorted(a["tick_ms"])
+            print(f"[app] first correction token on the Align tab: median {med(a['off']):.3f} s without polling, "
+                  f"{med(a['on']):.3f} s with {args.pollers} idle raters polling over HTTP ({len(a['off'])} + "
+                  f"{len(a['on'])} runs, {args.align_blocks} alternating blocks each) -> ratio {ratio_a:.3f} "
+                  f"(target < 1.05)")
+            print(f"[app] runs without polling: {', '.join(f'{x:.3f}' for x in a['off'])}")
+            print(f"[app] runs with polling:    {', '.join(f'{x:.3f}' for x in a['on'])}")
+            print(f"[app] {a['ticks']} ticks over HTTP (round trip from the client: median {med(ticks):.1f} ms)")
+    print(f"load average at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=10000)
@@ -130,7 +388,17 @@ def main() -> int:
     p.add_argument("--open", type=int, default=1000, help="items still waiting for raters")
     p.add_argument("--rounds", type=int, default=200, help="submits timed (round-robin over raters)")
     p.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    p.add_argument("--polling", action="store_true", help="only measure what idle raters' polling costs (above)")
+    p.add_argument("--pollers", type=int, default=20, help="idle raters polling (--polling)")
+    p.add_argument("--blocks", type=int, default=6, help="alternating off/on blocks of submits (--polling)")
+    p.add_argument("--block-rounds", type=int, default=60, help="submits per block (--polling)")
+    p.add_argument("--align-blocks", type=int, default=3, help="alternating off/on blocks of Align runs (--polling)")
+    p.add_argument("--align-repeats", type=int, default=3, help="Align runs per block (--polling)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="correction length on the Align tab (--polling)")
+    p.add_argument("--no-align", action="store_true", help="--polling without the app (store figure only)")
     args = p.parse_args()
+    if args.polling:
+        return polling(args)
     results = []
     if args.db in ("sqlite", "both"):
         with tempfile.TemporaryDirectory() as d:
