@@ -311,6 +311,8 @@ def test_align_tab_in_a_real_browser(server, artifacts_dir):
             # Signed in, the same page's "Send to annotation" queues the last result under their name.
             page.get_by_role("tab", name="Align").click()
             page.locator("#send-btn").click()
-            expect(page.locator(".toast-body").first).to_contain_text("Queued for annotation under the imhi protocol")
+            toast = page.locator(".toast-body").first
+            expect(toast).to_contain_text("Sent to annotation under the imhi protocol")
+            expect(toast).to_contain_text("queued for 2 raters")  # who will see it
         finally:
             browser.close()

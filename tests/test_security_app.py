@@ -106,7 +106,8 @@ class RawGradio:
         return self.http.get(f"{self.base}/config").json()
 
     def call(self, fn_index: int, data: list, session_hash: str | None = None) -> dict:
-        """-> {"ok": bool, "data": outputs | None, "error": text | None, "stream": [outputs...], "status": http}"""
+        """-> {"ok": bool, "data": outputs | None, "error": text | None, "stream": [outputs...], "status": http,
+        "log": [toast texts]}"""
         session_hash = session_hash or uuid.uuid4().hex[:11]
         r = self.http.post(f"{self.base}/gradio_api/queue/join",
                            json={"data": data, "fn_index": fn_index, "session_hash": session_hash,
@@ -114,7 +115,7 @@ class RawGradio:
         if r.status_code != 200:
             return {"ok": False, "data": None, "error": r.text, "stream": [], "status": r.status_code}
         event_id = r.json()["event_id"]
-        out = {"ok": False, "data": None, "error": None, "stream": [], "status": 200}
+        out = {"ok": False, "data": None, "error": None, "stream": [], "status": 200, "log": []}
         with self.http.stream("GET", f"{self.base}/gradio_api/queue/data",
                               params={"session_hash": session_hash}) as resp:
             for line in resp.iter_lines():
@@ -124,7 +125,9 @@ class RawGradio:
                 if msg.get("event_id") not in (None, event_id):
                     continue
                 kind = msg.get("msg")
-                if kind == "process_generating":
+                if kind == "log":
+                    out["log"].append(msg.get("log"))
+                elif kind == "process_generating":
                     out["stream"].append(msg.get("output", {}).get("data"))
                 elif kind == "process_completed":
                     output = msg.get("output") or {}
@@ -422,6 +425,8 @@ def test_send_to_annotation_needs_a_signed_in_rater(app):
     assert app.raw.call(align, data, session_hash=rater)["ok"]
     res = app.raw.call(send, [None, "imhi", None], session_hash=rater)
     assert res["ok"], res
+    # who will see it: k = 2, and rita and boss can rate (neither has submitted it)
+    assert any("queued for 2 raters" in m and "only" not in m for m in res["log"]), res["log"]
     con = sqlite3.connect(f"file:{app.db}?mode=ro", uri=True)
     try:
         rows = con.execute("SELECT query, added_by FROM items ORDER BY id").fetchall()

@@ -278,9 +278,10 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
             item = service.send_to_annotation(result["query"], result["draft"], result["draft_source"],
                                               result["aligned"], result["aligner"], protocol)
             _stamp_sender(store, item, sender)
+            who = store.audience(item).describe()  # who will see it, e.g. "queued for 2 raters"
         except Exception as e:
             raise _user_error(e) from None
-        gr.Info(f"Queued for annotation under the {protocol} protocol (item {item}).")
+        gr.Info(f"Sent to annotation under the {protocol} protocol (item {item}): {who}.")
 
     def align_api(query: str, objectives: str, draft: str = "") -> tuple[str, str]:
         """Align one answer. objectives: a SPEC, comma-separated built-in keys and/or "Name: description"
