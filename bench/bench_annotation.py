@@ -184,6 +184,7 @@ class Pollers:
         self.on = threading.Event()
         self.stopped = threading.Event()
         self.durations: list[float] = []
+        self.cpu: list[float] = []  # this thread's CPU seconds per tick (in-process handlers only)
         self.errors: list[str] = []
         rng = random.Random(0)
         self.threads = [threading.Thread(target=self._run, args=(i, rng.uniform(0, interval)), daemon=True)
@@ -200,12 +201,13 @@ class Pollers:
             next_at += self.interval
             if not self.on.is_set():
                 continue
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 state = self.tick(i, state)
             except Exception as e:  # reported, not hidden: a failing poller measures nothing
                 self.errors.append(f"{type(e).__name__}: {e}")
             self.durations.append(time.perf_counter() - t)
+            self.cpu.append(time.thread_time() - c)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -275,7 +277,7 @@ def bench_polling_store(url: str, names: list[str], idle: list[str], args) -> di
     if pollers.errors:
         raise SystemExit(f"pollers failed: {pollers.errors[:3]}")
     return {"off": times["off"], "on": times["on"], "ticks": len(pollers.durations), "kinds": kinds,
-            "tick_ms": [d * 1000 for d in pollers.durations]}
+            "tick_ms": [d * 1000 for d in pollers.durations], "tick_cpu_ms": [c * 1000 for c in pollers.cpu]}
 
 
 def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
@@ -328,17 +330,32 @@ def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
         pollers = Pollers(len(idle), ui.POLL_SECONDS, tick)
         try:
             times = _ab_blocks(args.align_blocks, measure, pollers)
+            # The server's own CPU time with the pollers on and off and nothing else asked of it.
+            window = 3 * ui.POLL_SECONDS
+            server_cpu = {}
+            for phase in ("off", "on"):
+                (pollers.on.set if phase == "on" else pollers.on.clear)()
+                ticks0, cpu0 = len(pollers.durations), _process_cpu(proc.pid)
+                time.sleep(window)
+                server_cpu[phase] = (_process_cpu(proc.pid) - cpu0, len(pollers.durations) - ticks0)
+            pollers.on.clear()
         finally:
             pollers.stop()
         if pollers.errors:
             raise SystemExit(f"pollers failed: {pollers.errors[:3]}")
         return {"off": times["off"], "on": times["on"], "ticks": len(pollers.durations),
-                "tick_ms": [d * 1000 for d in pollers.durations]}
+                "tick_ms": [d * 1000 for d in pollers.durations], "server_cpu": server_cpu, "window": window}
     finally:
         for raw in raws:
             raw.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def polling(args) -> int:
@@ -361,8 +378,11 @@ def polling(args) -> int:
         print(f"[sqlite] next item after a submit: median {med(r['off']):.2f} ms without polling, "
               f"{med(r['on']):.2f} ms with {args.pollers} idle raters polling ({len(r['off'])} + {len(r['on'])} "
               f"submits, {args.blocks} alternating blocks each) -> ratio {ratio:.3f} (target < 1.05)")
+        cpu = r["tick_cpu_ms"]
         print(f"[sqlite] {r['ticks']} ticks ({', '.join(f'{v} {k}' for k, v in r['kinds'].items())}): median "
-              f"{med(ticks):.2f} ms, p95 {ticks[int(0.95 * (len(ticks) - 1))]:.2f} ms per tick")
+              f"{med(ticks):.2f} ms, p95 {ticks[int(0.95 * (len(ticks) - 1))]:.2f} ms per tick; CPU time per tick "
+              f"median {med(cpu):.2f} ms, mean {statistics.fmean(cpu):.2f} ms -> {args.pollers} idle raters take "
+              f"{statistics.fmean(cpu) * args.pollers / ui.POLL_SECONDS / 10:.2f}% of one core")
         if not args.no_align:
             dispose_engine(url)
             a = bench_polling_align(url, idle, args)
@@ -376,6 +396,11 @@ def polling(args) -> int:
             print(f"[app] runs without polling: {', '.join(f'{x:.3f}' for x in a['off'])}")
             print(f"[app] runs with polling:    {', '.join(f'{x:.3f}' for x in a['on'])}")
             print(f"[app] {a['ticks']} ticks over HTTP (round trip from the client: median {med(ticks):.1f} ms)")
+            (off_cpu, _), (on_cpu, on_ticks) = a["server_cpu"]["off"], a["server_cpu"]["on"]
+            per_tick = (on_cpu - off_cpu) / max(on_ticks, 1)
+            print(f"[app] the server's CPU time over {a['window']:g} s: {off_cpu:.2f} s without polling, {on_cpu:.2f} s "
+                  f"with ({on_ticks} ticks) -> {per_tick * 1000:.1f} ms per tick (Gradio's queue and HTTP included); "
+                  f"{args.pollers} idle raters take {(on_cpu - off_cpu) / a['window'] * 100:.1f}% of one core")
     print(f"load average at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
