@@ -221,20 +221,25 @@ def server(request, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "annotation.ui", "--db", url, "--port", str(port),
                              "--poll-seconds", str(poll)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
+    deadline = time.time() + 300  # a loaded CI machine starts Gradio slowly
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("annotation UI did not start:\n" + (tmp_path / "server.log").read_text())
+                time.sleep(0.5)
+        yield base, url, tmp_path
+    finally:  # the server stops whatever happened, also when it never answered
+        proc.terminate()
         try:
-            urllib.request.urlopen(base, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.close()
-                pytest.fail("annotation UI did not start:\n" + (tmp_path / "server.log").read_text())
-            time.sleep(0.5)
-    yield base, url, tmp_path
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
     assert PASSWORD not in (tmp_path / "server.log").read_text()
 
 
