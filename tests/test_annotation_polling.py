@@ -255,7 +255,9 @@ def browser():
 
 
 def _sign_in(page, name):
-    page.locator("#ma-name input, #ma-name textarea").first.fill(name)
+    field = page.locator("#ma-name input, #ma-name textarea").first
+    field.wait_for(timeout=120_000)  # the page renders slowly on a loaded machine
+    field.fill(name)
     page.locator("#ma-password input").fill(PASSWORD)
     page.locator("#ma-signin").click()
 
