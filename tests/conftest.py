@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,36 @@ def run_cli(*args, cwd=None, env=None, timeout=900, input=None) -> subprocess.Co
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "metaaligner_core", *map(str, args)], cwd=cwd or ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout, input=input)
+
+
+@contextmanager
+def serve_process(cmd, *, port: int, cwd, env, log_path: Path, start_timeout: float = 600):
+    """Run ``cmd`` (a ``metaaligner serve`` command line listening on ``port``) with its output in
+    ``log_path``; yield its base URL once ``/healthz`` answers; stop it afterwards."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                assert proc.poll() is None, f"serve exited early:\n{Path(log_path).read_text()[-3000:]}"
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"serve did not start in {start_timeout:.0f} s"
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

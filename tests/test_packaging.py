@@ -14,14 +14,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, serve_process
 from metaaligner_core.serve import free_port
 
 pytestmark = pytest.mark.slow  # builds a wheel, makes a virtual environment, starts the server with the embedded model
@@ -89,31 +88,12 @@ def test_serve_mounts_the_web_app_from_the_wheel(installed, embedded_dir):
     port = free_port()
     log_path = work / "serve.log"
     env = {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(bin_dir / "metaaligner"), "serve", "--port", str(port), "--max-new-tokens", "8",
-                                 "--db", f"sqlite:///{work / 'annotations.db'}"], cwd=work, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                assert proc.poll() is None, f"serve exited early:\n{log_path.read_text()[-3000:]}"
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "serve did not start in 600 s"
-                time.sleep(0.5)
-            page = httpx.get(url + "/ui/", timeout=30, follow_redirects=True)
-            assert page.status_code == 200 and "<html" in page.text.lower()
-            config = httpx.get(url + "/ui/config", timeout=30).json()
-            labels = {c.get("props", {}).get("label") for c in config["components"]}
-            assert {"Aligner (writes the correction)", "Query"} <= labels  # the Align tab of webapp
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    cmd = [str(bin_dir / "metaaligner"), "serve", "--port", str(port), "--max-new-tokens", "8",
+           "--db", f"sqlite:///{work / 'annotations.db'}"]
+    with serve_process(cmd, port=port, cwd=work, env=env, log_path=log_path) as url:
+        page = httpx.get(url + "/ui/", timeout=30, follow_redirects=True)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        config = httpx.get(url + "/ui/config", timeout=30).json()
+        labels = {c.get("props", {}).get("label") for c in config["components"]}
+        assert {"Aligner (writes the correction)", "Query"} <= labels  # the Align tab of webapp
     assert "/ui is not served" not in log_path.read_text()

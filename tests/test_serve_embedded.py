@@ -6,15 +6,13 @@ app at /ui); its log is checked at the end for leaked keys and user texts.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import ROOT
+from conftest import serve_process
 from metaaligner_core.serve import free_port
 
 pytestmark = pytest.mark.slow
@@ -31,31 +29,11 @@ def server(tmp_path_factory, embedded_dir):
     keys = tmp / "keys.txt"
     keys.write_text(f"# test keys\n{KEY}\n")
     port = free_port()
-    log = open(tmp / "server.log", "w+")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "-m", "metaaligner_core", "serve", "--policy", "default", "--aligner",
-                             "default", "--port", str(port), "--api-keys", str(keys), "--objectives", "honesty",
-                             "--max-new-tokens", str(N)], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, f"serve exited early:\n{open(tmp / 'server.log').read()}"
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start in 600 s"
-            time.sleep(0.5)
+    cmd = [sys.executable, "-m", "metaaligner_core", "serve", "--policy", "default", "--aligner", "default",
+           "--port", str(port), "--api-keys", str(keys), "--objectives", "honesty", "--max-new-tokens", str(N)]
+    with serve_process(cmd, port=port, cwd=tmp, env=env, log_path=tmp / "server.log") as url:
         yield url, tmp / "server.log"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -28,7 +27,7 @@ import httpx
 import pytest
 
 from api_server import FakeProvider
-from conftest import ROOT, require_chromium, run_cli
+from conftest import require_chromium, run_cli, serve_process
 from metaaligner_core.serve import free_port
 from test_security_app import RawGradio, fn_by_api_name
 from test_serve import build_tiny_model
@@ -52,37 +51,15 @@ def server(tmp_path_factory, embedded_dir, upstream):
     keys.write_text(f"{KEY}\n")
     port = free_port()
     log_path = tmp / "server.log"
-    log = open(log_path, "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "METAALIGNER_COMPAT_API_KEY": CANARY,
            "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "metaaligner_core", "serve", "--policy", f"up=openai-compatible:fake@{upstream.base_url}/v1",
-         f"tiny={tiny}", "--aligner", str(tiny), "--objectives", "honesty", "--max-new-tokens", "8",
-         "--api-keys", str(keys), "--max-request-bytes", str(LIMIT), "--port", str(port), "--threads", "1",
-         "--db", f"sqlite:///{tmp / 'ann.db'}"],
-        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"serve exited early:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start in 300 s"
-            time.sleep(0.3)
+    cmd = [sys.executable, "-m", "metaaligner_core", "serve", "--policy",
+           f"up=openai-compatible:fake@{upstream.base_url}/v1", f"tiny={tiny}", "--aligner", str(tiny),
+           "--objectives", "honesty", "--max-new-tokens", "8", "--api-keys", str(keys), "--max-request-bytes",
+           str(LIMIT), "--port", str(port), "--threads", "1", "--db", f"sqlite:///{tmp / 'ann.db'}"]
+    with serve_process(cmd, port=port, cwd=tmp, env=env, log_path=log_path, start_timeout=300) as url:
         yield url, log_path, tiny
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
 
 
 def canary_seen(upstream) -> bool:
