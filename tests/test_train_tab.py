@@ -8,9 +8,11 @@ and a tiny two-layer LLaMA as the operator's configured base; the job is the rea
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +160,38 @@ def test_the_train_tab_starts_a_job_survives_a_reload_and_offers_the_aligner(ser
 
     figs = ab.figures(Store(served["db"]), OPERATOR)
     assert len(figs) == 1 and next(iter(figs.values()))["candidate"] == final
+
+
+def test_jobs_one_at_a_time_configured_bases_only_and_cancel(tmp_path):
+    from annotation.store import OPERATOR, Store
+    from metaaligner_core.errors import MetaAlignerError
+    from webapp.train_jobs import TrainJobs
+
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    build_study(tmp_path, db)
+    Store(db).add_annotator("rita", RATER_PW, role="rater")
+    rater = Store(db).sign_in("rita", RATER_PW)
+    base = str(tiny_llama_dir(tmp_path / "base"))
+    jobs = TrainJobs(db, tmp_path / "runs", bases=[base], threads=1)
+    with pytest.raises(MetaAlignerError, match="admin"):
+        jobs.preview(rater, "imhi")
+    with pytest.raises(MetaAlignerError, match="configured"):
+        jobs.start_train(OPERATOR, "imhi", "default", max_steps=1, min_pairs=1)
+    preview = jobs.preview(OPERATOR, "imhi", holdout=2, min_pairs=1000)
+    assert "needs at least 1000" in preview["refusal"] and preview["held_out"] == 2
+    with pytest.raises(MetaAlignerError, match="needs at least 1000"):
+        jobs.start_train(OPERATOR, "imhi", base, max_steps=1, min_pairs=1000)
+    job = jobs.start_train(OPERATOR, "imhi", base, max_steps=5000, epochs=100, min_pairs=1)
+    try:
+        assert "METAALIGNER_DB" not in " ".join(job.argv) and db not in " ".join(job.argv)
+        env = Path(f"/proc/{job.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_NUM_THREADS=1" in env and f"METAALIGNER_DB={db}".encode() in env  # bounded threads
+        assert os.getpriority(os.PRIO_PROCESS, job.proc.pid) >= 10  # below the app's own priority
+        with pytest.raises(MetaAlignerError, match="is running"):
+            jobs.start_train(OPERATOR, "imhi", base, max_steps=1, min_pairs=1)
+        time.sleep(2)
+    finally:
+        assert jobs.cancel(OPERATOR) == "the train job was cancelled"
+    assert job.status == "cancelled" and job.proc.poll() is not None
+    assert json.loads((job.out / "job.json").read_text())["status"] == "cancelled"
+    assert jobs.finished_aligners() == []

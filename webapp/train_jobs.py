@@ -58,6 +58,7 @@ class Job:
     result: str | None = None  # train: the aligner directory; ab: the A/B study's name
     proc: subprocess.Popen | None = None
     cancel_requested: bool = False
+    watcher: threading.Thread | None = None
 
     def record(self) -> dict:
         return {"kind": self.kind, "status": self.status, "argv": self.argv, "started_by": self.started_by,
@@ -85,12 +86,13 @@ class TrainJobs:
     """The server's one background job, its history under ``runs_dir``, and the admin checks.
 
     ``bases``: MODEL strings a job may start from; ``baselines``: aligners an A/B study may
-    compare against (the operator's configured ones); ``threads``: CPU threads a job may use.
+    compare against (the operator's configured ones); ``threads``: CPU threads a job may use;
+    ``max_new_tokens``: the A/B corrections' length (the app's generation length).
     """
 
     def __init__(self, db_url: str, runs_dir: str | os.PathLike, bases: Sequence[str],
                  baselines: Sequence[str] = ("default",), threads: int | None = None,
-                 python: str = sys.executable):
+                 max_new_tokens: int = 256, python: str = sys.executable):
         from annotation.store import Store
 
         self.db_url = db_url
@@ -99,6 +101,7 @@ class TrainJobs:
         self.bases = list(dict.fromkeys(b for b in bases if b))
         self.baselines = list(dict.fromkeys(b for b in baselines if b))
         self.threads = threads or default_threads()
+        self.max_new_tokens = max_new_tokens
         self.python = python
         self.job: Job | None = None
         self._lock = threading.Lock()
@@ -195,7 +198,7 @@ class TrainJobs:
         record = json.loads((run / "study.json").read_text(encoding="utf-8"))
         name = f"ab-{run.name}-{datetime.now(timezone.utc):%H%M%S}"
         argv = ["annotate", "ab", "--baseline", baseline, "--candidate", candidate, "--queries", str(queries),
-                "--protocol", record["protocol"], "--name", name]
+                "--protocol", record["protocol"], "--name", name, "--max-new-tokens", str(self.max_new_tokens)]
         out = run / "ab" / name
         return self._spawn(Job("ab", out, argv, who, record["protocol"], baseline), name)
 
@@ -220,7 +223,8 @@ class TrainJobs:
             self.job = job
             self._write(job)
             log.info("%s job started by %s in %s", job.kind, job.started_by, job.out)
-            threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"{job.kind}-job").start()
+            job.watcher = threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"{job.kind}-job")
+            job.watcher.start()
             return job
 
     def _watch(self, job: Job) -> None:
@@ -254,6 +258,7 @@ class TrainJobs:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+        job.watcher.join(timeout=15)  # its status and job.json are written
         return f"the {job.kind} job was cancelled"
 
     def shutdown(self) -> None:
