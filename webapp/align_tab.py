@@ -376,6 +376,17 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
             signed_in = build_annotation_tabs(config.db_url, first_run)
             if signed_in is None:  # no annotation tools: nobody can sign in, so nobody may send
                 signed_in = gr.State(None)
+                train_jobs = None
+            else:
+                from webapp.train_jobs import TrainJobs
+                from webapp.train_tab import build_train_tab
+
+                train_jobs = TrainJobs(config.db_url, config.runs_dir, bases=config.train_bases,
+                                       baselines=allow.configured("aligner"), threads=config.train_threads,
+                                       max_new_tokens=config.max_new_tokens)
+                train_jobs.restore_offers(allow)
+                with gr.Tab("Train", id="train"):
+                    build_train_tab(train_jobs, signed_in, allow, aligner, lambda: picker(ALIGNER_CHOICES, "aligner"))
 
         # --- events -----------------------------------------------------------------------
         fast = dict(queue=False, api_visibility="private")
@@ -386,6 +397,8 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
         timer.tick(status, [policy, aligner], [status_md, timer], **fast)
         demo.load(status, [policy, aligner], [status_md, timer], **fast)
         demo.load(preview, preview_inputs, prompt_box, **fast)
+        # aligners an admin offered (Train tab) since the page was built
+        demo.load(lambda: gr.update(choices=picker(ALIGNER_CHOICES, "aligner")), None, aligner, **fast)
 
         # Stop is cooperative (see StopSignals): arming first means a Stop pressed while the run
         # still waits in the queue is honoured when it starts.
@@ -403,6 +416,7 @@ def build_demo(config: AppConfig | None = None, service=None, first_run=None):
 
     demo.service = service
     demo.allow_list = allow
+    demo.train_jobs = train_jobs
     return demo
 
 

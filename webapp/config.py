@@ -34,6 +34,9 @@ class AppConfig:
     allow_any_model: accept any MODEL string a visitor types (still never sends an API key to an
         OpenAI-compatible endpoint the operator did not configure).
     limits: input caps, queue size and upload limit (:class:`webapp.security.Limits`).
+    train_bases: MODEL strings the Train tab may start a job from (default: ``default``, the embedded model).
+    runs_dir: where the Train tab's jobs write (one directory per job).
+    train_threads: CPU threads a training job may use (default: half the cores).
     """
 
     policy: str = "default"
@@ -53,6 +56,9 @@ class AppConfig:
     allow_models: list[str] = field(default_factory=list)
     allow_any_model: bool = False
     limits: sec.Limits = sec.LIMITS
+    train_bases: list[str] = field(default_factory=lambda: ["default"])
+    runs_dir: str = "data/runs"
+    train_threads: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -88,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
                    help="CPU threads per generation (default: torch's choice); 1 helps on a busy shared CPU")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="load models on first use instead of right after start")
+    p.add_argument("--train-base", metavar="MODEL,...", action="append", default=[],
+                   help="base models the Train tab may train from (comma-separated, repeatable; default: default)")
+    p.add_argument("--runs-dir", default="data/runs", metavar="DIR",
+                   help="where the Train tab's jobs write (default: %(default)s)")
+    p.add_argument("--train-threads", type=int, default=None, metavar="N",
+                   help="CPU threads a training job may use (default: half the cores)")
     a = p.parse_args(argv)
     try:
         auth = sec.read_auth(a.auth, a.auth_file)
@@ -103,13 +115,16 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         forwarded = ",".join(forwarded_allow_ips(a.forwarded_allow_ips))
     except MetaAlignerError as e:
         p.error(str(e))
-    if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1 or (a.threads is not None and a.threads < 1):
-        p.error("--concurrency, --max-models, --max-new-tokens and --threads must be >= 1")
+    if a.concurrency < 1 or a.max_models < 1 or a.max_new_tokens < 1 or any(
+            n is not None and n < 1 for n in (a.threads, a.train_threads)):
+        p.error("--concurrency, --max-models, --max-new-tokens, --threads and --train-threads must be >= 1")
+    bases = [m.strip() for item in a.train_base for m in item.split(",") if m.strip()] or ["default"]
     return AppConfig(policy=a.policy, aligner=a.aligner, template=a.template, db_url=a.db_url, host=a.host,
                      port=a.port, share=a.share, auth=auth, forwarded_allow_ips=forwarded,
                      max_new_tokens=a.max_new_tokens,
                      concurrency=a.concurrency, max_models=a.max_models, preload=a.preload, threads=a.threads,
-                     allow_models=allow, allow_any_model=a.allow_any_model)
+                     allow_models=allow, allow_any_model=a.allow_any_model, train_bases=bases,
+                     runs_dir=a.runs_dir, train_threads=a.train_threads)
 
 
 def allow_list(config: AppConfig) -> sec.ModelAllowList:

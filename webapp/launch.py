@@ -62,6 +62,8 @@ def launch(config: AppConfig, *, block: bool = True, quiet: bool = False):
                 prevent_thread_lock=True, quiet=quiet, show_error=False, max_file_size=config.limits.upload)
     if config.preload:
         demo.service.registry.preload(policy=config.policy, aligner=config.aligner)
+    if demo.train_jobs is not None:  # a training job does not outlive the server
+        atexit.register(demo.train_jobs.shutdown)
     if block:
         demo.block_thread()
     return demo

@@ -210,6 +210,7 @@ class TrainJobs:
             job.out.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "METAALIGNER_DB": self.db_url, "OMP_NUM_THREADS": str(self.threads),
                    "MKL_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false",
+                   "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # a readable log
                    "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
             logf = open(job.out / LOG_FILE, "ab")

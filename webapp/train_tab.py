@@ -54,7 +54,8 @@ def build_train_tab(jobs: TrainJobs, signed_in, allow=None, aligner_picker=None,
                 "same raters judge it blind against a baseline. Sign in with an admin account on the Annotate tab.")
     msg = gr.Markdown(elem_id="ma-train-message")
     with gr.Row():
-        protocol = gr.Dropdown([], label="Study (protocol)", elem_id="ma-train-protocol")
+        # choices arrive after an admin signs in; the handlers check every value themselves
+        protocol = gr.Dropdown([], label="Study (protocol)", allow_custom_value=True, elem_id="ma-train-protocol")
         base = gr.Dropdown([(model_label(b), b) for b in jobs.bases], value=jobs.bases[0] if jobs.bases else None,
                            label="Base model (configured by the operator)", elem_id="ma-train-base")
     with gr.Row():
@@ -71,12 +72,14 @@ def build_train_tab(jobs: TrainJobs, signed_in, allow=None, aligner_picker=None,
         start_btn = gr.Button("Start training", variant="primary", elem_id="ma-train-start")
         cancel_btn = gr.Button("Cancel the job", variant="stop", elem_id="ma-train-cancel")
     progress = gr.HTML(_progress_html({}), elem_id="ma-train-progress-box")
-    plot = gr.LinePlot(pd.DataFrame({"point": [], "loss": [], "stage": []}), x="point", y="loss", color="stage",
-                       label="Training loss", elem_id="ma-train-loss")
+    plot = gr.LinePlot(pd.DataFrame({"point": [], "loss": [], "stage": []}), x="point", y="loss",
+                       tooltip=["stage", "loss"], label="Training loss (logged steps, all stages)",
+                       elem_id="ma-train-loss")
     log_box = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="ma-train-log")
     gr.Markdown("### The new aligner")
     with gr.Row():
-        finished = gr.Dropdown([], label="Aligners trained here", elem_id="ma-train-finished")
+        finished = gr.Dropdown([], label="Aligners trained here", allow_custom_value=True,
+                               elem_id="ma-train-finished")
         offer_btn = gr.Button("Let visitors pick it in the Align tab", elem_id="ma-train-offer")
     with gr.Row():
         baseline = gr.Dropdown([(model_label(b), b) for b in jobs.baselines],
