@@ -115,10 +115,21 @@ class TrainJobs:
         with self.store._session() as s:
             return workflow.actor_name(accounts.require_role(s, token, "admin"))
 
+    @staticmethod
+    def _configured(value, configured: Sequence[str]) -> str | None:
+        """The configured MODEL string ``value`` names (as is, or as the page shows it)."""
+        from .security import ModelAllowList
+
+        for spec in configured:
+            if isinstance(value, str) and value in (spec, ModelAllowList.public(spec)):
+                return spec
+        return None
+
     def _check_base(self, base) -> str:
-        if not isinstance(base, str) or base not in self.bases:
+        found = self._configured(base, self.bases)
+        if found is None:
             raise MetaAlignerError("base model: not one the operator configured for training")
-        return base
+        return found
 
     @staticmethod
     def _int(label: str, value, lo: int, hi: int) -> int:
@@ -191,7 +202,8 @@ class TrainJobs:
         who = self.admin(token)
         if not isinstance(candidate, str) or candidate not in self.finished_aligners():
             raise MetaAlignerError("candidate: not an aligner a finished training job wrote")
-        if not isinstance(baseline, str) or baseline not in self.baselines:
+        baseline = self._configured(baseline, self.baselines)
+        if baseline is None:
             raise MetaAlignerError("baseline: not an aligner the operator configured")
         queries = self._int("queries", queries, 1, MAX_QUERIES)
         run = Path(candidate).parent

@@ -47,7 +47,9 @@ def build_train_tab(jobs: TrainJobs, signed_in, allow=None, aligner_picker=None,
     import gradio as gr
     import pandas as pd
 
-    from .security import model_label
+    from .security import ModelAllowList, model_label
+
+    public = ModelAllowList.public  # credentials in a configured MODEL string stay on the server
 
     gr.Markdown("Admins: train an aligner on this study's final labels (the examiner's score where an item "
                 "was reviewed) — pairs → Algorithm 1 → warm-up, equal and preference stages — then let the "
@@ -56,7 +58,8 @@ def build_train_tab(jobs: TrainJobs, signed_in, allow=None, aligner_picker=None,
     with gr.Row():
         # choices arrive after an admin signs in; the handlers check every value themselves
         protocol = gr.Dropdown([], label="Study (protocol)", allow_custom_value=True, elem_id="ma-train-protocol")
-        base = gr.Dropdown([(model_label(b), b) for b in jobs.bases], value=jobs.bases[0] if jobs.bases else None,
+        base = gr.Dropdown([(model_label(b), public(b)) for b in jobs.bases],
+                           value=public(jobs.bases[0]) if jobs.bases else None,
                            label="Base model (configured by the operator)", elem_id="ma-train-base")
     with gr.Row():
         max_steps = gr.Number(0, precision=0, minimum=0, label="Max steps per stage (0: no cap)",
@@ -82,8 +85,8 @@ def build_train_tab(jobs: TrainJobs, signed_in, allow=None, aligner_picker=None,
                                elem_id="ma-train-finished")
         offer_btn = gr.Button("Let visitors pick it in the Align tab", elem_id="ma-train-offer")
     with gr.Row():
-        baseline = gr.Dropdown([(model_label(b), b) for b in jobs.baselines],
-                               value=jobs.baselines[0] if jobs.baselines else None, label="Baseline aligner",
+        baseline = gr.Dropdown([(model_label(b), public(b)) for b in jobs.baselines],
+                               value=public(jobs.baselines[0]) if jobs.baselines else None, label="Baseline aligner",
                                elem_id="ma-train-baseline")
         queries = gr.Number(4, precision=0, minimum=1, label="A/B queries (held-out items)",
                             elem_id="ma-train-ab-queries")
