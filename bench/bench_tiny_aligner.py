@@ -126,7 +126,7 @@ def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_token
     from metaaligner_core.inference import Aligner
 
     aligner = Aligner.load(model_dir, template="ultrafeedback")
-    tok = aligner.tokenizer
+    tok = aligner.generator.tokenizer
     lengths = [len(tok(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     outs, limited = [""] * len(rows), [False] * len(rows)
