@@ -180,15 +180,17 @@ def main(argv=None) -> int:
     rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed,
                        args.unrelated)
     candidates = {}
+    if args.only in (None, "tiny"):  # first: the aligner under test
+        candidates["tiny"] = args.aligner or str(default_aligner_dir())
     if args.only in (None, "base"):
         candidates["base"] = str(embedded_model_dir())
-    if args.only in (None, "tiny"):
-        candidates["tiny"] = args.aligner or str(default_aligner_dir())
     results, seconds, limited = {}, {}, {}
     for name, path in candidates.items():
         outs, hit, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
         results[name] = [{**judge(r, o), "hit_limit": h} for r, o, h in zip(rows, outs, hit)]
         limited[name] = sum(hit)
+        if args.out:  # each aligner's verdicts as soon as it is done (no texts)
+            Path(args.out).with_suffix(f".{name}.json").write_text(json.dumps(results[name]) + "\n")
     lines = table(rows, results)
 
     names = list(results)

@@ -272,13 +272,13 @@ def test_shipped_adapter_is_small_and_merges_exactly(merged_dir, embedded_dir):
     from metaaligner_core import embedded
 
     adapter = embedded.tiny_adapter_dir()
-    assert (adapter / "adapter_model.safetensors").stat().st_size < 10 * 2 ** 20
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 25 * 10 ** 6
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     lora = load_file(str(adapter / "adapter_model.safetensors"))
     base, merged = load_file(str(embedded_dir / "model.safetensors")), load_file(str(merged_dir / "model.safetensors"))
     scale = cfg["lora_alpha"] / cfg["r"]
     a_keys = sorted(k for k in lora if k.endswith("lora_A.weight"))
-    assert len(a_keys) == 56  # 7 matrices in each of the 8 adapted layers
+    assert len(a_keys) == 7 * 30  # every linear matrix of all 30 layers
     for key in a_keys:  # W_merged = W_base + scale * B @ A, computed here without PEFT
         name = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
         want = base[name].float() + scale * lora[key.replace("lora_A", "lora_B")].float() @ lora[key].float()
@@ -298,8 +298,20 @@ def test_tiny_model_string_is_the_merged_aligner(merged_dir):
     assert not parse_model("tiny").is_api and not is_default("tiny")
 
 
-# The CPU-trained adapter does not reach this (README: measured figures; it tends to answer the
-# query instead of editing the draft). Strict: a better adapter that passes turns this red, so the
+@pytest.mark.slow
+def test_shipped_adapter_leaves_a_clean_draft_unchanged(merged_dir):
+    from metaaligner_core.inference import Aligner
+
+    clean = ("Drinking water helps the body stay healthy. Most adults need about two liters a day, "
+             "more if you exercise.")
+    aligner = Aligner.load(str(merged_dir), template="ultrafeedback")
+    out = aligner.align("How much water should I drink?", clean, [tinydata.OBJECTIVES["repetition"]],
+                        max_new_tokens=64)
+    assert out.split() == clean.split(), out
+
+
+# The shipped adapter repairs about half of such faults on held-out drafts (README: measured
+# figures); on this short draft it returns the draft unchanged. Strict: a better adapter that passes turns this red, so the
 # marker is removed together with the claim in the README.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="the shipped CPU-trained adapter does not yet repair this draft faithfully")
