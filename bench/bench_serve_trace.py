@@ -36,25 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-QUERIES = [
-    "How do I keep basil fresh after buying it?",
-    "What is the difference between weather and climate?",
-    "Explain what a hash table is to a new programmer.",
-    "Why do cats purr?",
-    "Give me three tips for a first job interview.",
-    "How does a vaccine train the immune system?",
-    "What should I pack for a two-day hike?",
-    "Why is the sky blue?",
-    "How can I fall asleep faster?",
-    "What is compound interest?",
-    "Suggest a simple vegetarian dinner.",
-    "How do noise-cancelling headphones work?",
-    "What causes the seasons on Earth?",
-    "How do I politely decline a meeting?",
-    "What is the purpose of a budget?",
-    "How do plants make food from sunlight?",
-]
+from bench_serve import QUERIES  # noqa: E402  (the same 16 queries as the batching benchmark)
 OBJECTIVES = "honesty,helpfulness"
 
 
