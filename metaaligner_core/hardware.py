@@ -1,5 +1,6 @@
-"""What the GPU can do: whether Flash-Attention 2 really works here, the bf16 peak of a device,
-and the FLOPs a training step of a decoder costs (for model FLOPs utilisation, MFU).
+"""What the hardware can do: whether Flash-Attention 2 really works here, the bf16 peak of a
+device, whether this CPU computes bf16 natively, and the FLOPs a training step of a decoder costs
+(for model FLOPs utilisation, MFU).
 
 Kept free of heavy imports at module level: the CLI imports it on machines without CUDA.
 """
@@ -16,6 +17,32 @@ log = logging.getLogger(__name__)
 FLASH_MIN_CAPABILITY = (8, 0)
 # transformers' flash_attention_2 path needs flash-attn 2.1 or newer (bottom-right causal mask).
 FLASH_MIN_VERSION = (2, 1)
+
+
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix products: AVX-512 BF16 and AMX.
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags of this CPU (``/proc/cpuinfo``'s first ``flags`` line); empty where there
+    is no such file (macOS, Windows)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU multiplies bf16 matrices natively (avx512_bf16 or AMX): there, a bf16
+    model decodes faster than fp32; elsewhere bf16 is emulated and slower."""
+    return bool(cpu_flags(cpuinfo) & set(FAST_BF16_FLAGS))
 
 
 @dataclass(frozen=True)

@@ -180,12 +180,14 @@ class ChatCompletionChunk(BaseModel):
 class ModelInfo(BaseModel):
     """What this server does with a model id: ``default_max_tokens`` (each stage's length when a
     request gives no ``max_tokens``), ``context_length`` (the local policy's; None for an API
-    policy), the aligner and its template."""
+    policy), the aligner and its template, and ``dtype`` (the local models' weights: fp32, bf16 or
+    fp16; None for an API policy)."""
 
     default_max_tokens: int
     context_length: int | None = None
     aligner: str
     template: str
+    dtype: str | None = None
 
 
 class ModelCard(BaseModel):

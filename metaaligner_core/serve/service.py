@@ -156,9 +156,9 @@ class CorrectionService:
 
     def __init__(self, *, policies: list[str], aligner: str = "default", template: str | None = None,
                  objectives: str | None = None, max_new_tokens: int = 1024, batch_size: int = 16,
-                 window: float = 0.02, device: str | None = None, upstream_retries: int = 2,
-                 upstream_timeout: float = 120.0, registry_class=ModelRegistry, scheduling: str = "step",
-                 prefill_chunk: int = 256):
+                 window: float = 0.02, device: str | None = None, dtype: str | None = None,
+                 upstream_retries: int = 2, upstream_timeout: float = 120.0, registry_class=ModelRegistry,
+                 scheduling: str = "step", prefill_chunk: int = 256):
         if scheduling not in ("step", "batch"):
             raise MetaAlignerError(f'scheduling "{scheduling}": expected step or batch')
         self.scheduling, self.prefill_chunk = scheduling, prefill_chunk
@@ -178,7 +178,8 @@ class CorrectionService:
         # Holds every model the service uses (its LRU bound never drops one); API policies get the
         # server's retry and timeout settings.
         self.registry = registry_class(device=device, max_models=len(self.policies) + 1,
-                                       policy_options={"timeout": upstream_timeout, "max_retries": upstream_retries})
+                                       policy_options={"timeout": upstream_timeout, "max_retries": upstream_retries},
+                                       local_options={"dtype": dtype} if dtype and dtype != "auto" else None)
         self._batchers: dict[int, StepScheduler | Batcher] = {}
         self.aligner = None
         self.stopping = False
@@ -313,8 +314,10 @@ class CorrectionService:
         """``/v1/models``' ``metaaligner`` object of a model id."""
         backend = self.registry.loaded("policy", self.policies[model_id]) if hasattr(self.registry, "loaded") else None
         gen = getattr(backend, "generator", None)
+        dtype = str(gen.model.dtype).replace("torch.", "") if gen else None
         return {"default_max_tokens": self.max_new_tokens, "context_length": gen.max_length if gen else None,
-                "aligner": display_name(self.aligner_name), "template": self.template}
+                "aligner": display_name(self.aligner_name), "template": self.template,
+                "dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)}
 
     async def check_draft(self, model_id: str, messages: list[tuple[str, str]], settings: GenerationSettings) -> None:
         """Refuse a conversation too long for a local policy's context (with ``max_tokens``)."""
