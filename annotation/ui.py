@@ -35,6 +35,7 @@ import html
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from metaaligner_core.errors import MetaAlignerError
 
@@ -465,12 +466,75 @@ def _shown(value, digits: int = 3):
     return None if value is None else round(value, digits)
 
 
-def export_view(store: Store, token: str | None, target: int | None = None):
-    """The dashboard for an admin (the store raises AccessDenied otherwise):
-    -> (status, agreement rows, source rows, rater rows, distribution plot path).
+AB_HEADERS = ["study", "objective", "items rated", "baseline mean", "candidate mean", "candidate − baseline",
+              "95% interval (paired bootstrap)", "wins", "ties", "losses"]
+
+
+class DashboardView(NamedTuple):
+    """What the Export tab shows: ``status`` (one line), table rows, the score plot's path (None
+    with no ratings yet), and the blind A/B studies and alpha per batch, each a line and rows."""
+
+    status: str
+    agreement: list
+    sources: list
+    raters: list
+    plot: str | None
+    ab_note: str
+    ab: list
+    batch_note: str
+    batches: list
+
+
+def _plain(text) -> str:
+    """Text shown verbatim in a Markdown component (a model path may hold ``_`` or ``*``)."""
+    return "".join(f"\\{c}" if c in "\\`*_{}[]()<>#+-.!|~" else c for c in html.escape(str(text), quote=False))
+
+
+def _interval(ci) -> str | None:
+    return None if not ci else f"{ci[0]:+.3f} – {ci[1]:+.3f}"
+
+
+def ab_rows(ab: dict) -> tuple[str, list]:
+    """The blind A/B studies (``dashboard()["ab"]``): a line naming each study's aligners, and per
+    study and objective the candidate's mean score minus the baseline's with its interval and
+    the items won, tied and lost."""
+    if not ab:
+        return ("No blind A/B study yet (the Train tab starts one after a training job; or "
+                "`metaaligner annotate ab`)."), []
+    lines, rows = [], []
+    for name, st in ab.items():
+        lines.append(f"**{_plain(name)}**: baseline {_plain(st['baseline'])} against candidate "
+                     f"{_plain(st['candidate'])}, {st['items']} item{'s' if st['items'] != 1 else ''} "
+                     f"(protocol {_plain(st['protocol'])})")
+        for key, o in st["objectives"].items():
+            diff = o["difference"]
+            rows.append([name, key, o["n"], _shown(o["baseline_mean"]), _shown(o["candidate_mean"]),
+                         None if diff is None else f"{diff:+.3f}", _interval(o["ci95"]),
+                         o["wins"], o["ties"], o["losses"]])
+    note = ("Blind A/B studies (scores: the examiner's final score where reviewed, else the raters' mean; "
+            "wins/ties/losses per item): " + "; ".join(lines) + ".")
+    return note, rows
+
+
+def batch_rows(batches: dict, keys: list[str]) -> tuple[str, list]:
+    """Alpha per batch of complete items in the order they were completed
+    (``dashboard()["alpha_by_batch"]``): a line, and one row per batch."""
+    got = batches.get("batches") or []
+    if not got:
+        return "Alpha per batch: no item has all its raters yet.", []
+    note = (f"Alpha per batch of {batches['batch_size']} complete items, in the order they were completed: where "
+            "the protocol serves the most disagreed items first (`order: disagreement`), later batches show its "
+            "effect.")
+    rows = [[b["batch"], b["items"], b["completed_until"][:19].replace("T", " "),
+             *[_shown(b["alpha"].get(k)) for k in keys]] for b in got]
+    return note, rows
+
+
+def export_view(store: Store, token: str | None, target: int | None = None) -> DashboardView:
+    """The dashboard for an admin (the store raises AccessDenied otherwise).
 
     The status ends with the time it was computed; with no submitted rating yet it is one line
-    saying so, and there is no plot."""
+    saying so, and there is no plot, no A/B table and no batch table."""
     dash = store.dashboard(token, bootstrap=500)
     overall, people = store.progress_by_annotator(token, target)
     computed = f"Computed at {time.strftime('%H:%M:%S', time.gmtime())} UTC."
@@ -497,13 +561,15 @@ def export_view(store: Store, token: str | None, target: int | None = None):
     if not any(sum(v.values()) for v in dash["distribution"].values()):
         status = (f"No ratings submitted yet ({overall.total} item{'s' if overall.total != 1 else ''} waiting for "
                   f"raters). {computed}")
-        return status, agreement_rows, source_rows, rater_rows, None
+        return DashboardView(status, agreement_rows, source_rows, rater_rows, None, "", [], "", [])
     from .dashboard import distribution_plot
 
     plot_dir = Path(tempfile.mkdtemp(prefix="metaaligner-dash-"))
     plot = distribution_plot(dash["distribution"], plot_dir / "scores.png")
     remove_later(plot_dir)
-    return status, agreement_rows, source_rows, rater_rows, plot
+    ab_note, ab = ab_rows(dash["ab"])
+    batch_note, batches = batch_rows(dash["alpha_by_batch"], list(dash["objectives"]))
+    return DashboardView(status, agreement_rows, source_rows, rater_rows, plot, ab_note, ab, batch_note, batches)
 
 
 def export_files(store: Store, token: str | None, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -522,7 +588,7 @@ def export_files(store: Store, token: str | None, out_dir: str | Path | None = N
 def build_export_tab(db_url: str | None = None, signed_in=None,
                      target_annotators: int | None = None) -> None:
     """Admins only: the dashboard (agreement with intervals, by response source, per rater, score
-    distributions, progress, time) and downloads of ratings, final labels and pairs.
+    distributions, progress, time, blind A/B studies, alpha per batch) and downloads of ratings, final labels and pairs.
 
     ``signed_in`` is the state returned by :func:`build_annotate_tab`; without it the tab has
     its own sign-in form. Built inside a ``gr.Tab``, the dashboard is computed when the tab is
@@ -557,31 +623,40 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
                              elem_id="ma-raters")
     plot = gr.Image(label="Score distribution per objective", type="filepath", interactive=False, visible="hidden",
                     elem_id="ma-distribution")
+    ab_note = gr.Markdown(elem_id="ma-ab-note")
+    ab_df = gr.Dataframe(headers=AB_HEADERS, label="Blind A/B studies: the candidate aligner against the baseline",
+                         interactive=False, visible="hidden", elem_id="ma-ab")
+    batch_note = gr.Markdown(elem_id="ma-batches-note")
+    batch_df = gr.Dataframe(headers=["batch"], label="Alpha per batch of complete items", interactive=False,
+                            visible="hidden", elem_id="ma-batches")
     prepare_btn = gr.Button("Prepare downloads", variant="primary", elem_id="ma-export-prepare")
     labels = ["Ratings (JSONL)", "Ratings (CSV)", "Final labels (JSONL)", "Pairs (JSONL)"]
     with gr.Row():
         dl = [gr.DownloadButton(label, visible=False, elem_id=f"ma-download-{i}") for i, label in enumerate(labels)]
 
     hidden = (gr.update(value=None, visible="hidden"),) * 4
+    blank = (gr.update(value=""), gr.update(value=None, visible="hidden")) * 2  # the A/B and batch sections
 
     def table(headers, rows):
         return gr.update(value={"headers": headers, "data": rows}, visible=True) if rows else hidden[0]
 
     def refresh(token):
         try:
-            s, a, src, p, img = export_view(store, token, target_annotators)
+            v = export_view(store, token, target_annotators)
         except MetaAlignerError as e:
-            return (_message(str(e), "error"), *hidden)
-        if img is None:  # no ratings yet: the status line says so, and there is nothing to tabulate
-            return (s, *hidden)
-        keys = [row[0] for row in a]
-        return (s, table(agreement_headers, a), table(["source", *keys], src), table(people_headers, p),
-                gr.update(value=img, visible=True if img is not None else "hidden"))
+            return (_message(str(e), "error"), *hidden, *blank)
+        if v.plot is None:  # no ratings yet: the status line says so, and there is nothing to tabulate
+            return (v.status, *hidden, *blank)
+        keys = [row[0] for row in v.agreement]
+        return (v.status, table(agreement_headers, v.agreement), table(["source", *keys], v.sources),
+                table(people_headers, v.raters), gr.update(value=v.plot, visible=True),
+                gr.update(value=v.ab_note), table(AB_HEADERS, v.ab),
+                gr.update(value=v.batch_note), table(["batch", "items", "completed until (UTC)", *keys], v.batches))
 
     def opened(token):
         """The tab was opened: the dashboard for an admin; a line for anyone else."""
         if token is None:
-            return (_message("Sign in with an admin account to see the dashboard."), *hidden)
+            return (_message("Sign in with an admin account to see the dashboard."), *hidden, *blank)
         return refresh(token)
 
     def prepare(token):
@@ -593,7 +668,7 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
         return (_message("Files ready.", "ok"),
                 *[gr.update(value=str(p), visible=True) for p in paths.values()])
 
-    dash_outputs = [status, agreement_df, source_df, people_df, plot]
+    dash_outputs = [status, agreement_df, source_df, people_df, plot, ab_note, ab_df, batch_note, batch_df]
     refresh_btn.click(refresh, inputs=[signed_in], outputs=dash_outputs, api_visibility="private")
     if tab is not None:
         tab.select(opened, inputs=[signed_in], outputs=dash_outputs, api_visibility="private")
@@ -603,7 +678,7 @@ def build_export_tab(db_url: str | None = None, signed_in=None,
             try:
                 token = store.sign_in(n, p)
             except MetaAlignerError as e:
-                return None, "", _message(str(e), "error"), *hidden
+                return None, "", _message(str(e), "error"), *hidden, *blank
             return token, "", *refresh(token)
 
         signin_btn.click(sign_in, inputs=[name, password], outputs=[signed_in, password, *dash_outputs],

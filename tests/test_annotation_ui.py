@@ -224,9 +224,9 @@ def test_export_handlers_need_an_admin(tmp_path):
     eve = store.sign_in("eve", PASSWORD)
     with pytest.raises(AccessDenied):
         export_view(store, eve)  # examiners review; the dashboard is for admins
-    status, agreement_rows, source_rows, people_rows, plot = export_view(store, alice)
-    assert [r[0] for r in agreement_rows] == ["correctness", "informative", "professional"]
-    assert {r[0] for r in people_rows} == {"alice", "bob", "carol", "eve"}
+    view = export_view(store, alice)
+    assert [r[0] for r in view.agreement] == ["correctness", "informative", "professional"]
+    assert {r[0] for r in view.raters} == {"alice", "bob", "carol", "eve"}
     paths = export_files(store, alice, tmp_path / "out")
     assert sorted(p.name for p in paths.values()) == ["final.jsonl", "pairs.jsonl", "ratings.csv", "ratings.jsonl"]
     assert store.export(OPERATOR, "ratings", tmp_path / "op.jsonl") == 0
