@@ -49,18 +49,30 @@ def _items(tmp_path, name: str, queries: list[str], source: str = "model-a"):
 
 
 def _assignments(db) -> list[tuple[str, str, str]]:
+    """(rater, item uid, status) of every assignment, in order; ``db``: a SQLite file or a database URL."""
+    query = ("SELECT a.name, i.uid, s.status FROM assignments s JOIN annotators a ON a.id = s.annotator_id "
+             "JOIN items i ON i.id = s.item_id ORDER BY s.id")
+    if "://" in str(db):
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(str(db))
+        try:
+            with eng.connect() as c:
+                return [tuple(r) for r in c.execute(sa.text(query)).all()]
+        finally:
+            eng.dispose()
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return con.execute("SELECT a.name, i.uid, s.status FROM assignments s JOIN annotators a ON a.id = s.annotator_id "
-                           "JOIN items i ON i.id = s.item_id ORDER BY s.id").fetchall()
+        return con.execute(query).fetchall()
     finally:
         con.close()
 
 
 # ----------------------------------------------------------------------------- store and handlers
+# On SQLite and on PostgreSQL (the ``db_url`` fixture, tests/conftest.py).
 
-def test_the_change_marker_moves_with_items_holds_and_ratings(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_the_change_marker_moves_with_items_holds_and_ratings(db_url, tmp_path):
+    url = db_url
     store = _accounts(url)
     bob = store.sign_in("bob", PASSWORD)
     v0 = store.queue_version(bob)
@@ -82,8 +94,8 @@ def test_the_change_marker_moves_with_items_holds_and_ratings(tmp_path):
         store.queue_version("not-a-token")
 
 
-def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(db_url, tmp_path, monkeypatch):
+    url = db_url
     store = _accounts(url)
     bob = store.sign_in("bob", PASSWORD)
     calls = []
@@ -104,7 +116,7 @@ def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(tmp_path, monk
     assert len(calls) == 2
     assert item.query == "a later post" and "A new item" in status and "You: 0 / 1" in progress
     assert button["visible"] is False and timer.active is False  # an item on screen: polling stops
-    assert _assignments(tmp_path / "a.db") == [("bob", item.uid, "open")]
+    assert _assignments(url) == [("bob", item.uid, "open")]
 
     # A full check at least every FULL_CHECK_SECONDS, even with the marker unchanged (holds expire).
     store2 = Store(url)
@@ -118,8 +130,8 @@ def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(tmp_path, monk
     assert len(calls) == n + 1
 
 
-def test_other_raters_work_refreshes_the_progress_bars_without_a_next_item_query(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_other_raters_work_refreshes_the_progress_bars_without_a_next_item_query(db_url, tmp_path, monkeypatch):
+    url = db_url
     store = _accounts(url)
     store.import_items(_items(tmp_path, "two", ["p1", "p2"]), raters=1)
     bob, carol = store.sign_in("bob", PASSWORD), store.sign_in("carol", PASSWORD)
@@ -152,13 +164,13 @@ def test_other_raters_work_refreshes_the_progress_bars_without_a_next_item_query
     assert "Overall: 2 / 2 items" in progress and calls == []
 
 
-def test_poll_never_replaces_an_item_on_screen_and_does_nothing_unsigned(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_poll_never_replaces_an_item_on_screen_and_does_nothing_unsigned(db_url, tmp_path):
+    url = db_url
     store = _accounts(url)
     store.import_items(_items(tmp_path, "two", ["first", "second"]))
     bob = store.sign_in("bob", PASSWORD)
     view = store.next_item(bob)
-    before = _assignments(tmp_path / "a.db")
+    before = _assignments(url)
     for force in (False, True):  # the timer's tick, the button or opening the tab
         out = ui.on_poll(store, None, bob, view, [], None, force=force)
         assert all(isinstance(o, dict) and o.get("__type__") == "update" for o in out[:6]), out
@@ -166,14 +178,14 @@ def test_poll_never_replaces_an_item_on_screen_and_does_nothing_unsigned(tmp_pat
         assert out[6]["visible"] is False and out[7].active is False  # and the timer is switched off
         out = ui.on_poll(store, None, None, None, [], None, force=force)  # never signed in
         assert all(len(o) == 1 for o in out[:6]) and out[7].active is False
-    assert _assignments(tmp_path / "a.db") == before
+    assert _assignments(url) == before
     out = ui.on_poll(store, None, "forged-token", None, [], None, force=True)
     assert "not signed in" in out[2] and out[7].active is False
-    assert _assignments(tmp_path / "a.db") == before
+    assert _assignments(url) == before
 
 
-def test_audience_says_who_will_rate_an_item(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def test_audience_says_who_will_rate_an_item(db_url, tmp_path):
+    url = db_url
     store = Store(url)
     store.add_annotator("alice", PASSWORD, admin=True)
     uid = store.enqueue_item("Is the sky green?", [("No.", "m1"), ("Yes.", "m2")])
