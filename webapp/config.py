@@ -25,7 +25,8 @@ class AppConfig:
         (comma list of addresses or networks); empty: none, the TCP peer's address counts
         (per-address sign-in throttling must not be fooled by a forged header).
     max_new_tokens: default generation length (UI slider start and API setting).
-    concurrency: generations that may run at once (1 suits one CPU or GPU).
+    concurrency: Align runs (and ``align`` API calls) that may run at once. A local model's runs
+        share one decoding batch (its step scheduler), so several cost little more than one.
     max_models: loaded models kept per kind before the least recently used is dropped.
     preload: load the start-up models in the background right after launch.
     threads: CPU threads per generation (torch.set_num_threads); None keeps torch's default.
@@ -49,7 +50,7 @@ class AppConfig:
     auth: tuple[str, str] | None = None
     forwarded_allow_ips: str = ""
     max_new_tokens: int = 256
-    concurrency: int = 1
+    concurrency: int = 4
     max_models: int = 2
     preload: bool = True
     threads: int | None = None
@@ -88,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--allow-any-model", action="store_true",
                    help="accept any MODEL string visitors type (API keys still go only to configured endpoints)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default generation length (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=1, help="generations running at once (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="generations running at once, sharing each model's decoding batch (default: %(default)s)")
     p.add_argument("--max-models", type=int, default=2, help="loaded models kept per kind (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per generation (default: torch's choice); 1 helps on a busy shared CPU")

@@ -98,7 +98,55 @@ def status_line(s: LoadStatus) -> str:
 
 
 class ModelRegistry(CoreModelRegistry):
-    """The core registry with the app's status line."""
+    """The core registry with the app's status line, and one
+    :class:`~metaaligner_core.engine.scheduler.StepScheduler` per loaded local model: every Align
+    run's draft and correction stream through it (``generator.scheduler``), so concurrent
+    sessions share its decoding batches. Models whose cache it cannot hold decode each stream
+    alone. ``batch_size``: rows per scheduler in flight."""
+
+    def __init__(self, *args, batch_size: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_size = max(1, int(batch_size))
+        self._schedulers: dict[int, object] = {}  # id(generator) -> its StepScheduler (or None: cannot)
+        self._sched_lock = threading.Lock()
+
+    def get(self, kind: str, name: str | None):
+        instance = super().get(kind, name)
+        gen = getattr(instance, "generator", None)
+        if gen is not None and id(gen) not in self._schedulers:
+            self._attach(gen)
+        return instance
+
+    def _attach(self, gen) -> None:
+        from metaaligner_core.engine.scheduler import StepScheduler
+
+        with self._sched_lock:
+            if id(gen) in self._schedulers:
+                return
+            sched = None  # ours to stop; a loop someone else attached (a server's) stays theirs
+            if getattr(gen, "scheduler", None) is None:
+                try:
+                    sched = StepScheduler(gen, batch_size=self.batch_size, name=f"app-{len(self._schedulers)}")
+                except ValueError as e:  # e.g. sliding-window layers: each stream decodes alone
+                    log.info("%s: no step scheduler (%s)", gen.name, e)
+                gen.scheduler = sched
+            self._schedulers[id(gen)] = (gen, sched)
+            # models the registry dropped: stop their loops, which would otherwise keep them in memory
+            live = {id(getattr(m, "generator", None)) for models in self._models.values() for m in models.values()}
+            for key in [k for k in self._schedulers if k not in live]:
+                old_gen, old = self._schedulers.pop(key)
+                if old is not None:
+                    old.stop("the model was unloaded", timeout=0.0)
+                    old_gen.scheduler = None
+
+    def stop_schedulers(self) -> None:
+        """Stop every model's decoding loop (streams in flight end with an error)."""
+        with self._sched_lock:
+            for gen, sched in self._schedulers.values():
+                if sched is not None:
+                    sched.stop("the app is shutting down", timeout=5.0)
+                    gen.scheduler = None
+            self._schedulers.clear()
 
     def status_markdown(self) -> str:
         lines = [status_line(s) for s in self.statuses()]

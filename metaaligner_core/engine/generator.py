@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from ..errors import MetaAlignerError
 from ..settings import GenerationSettings
 from . import attention
 from .cache import all_buffered, new_cache
+from .detokenize import IncrementalText
 from .sampling import LogitsPipeline
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,17 @@ def _steps_in_inference_mode(steps):
     return run
 
 
+@dataclass
+class StreamJob:
+    """A :class:`~.scheduler.StepScheduler` job of :meth:`LocalGenerator.stream`."""
+
+    ids: list[int]
+    prefix_len: int
+    sampling: GenerationSettings
+    emit: Callable[[str, object], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
 class LocalGenerator:
     """A loaded causal LM and its tokenizer, generating from token ids.
 
@@ -85,6 +98,9 @@ class LocalGenerator:
         self.chunked = attention.use_chunked_attention(model)
         self._lock = threading.Lock()
         self._cache_name: str | None = None
+        # The StepScheduler that decodes this model's streamed rows (set by whoever owns one:
+        # the server, the app); None: each stream decodes alone.
+        self.scheduler = None
 
     @classmethod
     def load(cls, spec: str = "default", *, device=None, dtype=None, attn=None,
@@ -156,25 +172,58 @@ class LocalGenerator:
         return out  # type: ignore[return-value]
 
     def stream(self, prompt: list[int], sampling: GenerationSettings, prefix_len: int = 0) -> Iterator[str]:
-        """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``."""
-        ids: list[int] = []
-        sent = ""
+        """Text deltas of one continuation; joined, they equal ``decode(generate([prompt])[0])``.
+
+        With a :attr:`scheduler` attached (the app's and the server's models), the row is decoded
+        in the scheduler's shared batch, joining it at the next step; closing the iterator
+        cancels the row, which leaves the batch at the next step. Without one, the row is
+        decoded alone here. The text is detokenised incrementally (:class:`IncrementalText`)."""
+        if self.scheduler is not None:
+            yield from self._scheduled_stream(prompt, sampling, prefix_len)
+            return
+        text = IncrementalText(self.tokenizer, self.eos_ids)
         for _, tokens, _ in self.decode_steps([prompt], sampling, prefix_len):
-            if tokens[0] in self.eos_ids:
-                continue
-            ids.append(tokens[0])
-            text = self.decode(ids)
-            # Hold back an incomplete multi-byte character and anything the decoder rewrote.
-            if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        text = self.decode(ids)
-        if text.startswith(sent):
-            if len(text) > len(sent):
-                yield text[len(sent):]
-        else:  # the decoder rewrote already-sent text (rare): send the difference's tail
-            log.debug("streamed text diverged from the final decoding")
-            yield text[len(sent):]
+            d = text.add(tokens[0])
+            if d:
+                yield d
+        d = text.finish()
+        if d:
+            yield d
+
+    def _scheduled_stream(self, prompt: list[int], sampling: GenerationSettings, prefix_len: int) -> Iterator[str]:
+        import queue
+
+        from .scheduler import ShuttingDown
+
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        job = StreamJob(list(prompt), max(0, min(prefix_len, len(prompt) - 1)), sampling,
+                        lambda kind, value: items.put((kind, value)))
+        text = IncrementalText(self.tokenizer, self.eos_ids)
+        try:
+            try:
+                self.scheduler.submit(job)
+            except ShuttingDown as e:
+                raise MetaAlignerError(f"{self.name}: {e}") from None
+            while True:
+                kind, value = items.get()
+                new = [value] if kind == "token" else []
+                while kind == "token" and not items.empty():  # everything the loop produced meanwhile
+                    kind, value = items.get()
+                    if kind == "token":
+                        new.append(value)
+                d = text.add(*new)
+                if kind == "done":
+                    d += text.finish()
+                if d:
+                    yield d
+                if kind == "done":
+                    return
+                if kind == "error":
+                    if isinstance(value, ShuttingDown):
+                        raise MetaAlignerError(f"{self.name}: {value}")
+                    raise MetaAlignerError(f"{self.name}: generation failed ({type(value).__name__})")
+        finally:
+            job.cancelled.set()  # a reader that stopped (closed, cancelled, gone) frees its row
 
     def _prefix_cache(self, prefix: tuple[int, ...]):
         """Per-layer ``(keys, values)`` of a prefix, computed once (batch 1) and kept (LRU)."""

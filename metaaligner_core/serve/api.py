@@ -416,8 +416,11 @@ def mount_ui(app: FastAPI, service: CorrectionService, path: str = "/ui", db_url
     service.registry.allow_list = allow
     if not os.environ.get("GRADIO_TEMP_DIR"):
         private_temp_dir()
+    # The page's local generations stream through each model's StepScheduler (the one /v1 uses,
+    # set on the generator by the service), so browser users and API clients share batches.
     align = AlignService(service.registry, policy=first, aligner=service.aligner_name, template=service.template,
-                         settings=GenerationSettings(max_new_tokens=config.max_new_tokens), db_url=config.db_url)
+                         settings=GenerationSettings(max_new_tokens=config.max_new_tokens), db_url=config.db_url,
+                         concurrency=config.concurrency)
     demo = build_demo(config, service=align, first_run=first_run_setup(config))
     demo.queue(max_size=config.limits.queue)
     auth = dict(auth=key_checker(api_keys), auth_message=UI_SIGN_IN_MESSAGE) if api_keys else {}

@@ -31,6 +31,7 @@ from ..models import display_name, is_api_model
 from ..objectives import Objective, builtin_objectives
 from ..pipeline import ModelRegistry, choose_template, parse_api_objectives, with_template
 from ..settings import GenerationSettings
+from ..engine.detokenize import IncrementalText
 from ..engine.scheduler import ShuttingDown, StepScheduler
 from .batcher import Batcher, Job
 
@@ -100,30 +101,12 @@ class Correction:
     started: float = field(default_factory=time.monotonic)
 
 
-class TokenText:
-    """Token ids → text deltas; an incomplete multi-byte character is held back until complete."""
+class TokenText(IncrementalText):
+    """Token ids → text deltas (incremental: linear in the answer's tokens); an incomplete
+    multi-byte character is held back until complete."""
 
     def __init__(self, tokenizer, skip_ids):
-        self.tokenizer, self.skip = tokenizer, set(skip_ids)
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def add(self, *tokens: int) -> str:
-        """The new text after ``tokens`` (possibly empty: an incomplete character is held back)."""
-        self.ids.extend(t for t in tokens if t not in self.skip)
-        if not tokens:
-            return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            return delta
-        return ""
-
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return delta
+        super().__init__(tokenizer, skip_ids, skip_special_tokens=True)
 
 
 class Stripper:
@@ -199,10 +182,14 @@ class CorrectionService:
         b = self._batchers.get(id(generator))
         if b is None:
             name = f"scheduler-{len(self._batchers)}"
-            if self.scheduling == "step":
+            if self.scheduling == "step" and isinstance(getattr(generator, "scheduler", None), StepScheduler):
+                b = generator.scheduler  # one loop per model, whoever started it
+            elif self.scheduling == "step":
                 try:
                     b = StepScheduler(generator, batch_size=self.batch_size, prefill_chunk=self.prefill_chunk,
                                       name=name)
+                    # the web app at /ui streams through the generator: the same loop, shared batches
+                    generator.scheduler = b
                 except ValueError as e:  # e.g. sliding-window layers
                     log.info("%s: batch-at-a-time scheduling (%s)", generator.name, e)
             if b is None:
