@@ -36,7 +36,9 @@ def free_port() -> int:
 def server(tmp_path_factory, embedded_dir):
     """``python app.py``'s launch path, in-process on a free port; closed at teardown."""
     db = tmp_path_factory.mktemp("app") / "annotations.db"
-    config = AppConfig(port=free_port(), db_url=f"sqlite:///{db}", max_new_tokens=MAX_NEW)
+    # one generation slot: the slot tests below wait for it (test_app_scheduling.py runs the
+    # default of several sessions sharing one batch)
+    config = AppConfig(port=free_port(), db_url=f"sqlite:///{db}", max_new_tokens=MAX_NEW, concurrency=1)
     demo = launch(config, block=False, quiet=True)
     url = f"http://127.0.0.1:{config.port}/"
     try:
