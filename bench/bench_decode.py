@@ -37,6 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_inference import OBJECTIVES, load_rows, loadavg  # noqa: E402
 
 
+def decode_token_flops(n_all: int, layers: int, d_attn: int, keys: int) -> float:
+    """FLOPs of one decoded token: every non-embedding weight once, attention to ``keys`` keys."""
+    return 2.0 * n_all + 4.0 * layers * d_attn * keys
+
+
 def job_flops(model, prompts: list[list[int]], outputs: list[list[int]]) -> float:
     """Model FLOPs of prefilling ``prompts`` and decoding ``outputs`` (see the module docstring)."""
     from metaaligner_core.hardware import attention_dims, non_embedding_params
@@ -51,7 +56,7 @@ def job_flops(model, prompts: list[list[int]], outputs: list[list[int]]) -> floa
         total += 2.0 * n_body * n + 2.0 * head  # prefill: every layer per token, the head once
         total += 4.0 * layers * d_attn * n * (n + 1) / 2  # causal attention of the prompt
         for k in range(len(o)):  # each decoded token: the whole model, attending to n + k + 1 keys
-            total += 2.0 * n_all + 4.0 * layers * d_attn * (n + k + 1)
+            total += decode_token_flops(n_all, layers, d_attn, n + k + 1)
     return total
 
 
@@ -74,7 +79,7 @@ def decode_step_rate(gen, prompts: list[list[int]], prefix_len: int, n_new: int)
             continue
         steps += 1
         for i in rows:  # this step ran the whole model on the row's previous token, attending to ctx[i] keys
-            flops += 2.0 * n_all + 4.0 * layers * d_attn * ctx[i]
+            flops += decode_token_flops(n_all, layers, d_attn, ctx[i])
             ctx[i] += 1
     dt = time.perf_counter() - t0
     return flops / dt, dt / max(steps, 1), steps
