@@ -89,6 +89,12 @@ class TrainConfig:
     lora (`bool`, defaults to `False`): train LoRA adapters instead of all weights.
     lora_r (`int`, defaults to ``16``), lora_alpha (`int`, defaults to ``32``),
     lora_dropout (`float`, defaults to ``0.05``), lora_target_modules (`str`, defaults to ``"all-linear"``).
+    lora_init (`str` or `None`): a PEFT LoRA adapter (a directory with ``adapter_config.json``) whose
+        weights the first stage's LoRA starts from and keeps training, instead of a new adapter;
+        its rank, alpha and target modules replace ``lora_r``/``lora_alpha``/``lora_target_modules``.
+        Later stages start new adapters on the merged result. ``base`` must be the model the
+        adapter was trained on. The merged result is then ``base`` plus one adapter of the same
+        rank: it can ship as that adapter with nothing truncated.
 
     > Hardware (``"auto"``/`None` picks by device: on CUDA bf16, Flash-Attention 2 when installed
     > else SDPA, gradient checkpointing when the memory estimate needs it, padding-free batches
@@ -159,6 +165,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: str = "all-linear"
+    lora_init: str | None = None
 
     device: str = "auto"
     precision: str = "auto"
@@ -207,6 +214,8 @@ class TrainConfig:
             self.gradient_checkpointing = "auto"
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise MetaAlignerError(f'gradient_checkpointing: "{self.gradient_checkpointing}" (valid: auto, true, false)')
+        if self.lora_init is not None and not self.lora:
+            raise MetaAlignerError("lora_init needs lora: true")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise MetaAlignerError(f'device: "{self.device}" (valid: auto, cuda, cuda:N, cpu, mps)')
 
@@ -629,12 +638,19 @@ def load_model(spec: str | os.PathLike, config: TrainConfig, rt: Runtime):
 
 
 def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, output_dir: Path,
-                 callbacks: Iterable = (), args=None):
-    """The ``SFTTrainer`` for one stage (``args``: its ``SFTConfig``, built here when not given)."""
+                 callbacks: Iterable = (), args=None, start_adapter: str | None = None):
+    """The ``SFTTrainer`` for one stage (``args``: its ``SFTConfig``, built here when not given).
+
+    ``start_adapter``: a PEFT LoRA adapter directory that the stage keeps training (its weights
+    loaded trainable; see ``TrainConfig.lora_init``) instead of a new adapter."""
     from trl import SFTTrainer
 
     peft_config = None
-    if config.lora:
+    if config.lora and start_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
+    elif config.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -880,8 +896,10 @@ def _train_stage(stage: str, rows: list[dict], start_from: str, config: TrainCon
     # from_pretrained load shard-aware (FSDP rank-0 loading, DeepSpeed ZeRO-3 init).
     args = _sft_config(config, rt, ckpt_dir, len(dataset))
     model = load_model(start_from, config, rt)
+    start_adapter = config.lora_init if stage == config.stages[0] else None
     trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
-                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks], args=args)
+                           [_metrics_callback(out / "metrics.jsonl", stage), *callbacks], args=args,
+                           start_adapter=start_adapter)
     result = trainer.train(resume_from_checkpoint=resume)
 
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # saved for inference
@@ -926,6 +944,12 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
     init_distributed(config.ddp_timeout)  # first: the timeout is fixed when the process group is made
     files = check_data_dir(config.data, config.stages)
     config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    if config.lora_init is not None:
+        init = Path(config.lora_init).resolve()
+        if not (init / "adapter_config.json").is_file():
+            raise MetaAlignerError(f'lora_init: "{config.lora_init}" is not a PEFT adapter directory '
+                                   "(no adapter_config.json)")
+        config = dataclasses.replace(config, lora_init=str(init))
     out = Path(config.out)
     _check_resumable(out, config)
     tokenizer = load_tokenizer(config.base)  # also proves early that the base model exists

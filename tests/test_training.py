@@ -364,6 +364,53 @@ def test_lora_stage_is_merged_into_a_plain_model(tmp_path, embedded_dir):
     assert changed and all(k.endswith("proj.weight") for k in changed)
 
 
+@pytest.mark.slow
+def test_lora_init_keeps_training_the_given_adapter(tmp_path, embedded_dir):
+    """``lora_init``: the stage trains the given adapter (its rank and modules, its weights as the
+    start), so the result is the base plus one adapter of that rank, near the one it started from."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from metaaligner_core.training import train
+
+    torch.manual_seed(0)
+    start = get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    start.save_pretrained(tmp_path / "init")
+    init = load_file(tmp_path / "init" / "adapter_model.safetensors")
+
+    data = make_data_dir(tmp_path / "data", n=2)
+    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), base="default", stages="preference",
+                              lora=True, lora_r=16, lora_init=str(tmp_path / "init"), lr=1e-4, warmup_ratio=0,
+                              batch_size=2, max_steps=1, max_length=64, save_dtype="fp32", disable_tqdm=True))
+    trained, base = load_file(final / "model.safetensors"), load_file(embedded_dir / "model.safetensors")
+    changed = sorted(k for k in base if not torch.equal(trained[k], base[k]))
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.v_proj.weight"):
+        key = "base_model.model." + name.replace(".weight", ".lora_{}.weight")
+        started = 2.0 * init[key.format("B")].float() @ init[key.format("A")].float()  # alpha / r = 2
+        delta = trained[name].float() - base[name].float()
+        assert (delta - started).norm() < 0.05 * started.norm()  # one small step from the start
+        sv = torch.linalg.svdvals(delta)
+        assert sv[4] < 1e-4 * sv[0]  # rank 4, the start's, not lora_r
+
+
+def test_lora_init_must_be_an_adapter(tmp_path):
+    out = tmp_path / "out"
+    make_data_dir(tmp_path / "data", n=2)
+    res = run_cli("train", "--data", tmp_path / "data", "--base", "default", "--out", out, "--lora",
+                  "--lora-init", tmp_path / "none")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert f'lora_init: "{tmp_path / "none"}" is not a PEFT adapter directory' in res.stderr
+    res = run_cli("train", "--data", tmp_path / "data", "--base", "default", "--out", out,
+                  "--lora-init", tmp_path / "none")
+    assert res.returncode == 2 and "lora_init needs lora: true" in res.stderr
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input through the CLI
 

@@ -44,6 +44,8 @@ def add_train_options(p) -> None:
     g.add_argument("--lora-r", type=int, metavar="N")
     g.add_argument("--lora-alpha", type=int, metavar="N")
     g.add_argument("--lora-dropout", type=float, metavar="X")
+    g.add_argument("--lora-init", metavar="DIR",
+                   help="a PEFT LoRA adapter trained on --base: the first stage keeps training it")
     g.add_argument("--device", help="auto (default), cuda, cpu, mps")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     g.add_argument("--attn", metavar="IMPL", help="auto (default), flash_attention_2, sdpa, eager")
