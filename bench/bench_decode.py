@@ -18,10 +18,13 @@ non-embedding weight; the output head once per decoded token and once per prompt
 ``logits_to_keep=1`` computes it) and attention (``4·L·d_attn`` per key attended, the causal half
 in prefill), over the whole job (prefill included), and over the decoding steps alone (one batch
 of ``--batch-size`` prompts through ``decode_steps``, timed from its first token on). The matmul rate is ``torch.mm`` of this
-model's weight shapes at the job's batch (the decode step's products), and of a 1024² square (the
-compute-bound ceiling), on the same threads.
+model's weight shapes at the job's batch (the decode step's products, weights hot in the cache),
+of a 1024² square (the compute-bound ceiling), and ``F.linear`` over every weight of the model in
+turn at the job's batch (each weight read from memory once, as a decode step reads them: the
+ceiling of a step whose products are bound by memory bandwidth), on the same threads.
 
     .venv/bin/python bench/bench_decode.py [--rows 32] [--batch-size 16] [--max-new-tokens 256] [--bf16]
+    .venv/bin/python bench/bench_decode.py --step-only      # the step's rates alone (about a minute)
 """
 from __future__ import annotations
 
@@ -60,16 +63,34 @@ def job_flops(model, prompts: list[list[int]], outputs: list[list[int]]) -> floa
     return total
 
 
-def decode_step_rate(gen, prompts: list[list[int]], prefix_len: int, n_new: int) -> tuple[float, float, int]:
-    """``(FLOP/s, seconds per step, steps)`` of the decoding steps alone: ``prompts`` (one batch)
-    through ``decode_steps``, the clock started after the first step's tokens (the prefill)."""
+def kv_bytes_per_key(model) -> int:
+    """Bytes of K and V cached per position, all layers (grouped-query heads counted once)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of every linear weight (the output head included): what one decode step reads once."""
+    import torch
+
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def decode_step_rate(gen, prompts: list[list[int]], prefix_len: int, n_new: int) -> tuple[float, float, int, float]:
+    """``(FLOP/s, seconds per step, steps, bytes/s)`` of the decoding steps alone: ``prompts`` (one
+    batch) through ``decode_steps``, the clock started after the first step's tokens (the prefill).
+    The bytes are what a step reads: every linear weight once, and the cached K and V of every key
+    each row attends to (a prefix the rows share counted for each row)."""
     from metaaligner_core.hardware import attention_dims, non_embedding_params
     from metaaligner_core.settings import GenerationSettings
 
     n_all = non_embedding_params(gen.model)
     layers, d_attn = attention_dims(gen.model.config)
+    per_key, weights = kv_bytes_per_key(gen.model), linear_weight_bytes(gen.model)
     ctx = {i: len(p) for i, p in enumerate(prompts)}
-    flops, steps, t0 = 0.0, 0, None
+    flops, moved, steps, t0 = 0.0, 0.0, 0, None
     for rows, _tokens, _done in gen.decode_steps(prompts, GenerationSettings(max_new_tokens=n_new), prefix_len,
                                                  len(prompts)):
         if t0 is None:  # the prefill's tokens: the clock starts now
@@ -78,11 +99,13 @@ def decode_step_rate(gen, prompts: list[list[int]], prefix_len: int, n_new: int)
                 ctx[i] += 1
             continue
         steps += 1
+        moved += weights
         for i in rows:  # this step ran the whole model on the row's previous token, attending to ctx[i] keys
             flops += decode_token_flops(n_all, layers, d_attn, ctx[i])
+            moved += per_key * ctx[i]
             ctx[i] += 1
     dt = time.perf_counter() - t0
-    return flops / dt, dt / max(steps, 1), steps
+    return flops / dt, dt / max(steps, 1), steps, moved / dt
 
 
 def matmul_rates(model, batch: int, seconds: float = 2.0) -> tuple[float, float]:
@@ -101,6 +124,30 @@ def matmul_rates(model, batch: int, seconds: float = 2.0) -> tuple[float, float]
         square = [(torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype), 1)]
         _rate_exact(step, 0.2)  # warm-up
         return _rate_exact(step, seconds), _rate_exact(square, seconds)
+
+
+def weight_stream_rate(model, batch: int, seconds: float = 2.0) -> tuple[float, float]:
+    """``(FLOP/s, weight bytes/s)`` of ``F.linear`` of a ``[batch, in]`` input with every linear
+    weight of ``model`` in turn, each once a round: what a decode step's products cost when, as in
+    the step, each weight is read from memory once per step rather than reused from the cache (the
+    hot-cache rate of :func:`matmul_rates` repeats a handful of shapes)."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    per_round = sum(2.0 * batch * w.numel() for w in weights)
+    bytes_round = sum(w.numel() * w.element_size() for w in weights)
+    with torch.inference_mode():
+        for w in weights:  # warm-up round
+            F.linear(xs[w.shape[1]], w)
+        rounds, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or rounds < 3:
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+            rounds += 1
+        dt = time.perf_counter() - t0
+    return per_round * rounds / dt, bytes_round * rounds / dt
 
 
 def _rate_exact(pairs, seconds: float) -> float:
@@ -133,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="hh-rlhf/gpt-3.5-turbo.csv")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--bf16", action="store_true", help="also ours in bf16 (CPUs with avx512_bf16 or AMX)")
+    ap.add_argument("--step-only", action="store_true",
+                    help="only the decode step's rates (FLOP/s, bytes/s) against the matmul and memory rates")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +228,9 @@ def main(argv=None) -> int:
         return out
 
     gen.generate(prompts[:2], GenerationSettings(max_new_tokens=4), batch_size=2, prefix_lens=prefix_lens[:2])
+    if args.step_only:
+        step_figures(gen, model, prompts[:b], prefix_lens[:b], n_new)
+        return 0
     seconds = {"ours": 0.0, "transformers": 0.0}
     tokens = {"ours": 0, "transformers": 0}
     outs: dict = {}
@@ -218,15 +270,28 @@ def main(argv=None) -> int:
 
     flops = job_flops(model, prompts, outs["ours"])
     achieved = flops / (seconds["ours"] / 2)
-    shared = prefix_lens[0] if len(set(prefix_lens[:b])) == 1 else 0
-    step_flops, step_s, steps = decode_step_rate(gen, prompts[:b], shared, n_new)
+    print(f"  FLOP rate: the whole job (prefill + decode, {flops / 1e12:.2f} TFLOP) ran at {achieved / 1e9:.1f} GFLOP/s")
+    step_figures(gen, model, prompts[:b], prefix_lens[:b], n_new)
+    return 0
+
+
+def step_figures(gen, model, prompts: list[list[int]], prefix_lens: list[int], n_new: int) -> None:
+    """Print the decode step's FLOP and byte rates against the matmul and weight-streaming rates."""
+    b = len(prompts)
+    shared = prefix_lens[0] if len(set(prefix_lens)) == 1 else 0
+    step_flops, step_s, steps, step_bytes = decode_step_rate(gen, prompts, shared, n_new)
     mm_rate, square_rate = matmul_rates(model, b)
-    print(f"  FLOP rate: the whole job (prefill + decode, {flops / 1e12:.2f} TFLOP) ran at {achieved / 1e9:.1f} GFLOP/s; "
-          f"the decode step alone ({steps} steps of {b} rows, {1000 * step_s:.0f} ms each) at "
+    print(f"  the decode step alone ({steps} steps of {b} rows, {1000 * step_s:.0f} ms each) at "
           f"{step_flops / 1e9:.1f} GFLOP/s = {100 * step_flops / mm_rate:.0f}% of torch.mm at the step's shapes "
           f"({mm_rate / 1e9:.1f} GFLOP/s at batch {b}) and {100 * step_flops / square_rate:.0f}% of a 1024² matmul "
           f"({square_rate / 1e9:.1f} GFLOP/s) [load avg {loadavg()}]")
-    return 0
+    stream_rate, stream_bytes = weight_stream_rate(model, b)
+    print(f"  the step's products with each weight read from memory once, as a step reads them (every linear "
+          f"weight in turn at batch {b}, {stream_bytes / 1e9:.1f} GB/s of weights): {stream_rate / 1e9:.1f} GFLOP/s; "
+          f"the decode step reaches {100 * step_flops / stream_rate:.0f}% of that [load avg {loadavg()}]")
+    print(f"  memory: the decode step reads about {step_bytes * step_s / 1e6:.0f} MB a step (every linear weight "
+          f"once, {linear_weight_bytes(model) / 1e6:.0f} MB, and the K/V of every key it attends to), i.e. "
+          f"{step_bytes / 1e9:.1f} GB/s = {100 * step_bytes / stream_bytes:.0f}% of the weight-streaming rate above")
 
 
 if __name__ == "__main__":
