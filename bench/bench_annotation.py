@@ -24,19 +24,22 @@ in alternating blocks (so a shared machine's changing load hits both alike):
   their full check on most ticks: the worst case for idle raters;
 * the first streamed token of a correction on the Align tab of ``python app.py`` (the embedded
   models) on that database, while the pollers, each signed in through its own session, call the
-  tab's timer event over Gradio's HTTP protocol every interval.
+  tab's timer event over Gradio's HTTP protocol every interval, from a process of their own (the
+  raters' browsers are not the server's CPU, nor the measuring client's interpreter).
 
 Target (issue 27): polling adds < 5% to either.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,13 +178,14 @@ class Pollers:
     """Idle raters' tabs, each checking every ``interval`` seconds (staggered) until stopped;
     ``tick`` is one check for one poller (its own state kept between calls)."""
 
-    def __init__(self, n: int, interval: float, tick, states: list | None = None):
+    def __init__(self, n: int, interval: float, tick, states: list | None = None, on=None, counter=None):
         import random
         import threading
 
         self.n, self.interval, self.tick = n, interval, tick
         self.states = states or [None] * n
-        self.on = threading.Event()
+        self.on = on or threading.Event()  # a multiprocessing Event when another process switches them
+        self.counter = counter  # a multiprocessing Value counting ticks, read by another process
         self.stopped = threading.Event()
         self.durations: list[float] = []
         self.cpu: list[float] = []  # this thread's CPU seconds per tick (in-process handlers only)
@@ -208,6 +212,9 @@ class Pollers:
                 self.errors.append(f"{type(e).__name__}: {e}")
             self.durations.append(time.perf_counter() - t)
             self.cpu.append(time.thread_time() - c)
+            if self.counter is not None:
+                with self.counter.get_lock():
+                    self.counter.value += 1
 
     def stop(self) -> None:
         self.stopped.set()
@@ -215,7 +222,34 @@ class Pollers:
             th.join(timeout=60)
 
 
-def _ab_blocks(blocks: int, measure, pollers: Pollers) -> dict[str, list[float]]:
+def _poller_process(base: str, tick_fn: int, sessions: list[str], interval: float, on, stop, counter,
+                    results, niceness: int = 0) -> None:
+    """The idle raters' tabs in a process of their own, as their browsers are not the server's (nor
+    the measuring client's) CPU: each session calls the timer's event over HTTP every interval
+    while ``on`` is set, until ``stop``; puts ``(round trips in ms, errors)`` on ``results``."""
+    from test_security_app import RawGradio
+
+    if niceness:
+        os.nice(niceness)
+    raws = [RawGradio(base) for _ in sessions]
+
+    def tick(i, _state):
+        res = raws[i].call(tick_fn, [None, None, None, None], session_hash=sessions[i])
+        if not res["ok"]:
+            raise RuntimeError(str(res["error"]))
+        return None
+
+    pollers = Pollers(len(sessions), interval, tick, on=on, counter=counter)
+    try:
+        stop.wait()
+    finally:
+        pollers.stop()
+        for raw in raws:
+            raw.close()
+        results.put(([d * 1000 for d in pollers.durations], pollers.errors[:3]))
+
+
+def _ab_blocks(blocks: int, measure, pollers) -> dict[str, list[float]]:
     """Alternate off/on blocks (off first in even blocks, on first in odd ones)."""
     out = {"off": [], "on": []}
     for b in range(blocks):
@@ -308,43 +342,44 @@ def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
                   and c.get("props", {}).get("value") == ui.POLL_SECONDS}
         tick_fn = next(fn for fn, dep in backend_fns(cfg) if any(t[0] in timers and t[1] == "tick"
                                                                  for t in dep.get("targets", [])))
+        raw = RawGradio(base)
+        raws.append(raw)
         sessions = []
-        for name in idle:
-            raw = RawGradio(base)
-            raws.append(raw)
+        for name in idle:  # each idle rater signed in through a session of its own
             session = uuid.uuid4().hex[:11]
             res = raw.call(sign_in, [name, POLLER_PASSWORD], session_hash=session)
             if not res["ok"]:
                 raise SystemExit(f"sign-in of {name} failed: {res}")
             sessions.append(session)
 
-        def tick(i, _state):
-            res = raws[i].call(tick_fn, [None, None, None, None], session_hash=sessions[i])
-            if not res["ok"]:
-                raise RuntimeError(str(res["error"]))
-            return None
-
         def measure() -> list[float]:
             return [stream_times(client, DRAFT, args.max_new_tokens)[1] for _ in range(args.align_repeats)]
 
-        pollers = Pollers(len(idle), ui.POLL_SECONDS, tick)
+        mp = multiprocessing.get_context("spawn")
+        on, stop, counter, results = mp.Event(), mp.Event(), mp.Value("i", 0), mp.Queue()
+        child = mp.Process(target=_poller_process, args=(base, tick_fn, sessions, ui.POLL_SECONDS, on, stop,
+                                                          counter, results, args.pollers_nice), daemon=True)
+        child.start()
+        pollers = types.SimpleNamespace(on=on, interval=ui.POLL_SECONDS)
         try:
             times = _ab_blocks(args.align_blocks, measure, pollers)
             # The server's own CPU time with the pollers on and off and nothing else asked of it.
             window = 3 * ui.POLL_SECONDS
             server_cpu = {}
             for phase in ("off", "on"):
-                (pollers.on.set if phase == "on" else pollers.on.clear)()
-                ticks0, cpu0 = len(pollers.durations), _process_cpu(proc.pid)
+                (on.set if phase == "on" else on.clear)()
+                ticks0, cpu0 = counter.value, _process_cpu(proc.pid)
                 time.sleep(window)
-                server_cpu[phase] = (_process_cpu(proc.pid) - cpu0, len(pollers.durations) - ticks0)
-            pollers.on.clear()
+                server_cpu[phase] = (_process_cpu(proc.pid) - cpu0, counter.value - ticks0)
+            on.clear()
         finally:
-            pollers.stop()
-        if pollers.errors:
-            raise SystemExit(f"pollers failed: {pollers.errors[:3]}")
-        return {"off": times["off"], "on": times["on"], "ticks": len(pollers.durations),
-                "tick_ms": [d * 1000 for d in pollers.durations], "server_cpu": server_cpu, "window": window}
+            stop.set()
+            tick_ms, errors = results.get(timeout=120)
+            child.join(timeout=60)
+        if errors:
+            raise SystemExit(f"pollers failed: {errors}")
+        return {"off": times["off"], "on": times["on"], "ticks": len(tick_ms),
+                "tick_ms": tick_ms, "server_cpu": server_cpu, "window": window}
     finally:
         for raw in raws:
             raw.close()
@@ -421,6 +456,9 @@ def main() -> int:
     p.add_argument("--align-repeats", type=int, default=3, help="Align runs per block (--polling)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="correction length on the Align tab (--polling)")
     p.add_argument("--no-align", action="store_true", help="--polling without the app (store figure only)")
+    p.add_argument("--pollers-nice", type=int, default=0,
+                   help="run the polling tabs' process at this nice value (19: they take only the CPU the server "
+                        "leaves, as browsers on other machines would) (--polling)")
     args = p.parse_args()
     if args.polling:
         return polling(args)
