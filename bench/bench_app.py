@@ -68,10 +68,18 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]:
-    """(first draft token, first correction token, end) in seconds after submit, over HTTP."""
-    args = ["default", "default", "auto", [o for o in OBJECTIVES if o.startswith("ultrafeedback/")], [], [],
+def align_stream_args(draft: str, max_new: int) -> list:
+    """The Align tab's ``/align_stream`` inputs: embedded models, four objectives, greedy."""
+    return ["default", "default", "auto", [o for o in OBJECTIVES if o.startswith("ultrafeedback/")], [], [],
             [o for o in OBJECTIVES if o.startswith("unseen/")], "", QUERY, draft, max_new, 0.0, 1.0, 1.0]
+
+
+def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]:
+    """(first draft token, first correction token, end) in seconds after submit, over HTTP.
+
+    Through ``gradio_client``, whose reader looks for new messages every 50 ms: the times are
+    rounded up to that step (:func:`raw_first_token` reads each message as it arrives)."""
+    args = align_stream_args(draft, max_new)
     t0 = time.perf_counter()
     first_draft = first_aligned = None
     job = client.submit(*args, api_name="/align_stream")
@@ -83,6 +91,45 @@ def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]
             first_aligned = now
     job.result()
     return first_draft, first_aligned, time.perf_counter() - t0
+
+
+def raw_first_token(http, base: str, fn_index: int, draft: str, max_new: int) -> float:
+    """Seconds from submit to the first correction text of ``/align_stream`` (``fn_index``), over
+    Gradio's own protocol (queue/join, then the session's SSE stream read line by line as it
+    arrives, as a browser's EventSource reads it); reads the run to its end."""
+    import json
+    import uuid
+
+    session = uuid.uuid4().hex[:11]
+    t0 = time.perf_counter()
+    r = http.post(f"{base.rstrip('/')}/gradio_api/queue/join",
+                  json={"data": align_stream_args(draft, max_new), "fn_index": fn_index, "session_hash": session,
+                        "event_data": None, "trigger_id": None})
+    r.raise_for_status()
+    event_id, first = r.json()["event_id"], None
+    with http.stream("GET", f"{base.rstrip('/')}/gradio_api/queue/data", params={"session_hash": session}) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("event_id") != event_id:
+                continue
+            if msg.get("msg") == "process_generating" and first is None:
+                aligned = (msg.get("output") or {}).get("data", [None, None])[1]
+                # the first message carries whole values, later ones diffs: [[op, path, value], ...]
+                if (isinstance(aligned, str) and aligned) or (
+                        isinstance(aligned, list) and any(isinstance(d, list) and len(d) == 3 and d[2]
+                                                          for d in aligned)):
+                    first = time.perf_counter() - t0
+            elif msg.get("msg") == "process_completed":
+                if not msg.get("success"):
+                    raise RuntimeError(f"align_stream failed: {(msg.get('output') or {}).get('error')}")
+                break
+            elif msg.get("msg") in ("close_stream", "unexpected_error"):
+                raise RuntimeError(f"align_stream: {msg}")
+    if first is None:
+        raise RuntimeError("align_stream returned no correction text")
+    return first
 
 
 def in_process_first_delta(aligner, max_new: int, repeats: int) -> tuple[float, float]:
