@@ -223,6 +223,25 @@ def on_poll(store: Store, target: int | None, token: str | None, view: ItemView 
     return nxt, skipped, _message("A new item is here.", "ok"), progress, time.time(), watch, *_idle_controls(True, nxt)
 
 
+def poll_due(store: Store, token: str | None, view: ItemView | None, watch: dict | None):
+    """The timer's tick, run outside Gradio's queue (every idle tab calls it every few seconds, so it
+    costs one indexed query and the least of Gradio's own work): a new value for the tab's poll
+    signal, whose change runs :func:`on_poll` through the queue, when there is something to do — the
+    study's change marker moved, a full check is due, the sign-in is gone, or the tab's controls
+    are out of step — and nothing otherwise. It returns no study data, whoever calls it."""
+    import gradio as gr
+
+    if token is None or view is not None or not isinstance(watch, dict) or "version" not in watch:
+        return time.time()  # on_poll switches the controls off or runs the first check
+    try:
+        version = store.queue_version(token)  # also checks the sign-in
+    except MetaAlignerError:
+        return time.time()  # on_poll reports it and switches the controls off
+    if version == watch["version"] and time.monotonic() - watch.get("at", 0.0) < FULL_CHECK_SECONDS:
+        return gr.skip()
+    return time.time()
+
+
 def on_save(store: Store, target: int | None, view: ItemView, submit: bool,
             token: str | None, skipped: list[str], shown_at: float, *values):
     """Save a draft or submit. -> item, skipped, status, progress, shown_at, check button, timer"""
@@ -280,6 +299,9 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
     skipped = gr.State([])
     shown_at = gr.State(0.0)
     watch = gr.State(None)  # the study's change marker at this session's last full check
+    # set by the timer's unqueued tick when on_poll has work to do (a hidden component, whose change
+    # the page sees: a gr.State changed by an unqueued event fires no change event)
+    poll_signal = gr.Number(0.0, visible=False, elem_id="ma-poll-signal")
     poll_timer = gr.Timer(poll_seconds, active=False)
 
     gr.Markdown("Rate each response on every objective, using the rubric beside it. Only your own ratings are "
@@ -348,13 +370,16 @@ def build_annotate_tab(db_url: str | None = None, target_annotators: int | None 
                                review_item, *idle_controls],
                       api_visibility="private")
 
-    # Checking for new items. Through the queue (a state changed outside it does not re-render the
-    # item), but never waiting there: no concurrency limit, and a tick is one indexed query while
-    # nothing changes, so idle raters' ticks hold no place a generation request needs.
+    # Checking for new items. The timer's tick runs outside the queue (half the server's work per
+    # tick) and only decides whether there is anything to do (poll_due); the check itself goes
+    # through the queue (a state changed outside it does not re-render the item), never waiting
+    # there: no concurrency limit, so idle raters' checks hold no place a generation request needs.
     poll = dict(inputs=[token, item, skipped, watch], outputs=[item, skipped, status, progress, shown_at, watch,
                                                              *idle_controls],
                 concurrency_limit=None, show_progress="hidden", api_visibility="private")
-    poll_timer.tick(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w), **poll)
+    poll_timer.tick(lambda tok, it, w: poll_due(store, tok, it, w), inputs=[token, item, watch], outputs=poll_signal,
+                    queue=False, show_progress="hidden", api_visibility="private")
+    poll_signal.change(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w), **poll)
     check_btn.click(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w, force=True), **poll)
     if tab is not None:
         tab.select(lambda tok, it, sk, w: on_poll(store, target_annotators, tok, it, sk, w, force=True), **poll)

@@ -130,6 +130,38 @@ def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(db_url, tmp_pa
     assert len(calls) == n + 1
 
 
+def test_the_unqueued_tick_signals_only_when_there_is_something_to_do(db_url, tmp_path, monkeypatch):
+    """poll_due (the timer's tick, outside Gradio's queue): nothing while the marker stands still
+    and no full check is due, and no next-item query ever; a signal when an item arrives, others'
+    work moves the marker, a full check is due, the sign-in is gone or the tab is out of step."""
+    url = db_url
+    store = _accounts(url)
+    bob = store.sign_in("bob", PASSWORD)
+    calls = []
+    real_next = Store.next_item
+    monkeypatch.setattr(Store, "next_item", lambda self, *a, **k: calls.append(a) or real_next(self, *a, **k))
+    watch = ui.on_poll(store, None, bob, None, [], None)[5]
+    n = len(calls)
+
+    def skipped(out):
+        return isinstance(out, dict) and out.get("__type__") == "update" and len(out) == 1
+
+    for _ in range(3):
+        assert skipped(ui.poll_due(store, bob, None, watch))
+    assert len(calls) == n  # the tick never runs the next-item query
+    assert isinstance(ui.poll_due(store, bob, None, None), float)  # no check yet on this tab
+    stale = {**watch, "at": watch["at"] - ui.FULL_CHECK_SECONDS - 1}
+    assert isinstance(ui.poll_due(store, bob, None, stale), float)  # a full check is due
+    assert isinstance(ui.poll_due(store, None, None, watch), float)  # signed out: on_poll turns it off
+    assert isinstance(ui.poll_due(store, "not-a-token", None, watch), float)
+    store.import_items(_items(tmp_path, "new", ["a later post"]))
+    assert isinstance(ui.poll_due(store, bob, None, watch), float)  # a new item
+    assert len(calls) == n
+    view = ui.on_poll(store, None, bob, None, [], watch)[0]
+    assert view.query == "a later post"
+    assert isinstance(ui.poll_due(store, bob, view, watch), float)  # an item on screen: controls off
+
+
 def test_other_raters_work_refreshes_the_progress_bars_without_a_next_item_query(db_url, tmp_path, monkeypatch):
     url = db_url
     store = _accounts(url)
@@ -472,7 +504,18 @@ def test_the_polling_handlers_over_the_raw_api_serve_only_the_callers_own_queue(
                     and all(comps[i]["type"] == "state" for i in dep["inputs"])]
         triggers = {comps[t[0]]["type"] + "." + t[1] for fn, dep in backend_fns(cfg) if fn in poll_fns
                     for t in dep["targets"]}
-        assert triggers == {"timer.tick", "button.click", "tabitem.select"}, triggers
+        assert triggers == {"number.change", "button.click", "tabitem.select"}, triggers
+        # The timer's tick runs outside the queue and only says whether to check (poll_due).
+        timers = {i for i, c in comps.items() if c["type"] == "timer"}
+        tick_fn = next(fn for fn, dep in backend_fns(cfg) if any(t[0] in timers and t[1] == "tick"
+                                                                 for t in dep["targets"]))
+
+        def tick(session: str, data: list) -> str:
+            r = raw.http.post(f"{base.rstrip('/')}/gradio_api/run/predict",
+                              json={"data": data, "fn_index": tick_fn, "session_hash": session,
+                                    "event_data": None, "trigger_id": None})
+            assert r.status_code == 200, r.text
+            return r.text
         sign_in = fn_by_inputs(cfg, "ma-name", "ma-password")
         db = tmp_path / "ann.db"
 
@@ -494,6 +537,11 @@ def test_the_polling_handlers_over_the_raw_api_serve_only_the_callers_own_queue(
                 res = raw.call(fn, data, session_hash=uuid.uuid4().hex[:11])
                 reply = json.dumps(res)
                 assert "You:" not in reply and "Overall" not in reply and "only raters" not in reply, reply
+        for data in [[None, None, None], [carol_token, None, None], [carol_token, None, {"version": [0, 0, 0]}]]:
+            reply = tick(uuid.uuid4().hex[:11], data)
+            assert "You:" not in reply and "only raters" not in reply and carol_token not in reply, reply
+        reply = tick(bob, [carol_token, None, None])  # bob's session: a signal at most, never data
+        assert "You:" not in reply and "only raters" not in reply and carol_token not in reply, reply
         assert _assignments(db) == []
 
         # Bob's own session, even with carol's token in the request, acts on bob's queue only.
