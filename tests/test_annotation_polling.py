@@ -69,6 +69,14 @@ def _assignments(db) -> list[tuple[str, str, str]]:
 
 
 # ----------------------------------------------------------------------------- store and handlers
+def _count_next_item(monkeypatch) -> list:
+    """Each call of ``Store.next_item`` (the next-item query) appends its arguments to the list returned."""
+    calls = []
+    real_next = Store.next_item
+    monkeypatch.setattr(Store, "next_item", lambda self, *a, **k: calls.append(a) or real_next(self, *a, **k))
+    return calls
+
+
 # On SQLite and on PostgreSQL (the ``db_url`` fixture, tests/conftest.py).
 
 def test_the_change_marker_moves_with_items_holds_and_ratings(db_url, tmp_path):
@@ -98,9 +106,7 @@ def test_poll_finds_a_new_item_and_is_cheap_while_nothing_changes(db_url, tmp_pa
     url = db_url
     store = _accounts(url)
     bob = store.sign_in("bob", PASSWORD)
-    calls = []
-    real_next = Store.next_item
-    monkeypatch.setattr(Store, "next_item", lambda self, *a, **k: calls.append(a) or real_next(self, *a, **k))
+    calls = _count_next_item(monkeypatch)
 
     item, skipped, status, progress, shown_at, watch, button, timer = ui.on_poll(store, None, bob, None, [], None)
     assert len(calls) == 1 and item.__class__.__name__ == "dict"  # gr.skip(): nothing to show
@@ -137,9 +143,7 @@ def test_the_unqueued_tick_signals_only_when_there_is_something_to_do(db_url, tm
     url = db_url
     store = _accounts(url)
     bob = store.sign_in("bob", PASSWORD)
-    calls = []
-    real_next = Store.next_item
-    monkeypatch.setattr(Store, "next_item", lambda self, *a, **k: calls.append(a) or real_next(self, *a, **k))
+    calls = _count_next_item(monkeypatch)
     watch = ui.on_poll(store, None, bob, None, [], None)[5]
     n = len(calls)
 
@@ -174,9 +178,7 @@ def test_other_raters_work_refreshes_the_progress_bars_without_a_next_item_query
     out = ui.on_poll(store, None, bob, None, [], None)
     assert "No items are waiting" in out[2] and "Overall: 1 / 2 items" in out[3]
     watch = out[5]
-    calls = []
-    real_next = Store.next_item
-    monkeypatch.setattr(Store, "next_item", lambda self, *a, **k: calls.append(a) or real_next(self, *a, **k))
+    calls = _count_next_item(monkeypatch)
     store.save(carol, held.uid, {(r.id, o.key): 2 for r in held.responses for o in held.protocol.objectives},
                submit=True)
     item, _, status, progress, _, watch2, button, timer = ui.on_poll(store, None, bob, None, [], watch)
