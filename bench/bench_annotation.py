@@ -331,8 +331,6 @@ def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
     from gradio_client import Client
 
     from annotation import ui
-    import httpx
-
     from bench_app import DRAFT, free_port, raw_first_token, wait_http
     from test_security_app import RawGradio, backend_fns, components, fn_by_api_name, fn_by_inputs
 
@@ -368,13 +366,13 @@ def bench_polling_align(db_url: str, idle: list[str], args) -> dict:
             sessions.append(session)
 
         align_fn = fn_by_api_name(cfg, "align_stream")
-        http = httpx.Client(timeout=httpx.Timeout(180.0, connect=10.0))
-        raws.append(http)  # closed with the others
+        timed = RawGradio(base)
+        raws.append(timed)  # closed with the others
 
         def measure() -> list[float]:
             # Gradio's protocol read as a browser reads it (gradio_client would round each time up
             # to its 50 ms polling step)
-            return [raw_first_token(http, base, align_fn, DRAFT, args.max_new_tokens) for _ in range(args.align_repeats)]
+            return [raw_first_token(timed, align_fn, DRAFT, args.max_new_tokens) for _ in range(args.align_repeats)]
 
         mp = multiprocessing.get_context("spawn")
         on, stop, counter, results = mp.Event(), mp.Event(), mp.Value("i", 0), mp.Queue()

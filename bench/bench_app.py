@@ -93,43 +93,28 @@ def stream_times(client, draft: str, max_new: int) -> tuple[float, float, float]
     return first_draft, first_aligned, time.perf_counter() - t0
 
 
-def raw_first_token(http, base: str, fn_index: int, draft: str, max_new: int) -> float:
+def raw_first_token(raw, fn_index: int, draft: str, max_new: int) -> float:
     """Seconds from submit to the first correction text of ``/align_stream`` (``fn_index``), over
-    Gradio's own protocol (queue/join, then the session's SSE stream read line by line as it
-    arrives, as a browser's EventSource reads it); reads the run to its end."""
-    import json
-    import uuid
-
-    session = uuid.uuid4().hex[:11]
+    Gradio's own protocol (``raw``: tests/test_security_app.RawGradio, which reads the session's
+    SSE stream line by line as it arrives, as a browser's EventSource does); reads the run to its end."""
+    first = []
     t0 = time.perf_counter()
-    r = http.post(f"{base.rstrip('/')}/gradio_api/queue/join",
-                  json={"data": align_stream_args(draft, max_new), "fn_index": fn_index, "session_hash": session,
-                        "event_data": None, "trigger_id": None})
-    r.raise_for_status()
-    event_id, first = r.json()["event_id"], None
-    with http.stream("GET", f"{base.rstrip('/')}/gradio_api/queue/data", params={"session_hash": session}) as resp:
-        for line in resp.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            msg = json.loads(line[5:])
-            if msg.get("event_id") != event_id:
-                continue
-            if msg.get("msg") == "process_generating" and first is None:
-                aligned = (msg.get("output") or {}).get("data", [None, None])[1]
-                # the first message carries whole values, later ones diffs: [[op, path, value], ...]
-                if (isinstance(aligned, str) and aligned) or (
-                        isinstance(aligned, list) and any(isinstance(d, list) and len(d) == 3 and d[2]
-                                                          for d in aligned)):
-                    first = time.perf_counter() - t0
-            elif msg.get("msg") == "process_completed":
-                if not msg.get("success"):
-                    raise RuntimeError(f"align_stream failed: {(msg.get('output') or {}).get('error')}")
-                break
-            elif msg.get("msg") in ("close_stream", "unexpected_error"):
-                raise RuntimeError(f"align_stream: {msg}")
-    if first is None:
+
+    def seen(msg: dict) -> None:
+        if msg.get("msg") != "process_generating" or first:
+            return
+        aligned = (msg.get("output") or {}).get("data", [None, None])[1]
+        # the first message carries whole values, later ones diffs: [[op, path, value], ...]
+        if (isinstance(aligned, str) and aligned) or (
+                isinstance(aligned, list) and any(isinstance(d, list) and len(d) == 3 and d[2] for d in aligned)):
+            first.append(time.perf_counter() - t0)
+
+    res = raw.call(fn_index, align_stream_args(draft, max_new), on_message=seen)
+    if not res["ok"]:
+        raise RuntimeError(f"align_stream failed: {res['error']}")
+    if not first:
         raise RuntimeError("align_stream returned no correction text")
-    return first
+    return first[0]
 
 
 def in_process_first_delta(aligner, max_new: int, repeats: int) -> tuple[float, float]:

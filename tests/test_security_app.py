@@ -105,9 +105,9 @@ class RawGradio:
     def config(self) -> dict:
         return self.http.get(f"{self.base}/config").json()
 
-    def call(self, fn_index: int, data: list, session_hash: str | None = None) -> dict:
+    def call(self, fn_index: int, data: list, session_hash: str | None = None, on_message=None) -> dict:
         """-> {"ok": bool, "data": outputs | None, "error": text | None, "stream": [outputs...], "status": http,
-        "log": [toast texts]}"""
+        "log": [toast texts]}; ``on_message(msg)`` sees each of the event's messages as it arrives."""
         session_hash = session_hash or uuid.uuid4().hex[:11]
         r = self.http.post(f"{self.base}/gradio_api/queue/join",
                            json={"data": data, "fn_index": fn_index, "session_hash": session_hash,
@@ -124,6 +124,8 @@ class RawGradio:
                 msg = json.loads(line[5:])
                 if msg.get("event_id") not in (None, event_id):
                     continue
+                if on_message is not None:
+                    on_message(msg)
                 kind = msg.get("msg")
                 if kind == "log":
                     out["log"].append(msg.get("log"))
