@@ -90,7 +90,7 @@ class TrainConfig:
     lora_r (`int`, defaults to ``16``), lora_alpha (`int`, defaults to ``32``),
     lora_dropout (`float`, defaults to ``0.05``), lora_target_modules (`str`, defaults to ``"all-linear"``).
     lora_init (`str` or `None`): a PEFT LoRA adapter (a directory with ``adapter_config.json``) whose
-        weights the first stage's LoRA starts from and keeps training, instead of a new adapter;
+        weights the first stage's LoRA (the first stage with rows) starts from and keeps training;
         its rank, alpha and target modules replace ``lora_r``/``lora_alpha``/``lora_target_modules``.
         Later stages start new adapters on the merged result. ``base`` must be the model the
         adapter was trained on. The merged result is then ``base`` plus one adapter of the same
@@ -896,10 +896,9 @@ def _train_stage(stage: str, rows: list[dict], start_from: str, config: TrainCon
     # from_pretrained load shard-aware (FSDP rank-0 loading, DeepSpeed ZeRO-3 init).
     args = _sft_config(config, rt, ckpt_dir, len(dataset))
     model = load_model(start_from, config, rt)
-    start_adapter = config.lora_init if stage == config.stages[0] else None
     trainer = make_trainer(config, rt, model, tokenizer, dataset, ckpt_dir,
                            [_metrics_callback(out / "metrics.jsonl", stage), *callbacks], args=args,
-                           start_adapter=start_adapter)
+                           start_adapter=config.lora_init)
     result = trainer.train(resume_from_checkpoint=resume)
 
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # saved for inference
@@ -980,12 +979,14 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
     _barrier()
 
     start_from, last = config.base, None
+    first = next(iter(stage_rows), None)  # the first stage with rows: the one lora_init starts
     for stage, rows in stage_rows.items():
         if stage_done(out, stage):
             log.info("%s: already trained (%s); skipping", stage, out / stage / STAGE_MARKER)
         else:
             log.info("%s: %d rows, starting from %s", stage, len(rows), start_from)
-            summary = _run_stage(stage, rows, start_from, config, rt, tokenizer, out, callbacks)
+            stage_config = config if stage == first else dataclasses.replace(config, lora_init=None)
+            summary = _run_stage(stage, rows, start_from, stage_config, rt, tokenizer, out, callbacks)
             log.info("%s: done, %d steps, train loss %.4f", stage, summary["steps"], summary["train_loss"])
         start_from, last = str(out / stage), stage
 
