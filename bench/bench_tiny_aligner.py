@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -173,12 +174,21 @@ def main(argv=None) -> int:
     ap.add_argument("--aligner", help="tiny aligner directory (default: the embedded one, adapter merged)")
     ap.add_argument("--only", choices=["base", "tiny"], help="run one of the two aligners")
     ap.add_argument("--out", help="write the table and per-row verdicts (no texts) as JSON here")
+    ap.add_argument("--queries-out", metavar="JSONL",
+                    help="write the sampled rows' queries (for build_data.py --exclude-queries) and stop")
     args = ap.parse_args(argv)
 
     from metaaligner_core.embedded import default_aligner_dir, embedded_model_dir
 
     rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed,
                        args.unrelated)
+    if args.queries_out:
+        tmp = Path(args.queries_out).with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"query": q}) + "\n" for q in sorted({r["query"] for r in rows})),
+                       encoding="utf-8")
+        os.replace(tmp, args.queries_out)
+        print(f"{len(rows)} rows, {len({r['query'] for r in rows})} queries → {args.queries_out}")
+        return 0
     candidates = {}
     if args.only in (None, "tiny"):  # first: the aligner under test
         candidates["tiny"] = args.aligner or str(default_aligner_dir())

@@ -10,6 +10,7 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,29 @@ def test_direct_examples_ask_for_objectives_the_draft_meets():
     assert len(by_kind["keep"]) > len(by_kind["fix_with_met"]) + len(by_kind["leave_unasked"])
 
 
+def test_weights_break_some_objectives_more_often():
+    drafts = [(f"Question number {i}?", CLEAN) for i in range(400)]
+    weights = {"length": 6.0, "formatting": 0.0}
+    broken = Counter(k for r in tinydata.make_records(drafts, seed=2, p_two=0.0, p_clean=0.0, weights=weights)
+                     for k in r["labels"])
+    # one fault a record: P(length) = 6 / (6 + 1 + 1 + 0) = 0.75, P(formatting) = 0
+    assert broken["formatting"] == 0 and 0.65 < broken["length"] / sum(broken.values()) < 0.85
+    fixes = Counter(tuple(set(e["objectives"]) & set(_gained(CLEAN, e["draft"])))
+                    for e in tinydata.direct_examples(drafts, seed=2, p_fix_with_met=1.0, p_leave_unasked=0.0,
+                                                      weights=weights) if e["kind"] == "fix_with_met")
+    assert ("formatting",) not in fixes and fixes[("length",)] / sum(fixes.values()) > 0.65
+    uniform = Counter(k for r in tinydata.make_records(drafts, seed=2, p_two=0.0, p_clean=0.0) for k in r["labels"])
+    assert all(0.15 < uniform[k] / sum(uniform.values()) < 0.35 for k in tinydata.KEYS)
+
+
+def test_weights_option_rejects_unknown_objectives_and_bad_numbers():
+    assert build_data.parse_weights("length=2, formatting=0.5") == {"length": 2.0, "formatting": 0.5}
+    for bad, said in (("tone=2", "'tone' is not one of"), ("length=x", "expected KEY=NUMBER"),
+                      ("length=-1", "cannot be negative")):
+        with pytest.raises(Exception, match=said):
+            build_data.parse_weights(bad)
+
+
 def test_apology_openers_are_capped_in_order():
     train = [("q", f"I apologize, but no {i}.", "s") if i % 2 else ("q", f"Plain answer {i}.", "s") for i in range(100)]
     kept = build_data.cap_apologies(train, 0.2)
@@ -236,6 +260,35 @@ def test_builder_trains_on_gpt_and_claude_and_holds_out_the_others(tmp_path):
         query = r["prompt"].split("| Query: ", 1)[1].split(" | Answer: ", 1)[0]
         assert r["prompt"] == build_prompt("ultrafeedback", query, answer, objs)
     assert json.loads((out / "dataset" / "stats.json").read_text())["rows"]["preference"] == len(pref)
+
+
+def test_builder_adds_imhi_references_and_leaves_out_excluded_queries(tmp_path, capsys):
+    data = tmp_path / "data"
+    po = data / "policy-outputs"
+    for rel in ("hh-rlhf/Claude-3.csv", "hh-rlhf/gpt-3.5-turbo.csv", "ultrafeedback/gpt-3.5-turbo.csv"):
+        _write_csv(po / rel, [{"query": f"train {rel} {i}", "goldens": "", "generated_text": CLEAN} for i in range(2)])
+    _write_csv(data / "imhi-queries" / "DR.csv", [{"query": f"post {i}", "gpt-3.5-turbo": LISTED} for i in range(4)]
+               + [{"query": "post short", "gpt-3.5-turbo": "Too short."}])
+    exclude = write_jsonl(tmp_path / "bench-queries.jsonl",
+                          [{"query": "post 1"}, {"query": "train hh-rlhf/Claude-3.csv 0"}])
+    out = tmp_path / "out"
+    base = ["--data", str(data), "--seed", "1", "--skip-heldout"]
+    assert build_data.main(base + ["--out", str(out)]) == 0
+    assert {p["query"] for p in read_jsonl(out / "pairs.jsonl")} == {f"train {r} {i}" for r in (
+        "hh-rlhf/Claude-3.csv", "hh-rlhf/gpt-3.5-turbo.csv", "ultrafeedback/gpt-3.5-turbo.csv") for i in range(2)}
+    assert build_data.main(base + ["--out", str(out), "--imhi-references", "--exclude-queries", str(exclude)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    queries = {p["query"] for p in read_jsonl(out / "pairs.jsonl")}
+    assert {q for q in queries if q.startswith("post")} == {"post 0", "post 2", "post 3"}
+    assert "post 1" not in queries and "train hh-rlhf/Claude-3.csv 0" not in queries
+    assert stats["train_drafts"] == 8 and stats["excluded_by_query"] == 2
+    assert stats["train_by_source"]["imhi-references/DR"] == 3
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "post 1"}\n{"q": 1}\n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: query"):
+        build_data.main(base + ["--out", str(tmp_path / "o2"), "--exclude-queries", str(bad)])
+    assert not (tmp_path / "o2").exists()
 
 
 def test_builder_without_data_folder_fails_clearly(tmp_path, capsys):

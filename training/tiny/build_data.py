@@ -3,9 +3,11 @@
     python training/tiny/build_data.py --data ../shared/data --out DIR [--seed 0] [--max-train N]
 
 Reads the policy drafts in ``DATA/policy-outputs`` (README there). Training pairs come from the
-GPT-3.5 and Claude-3 drafts; the Vicuna-7B, llama2-chat-7B, Mentallama-7B and Gemma drafts are
-held out whole for ``bench/bench_tiny_aligner.py``. Only drafts that pass every check of
-:mod:`tinydata` and have 12-40 words are used; queries keep their last 12 words.
+GPT-3.5 and Claude-3 drafts (with ``--imhi-references`` also GPT-3.5's explanations of the IMHI
+queries); the Vicuna-7B, llama2-chat-7B, Mentallama-7B and Gemma drafts are held out whole for
+``bench/bench_tiny_aligner.py``, and ``--exclude-queries`` keeps the benchmark's own queries out of
+training. Only drafts that pass every check of :mod:`tinydata` and have 12-150 words are used;
+queries keep their last 12 words.
 
 Writes ``DIR/pairs.jsonl`` (generic preference records for ``metaaligner build-dataset --source
 generic --objectives @training/tiny/objectives.txt``), ``DIR/heldout.jsonl`` (``{"query",
@@ -44,6 +46,55 @@ def train_drafts(data: Path) -> list[tuple[str, str, str]]:
             draft = (row.get("generated_text") or "").strip()
             if tinydata.usable_draft(draft):
                 out.append((tinydata.short_query(row.get("query") or ""), draft, rel))
+    return out
+
+
+IMHI_REFERENCES = "imhi-queries"  # GPT-3.5's explanations of the IMHI posts (the queries' own column)
+
+
+def imhi_reference_drafts(data: Path) -> list[tuple[str, str, str]]:
+    """``(query, draft, source)`` from the ``gpt-3.5-turbo`` column of ``DATA/imhi-queries``: GPT-3.5
+    (a training policy model) answering the mental-health analysis queries the held-out models
+    answer in the benchmark, usable drafts only."""
+    out = []
+    for path in sorted((data / IMHI_REFERENCES).glob("*.csv")):
+        for row in _read_csv(path):
+            draft = (row.get("gpt-3.5-turbo") or "").strip()
+            if tinydata.usable_draft(draft):
+                out.append((tinydata.short_query(row.get("query") or ""), draft, f"imhi-references/{path.stem}"))
+    return out
+
+
+def read_queries(path: Path) -> set[str]:
+    """The ``query`` of every row of a JSONL file (e.g. ``bench_tiny_aligner.py --queries-out``)."""
+    out = set()
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)["query"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{path}:{n}: query: {e.__class__.__name__}: expected a JSON object with a \"query\" string")
+            if not isinstance(q, str):
+                raise SystemExit(f"{path}:{n}: query: expected a string")
+            out.add(q)
+    return out
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"length=2,formatting=2"`` → ``{"length": 2.0, "formatting": 2.0}`` (keys of :data:`tinydata.KEYS`)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in tinydata.KEYS:
+            raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join(tinydata.KEYS)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected KEY=NUMBER") from None
+        if out[key] < 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight cannot be negative")
     return out
 
 
@@ -130,18 +181,27 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=768,
                     help="drop rows longer than this many tokens (prompt + target + EOS; default 768, 0 keeps all)")
     ap.add_argument("--skip-heldout", action="store_true", help="write the training data only")
+    ap.add_argument("--imhi-references", action="store_true",
+                    help="also train on GPT-3.5's explanations in DATA/imhi-queries (in-domain drafts of a training model)")
+    ap.add_argument("--exclude-queries", type=Path, metavar="JSONL",
+                    help="drop training drafts whose query is in this file (bench_tiny_aligner.py --queries-out)")
+    ap.add_argument("--weights", type=parse_weights, metavar="KEY=W,...",
+                    help="break some objectives more often than others, e.g. length=2,formatting=2 (default: equally)")
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     if not (data / "policy-outputs").is_dir():
         print(f"{data}: no policy-outputs folder (expected the shared data folder)", file=sys.stderr)
         return 2
+    excluded = read_queries(args.exclude_queries) if args.exclude_queries else set()
     rng = random.Random(args.seed)
-    train = train_drafts(data)
+    train = train_drafts(data) + (imhi_reference_drafts(data) if args.imhi_references else [])
+    n_excluded = sum(q in excluded for q, _, _ in train)
+    train = [t for t in train if t[0] not in excluded]
     rng.shuffle(train)
     train = cap_apologies(train, args.max_apology_share)[:args.max_train]
     items = [(q, d) for q, d, _ in train]
-    records = tinydata.make_records(items, seed=args.seed)
-    direct = tinydata.direct_examples(items, seed=args.seed + 1)
+    records = tinydata.make_records(items, seed=args.seed, weights=args.weights)
+    direct = tinydata.direct_examples(items, seed=args.seed + 1, weights=args.weights)
     held = [] if args.skip_heldout else heldout_drafts(data)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +215,7 @@ def main(argv=None) -> int:
     labels = Counter((k, v) for r in records for k, v in r["labels"].items())
     words = sorted(len(d.split()) for _, d, _ in train)
     stats = {"train_drafts": len(train), "train_by_source": dict(Counter(s for _, _, s in train)),
+             "excluded_by_query": n_excluded, "weights": args.weights,
              "draft_words": {"min": words[0], "median": words[len(words) // 2], "max": words[-1]} if words else {},
              "apology_openers": sum(tinydata.apology_opener(d) for _, d, _ in train),
              "records": len(records), "labels": {f"{k} {v}": n for (k, v), n in sorted(labels.items())},

@@ -314,8 +314,20 @@ def labels_for(better_broken: Iterable[str], worse_broken: Iterable[str],
     return {k: ">" if (k in b and k not in a) else "<" if (k in a and k not in b) else "=" for k in keys}
 
 
+def _pick(rng: random.Random, keys: Sequence[str], n: int, weights: dict[str, float] | None) -> list[str]:
+    """``n`` distinct keys: uniformly (``rng.sample``), or in proportion to ``weights`` (missing: 1)."""
+    if weights is None:
+        return rng.sample(list(keys), n)
+    pool, out = list(keys), []
+    for _ in range(n):
+        k = rng.choices(pool, [weights.get(x, 1.0) for x in pool])[0]
+        pool.remove(k)
+        out.append(k)
+    return out
+
+
 def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float = 0.25,
-                 p_clean: float = 0.15) -> list[dict]:
+                 p_clean: float = 0.15, weights: dict[str, float] | None = None) -> list[dict]:
     """Generic preference records from ``(query, clean draft)`` pairs, for Algorithm 1.
 
     Per draft: one record ``(clean, degraded on 1-2 objectives)`` labelled ``>`` on the broken
@@ -325,6 +337,8 @@ def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float =
     about (the first tiny aligner's data did this in 86% of its records). With probability
     ``p_clean`` also a record ``(clean, clean)`` labelled ``=`` on 1-3 objectives: an equal row
     whose target is its input. Labels are recomputed from the checks, never assumed.
+    ``weights`` (objective key → relative weight) makes some objectives broken more often than
+    others; without it each is equally likely (and the draw is the one earlier runs made).
     """
     rng = random.Random(seed)
     out = []
@@ -333,7 +347,7 @@ def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float =
         if not keys:
             continue
         n = 2 if (len(keys) >= 2 and rng.random() < p_two) else 1
-        broken = rng.sample(keys, n)
+        broken = _pick(rng, keys, n, weights)
         worse = degrade(draft, broken, rng)
         if worse is not None:
             out.append(_record(query, draft, worse, failed(worse)))
@@ -348,7 +362,8 @@ def _record(query: str, r1: str, r2: str, keys: Iterable[str]) -> dict:
 
 
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
-                    p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1) -> list[dict]:
+                    p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1,
+                    weights: dict[str, float] | None = None) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
     every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
@@ -358,6 +373,7 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     keep with other objectives with ``p_second_keep``); ``fix_with_met`` — the draft broken on X,
     asked X plus one objective it meets → the clean draft; ``leave_unasked`` — the draft broken on
     Y, asked another objective X → the broken draft unchanged (fix what is asked, nothing else).
+    ``weights`` as in :func:`make_records`, for the objective a fix-with-met row breaks.
     """
     rng = random.Random(seed)
     out = []
@@ -367,7 +383,7 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
                         "target": draft, "kind": "keep"})
         keys = [k for k in KEYS if can_degrade(draft, k)]
         if keys and rng.random() < p_fix_with_met:
-            x = rng.choice(keys)
+            x = rng.choice(keys) if weights is None else _pick(rng, keys, 1, weights)[0]
             bad = degrade(draft, [x], rng)
             if bad is not None:
                 asked = [x, rng.choice([k for k in KEYS if k != x])]
