@@ -417,3 +417,55 @@ def _healthy(url) -> bool:
         return httpx.get(url + "/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_shutdown_stops_its_own_loops_and_leaves_anothers_running(tiny_dir):
+    """A loop someone else attached to a model (the web app's) survives the server's shutdown;
+    the server's own request in it gets the 503, and the server's own loop stops and detaches."""
+    import asyncio
+
+    from metaaligner_core.engine.generator import LocalGenerator
+    from metaaligner_core.engine.scheduler import StepScheduler
+    from metaaligner_core.serve.service import RequestError
+    from metaaligner_core.settings import GenerationSettings
+
+    theirs_gen, own_gen = (LocalGenerator.load(tiny_dir, device="cpu") for _ in range(2))
+    theirs = StepScheduler(theirs_gen, batch_size=4, name="app-0")
+    theirs_gen.scheduler = theirs
+    svc = CorrectionService(policies=[f"tiny={tiny_dir}"], aligner=tiny_dir, max_new_tokens=8)
+    try:
+        assert svc._batcher(theirs_gen) is theirs
+        own = svc._batcher(own_gen)
+        assert own is not theirs and own_gen.scheduler is own
+        log = []
+        other = submit(theirs, [1, 301, 5, 6], 0, GenerationSettings(max_new_tokens=300), log, "app-row")
+
+        async def request(gen):
+            got = []
+            async for items in svc._tokens(gen, [1, 302, 5, 6], 0, GenerationSettings(max_new_tokens=300), "c"):
+                got += items
+                if len(got) >= 3 and not started[gen is own_gen].is_set():
+                    started[gen is own_gen].set()
+            return got
+
+        async def main():
+            tasks = [asyncio.create_task(request(g)) for g in (theirs_gen, own_gen)]
+            for e in started.values():
+                await asyncio.wait_for(e.wait(), 60)
+            await asyncio.to_thread(svc.shutdown)
+            return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+        started = {False: asyncio.Event(), True: asyncio.Event()}
+        results = asyncio.run(main())
+        for r in results:  # both of the service's requests: the 503, not a finished answer
+            assert isinstance(r, RequestError) and r.status == 503, r
+        assert own_gen.scheduler is None and not own._thread.is_alive()
+        assert theirs_gen.scheduler is theirs and theirs._thread.is_alive()
+        wait_for(lambda: theirs.in_flight <= 1, timeout=10, what="the service's row to leave their loop")
+        assert other.finished.wait(120) and other.end == ("done", "length") and len(other.tokens) == 300
+        with pytest.raises(RequestError) as e:  # a request after shutdown is refused at once
+            asyncio.run(request(theirs_gen))
+        assert e.value.status == 503
+    finally:
+        theirs.stop()
+        svc.shutdown()

@@ -164,6 +164,8 @@ class CorrectionService:
                                        policy_options={"timeout": upstream_timeout, "max_retries": upstream_retries},
                                        local_options={"dtype": dtype} if dtype and dtype != "auto" else None)
         self._batchers: dict[int, StepScheduler | Batcher] = {}
+        self._owned: dict[int, object] = {}  # id(loop) -> its generator: the loops this service started
+        self._jobs: dict[int, tuple] = {}  # id(job) -> (job, its loop): this service's jobs in flight
         self.aligner = None
         self.stopping = False
 
@@ -181,9 +183,11 @@ class CorrectionService:
     def _batcher(self, generator) -> StepScheduler | Batcher:
         b = self._batchers.get(id(generator))
         if b is None:
+            created = True
             name = f"scheduler-{len(self._batchers)}"
             if self.scheduling == "step" and isinstance(getattr(generator, "scheduler", None), StepScheduler):
-                b = generator.scheduler  # one loop per model, whoever started it
+                b = generator.scheduler  # one loop per model, whoever started it (theirs to stop)
+                created = False
             elif self.scheduling == "step":
                 try:
                     b = StepScheduler(generator, batch_size=self.batch_size, prefill_chunk=self.prefill_chunk,
@@ -194,6 +198,8 @@ class CorrectionService:
                     log.info("%s: batch-at-a-time scheduling (%s)", generator.name, e)
             if b is None:
                 b = Batcher(generator, batch_size=self.batch_size, window=self.window, name=name)
+            if created:
+                self._owned[id(b)] = generator
             self._batchers[id(generator)] = b
         return b
 
@@ -205,11 +211,26 @@ class CorrectionService:
         return [n for b in self._batchers.values() for n in list(b.batches)]
 
     def shutdown(self, reason: str = "the server is shutting down", wait: bool = True) -> None:
-        """Stop every decoding loop: requests in flight are answered with a 503 error within one
-        decoding step. ``wait``: until the loops have ended (else only tell them)."""
+        """Stop the decoding loops this service started: requests in flight are answered with a
+        503 error within one decoding step. A loop someone else started (the web app's, attached
+        to the model before the server loaded it) keeps running for them; this service's rows in
+        it are cancelled and answered with the same 503. ``wait``: until the loops have ended
+        (else only tell them)."""
         self.stopping = True
         for b in self._batchers.values():
+            gen = self._owned.get(id(b))
+            if gen is None:
+                continue
             b.stop(reason, timeout=30.0 if wait else 0.0)
+            if getattr(gen, "scheduler", None) is b:
+                gen.scheduler = None  # streams after this decode alone instead of failing
+        for job, loop in list(self._jobs.values()):
+            if id(loop) not in self._owned:
+                job.cancelled.set()  # its row leaves their loop at the next step
+                try:
+                    job.emit("error", ShuttingDown(reason))
+                except RuntimeError:  # its event loop has already closed: nobody is waiting
+                    pass
 
     def close(self) -> None:
         self.shutdown()
@@ -256,10 +277,14 @@ class CorrectionService:
                 loop.call_soon_threadsafe(ready.set)
 
         job = Job(ids, prefix_len, settings, emit, group=group)
+        if self.stopping:
+            raise _shutting_down()
+        loop_ = self._batcher(generator)
         try:
-            self._batcher(generator).submit(job)
+            loop_.submit(job)
         except (ShuttingDown, RuntimeError):
             raise _shutting_down() from None
+        self._jobs[id(job)] = (job, loop_)
         try:
             while True:
                 await ready.wait()
@@ -279,6 +304,7 @@ class CorrectionService:
                 if items[-1][0] == "done":
                     return
         finally:
+            self._jobs.pop(id(job), None)
             job.cancelled.set()  # a client that went away frees its row at the next step
 
     # -- draft -----------------------------------------------------------------------------------
