@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Iterable
 
 from sqlalchemy import func, select
@@ -70,6 +71,26 @@ class RaterService(Database):
             me = accounts.current(s, token)
             workflow.assign(s, item_id, me.id)
             return self._view(s, me, s.get(Item, item_id))
+
+    def release(self, token: str, uid: str) -> bool:
+        """End this rater's hold on item ``uid`` now (a skip): the item stops counting toward its k
+        for them, as if :data:`~annotation.workflow.ASSIGNMENT_TTL` had passed, so another rater
+        can take it; it stays theirs, and comes back to them when their other items are done.
+        Submitted items and other raters' holds are untouched. True when a hold ended."""
+        from sqlalchemy import update
+
+        with self._session(write=True) as s:
+            me = accounts.current(s, token)
+            item_id = s.scalar(select(Item.id).where(Item.uid == uid))
+            if item_id is None:
+                return False
+            done = s.execute(update(Assignment)
+                             .where(Assignment.item_id == item_id, Assignment.annotator_id == me.id,
+                                    Assignment.status == workflow.OPEN,
+                                    Assignment.created_at >= utcnow() - workflow.ASSIGNMENT_TTL)
+                             .values(created_at=utcnow() - workflow.ASSIGNMENT_TTL - timedelta(seconds=1))
+                             .execution_options(synchronize_session=False))
+            return done.rowcount == 1
 
     def item_view(self, token: str, uid: str) -> ItemView:
         with self._session() as s:

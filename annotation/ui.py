@@ -269,12 +269,16 @@ def on_skip(store: Store, target: int | None, view: ItemView, token: str | None,
     """-> item, skipped, status, shown_at, check button, timer"""
     import gradio as gr
 
+    if view is None:  # nothing on screen to skip
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     skipped = [*skipped, view.uid]
     try:
+        store.release(token, view.uid)  # another rater may take it meanwhile
         nxt, skipped = _load_next(store, token, skipped, target)
     except MetaAlignerError as e:
         return gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip(), gr.skip(), gr.skip()
-    return (nxt, skipped, _message("Skipped: it comes back when the other items are done."), time.time(),
+    return (nxt, skipped, _message("Skipped: another rater may take it; it comes back to you when your other "
+                                   "items are done."), time.time(),
             *_idle_controls(True, nxt))
 
 

@@ -103,21 +103,27 @@ def _active_counts(candidates):
             .group_by(Assignment.item_id).subquery())
 
 
+def _naive(t):
+    """A UTC time without its zone (SQLite returns naive datetimes, PostgreSQL aware ones)."""
+    return t.replace(tzinfo=None) if t is not None and t.tzinfo is not None else t
+
+
 def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) -> tuple[int | None, bool]:
-    """The item id to serve next, and whether it needs a new assignment row.
+    """The item id to serve next, and whether :func:`assign` must run: a new assignment row, or
+    the rater's own open item whose hold ran out or was ended by a skip (it starts again).
 
     Order: the rater's own open assignments (drafts first), then, every GOLD_EVERY-th item, a
     gold item; then regular items below their k, least-assigned first; gold items last.
     """
     mine = select(Assignment.item_id).where(Assignment.annotator_id == me_id)
-    q_open = (select(Assignment.item_id).join(Item, Item.id == Assignment.item_id)
+    q_open = (select(Assignment.item_id, Assignment.created_at).join(Item, Item.id == Assignment.item_id)
               .where(Assignment.annotator_id == me_id, Assignment.status == OPEN)
               .order_by(Assignment.created_at, Assignment.item_id).limit(1))
     if exclude:
         q_open = q_open.where(Item.uid.not_in(exclude))
-    found = s.scalar(q_open)
-    if found is not None:
-        return found, False
+    row = s.execute(q_open).first()
+    if row is not None:  # a hold that ran out (or was ended by a skip) starts again: assign() renews it
+        return row.item_id, _naive(row.created_at) < _naive(utcnow() - ASSIGNMENT_TTL)
 
     def gold_item():
         q = select(Item.id).where(Item.is_gold.is_(True), Item.id.not_in(mine)).order_by(Item.id).limit(1)

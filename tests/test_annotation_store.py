@@ -232,6 +232,28 @@ def test_each_item_goes_to_k_raters_least_assigned_first(tmp_path, store):
     assert (p.mine, p.total, p.complete) == (1, 3, 0)
 
 
+def test_a_skip_frees_the_place_at_once_and_the_item_comes_back(tmp_path, store):
+    store.import_items(_items(tmp_path, n=2, responses=1), raters=1)
+    t = _people(store, "a", "b", "c", "d")
+    first = store.next_item(t["a"])
+    second = store.next_item(t["b"])
+    assert first.uid != second.uid and store.next_item(t["c"]) is None  # both items have their 1 rater
+    assert store.release(t["a"], first.uid)
+    assert not store.release(t["a"], first.uid) and not store.release(t["c"], first.uid)  # nothing left to end
+    assert not store.release(t["a"], "q-no-such-item")
+    taken = store.next_item(t["c"])  # a's place is free at once, not after ASSIGNMENT_TTL
+    assert taken.uid == first.uid
+    assert store.next_item(t["c"]).uid == first.uid  # and c holds it now
+    # a gets it back (their own open item), with a fresh hold: nobody else can take it from them now
+    assert store.next_item(t["a"], exclude=[]).uid == first.uid
+    assert store.release(t["c"], first.uid)
+    assert store.next_item(t["d"]) is None  # a's renewed hold counts: first has its 1 rater again
+    v = store.next_item(t["a"])
+    store.save(t["a"], v.uid, _full(v), submit=True)
+    assert not store.release(t["a"], v.uid)  # a submitted item is never released
+    assert store.progress(t["a"]).mine == 1
+
+
 def test_k_per_import_and_per_protocol(tmp_path, store):
     store.import_items(_items(tmp_path, n=1, responses=1), raters=3)
     t = _people(store, "a", "b", "c", "d")
