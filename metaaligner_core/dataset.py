@@ -383,7 +383,8 @@ def ultrafeedback_completions(rec: dict, path, line) -> list[tuple[str, dict[str
             raise InputError(path, line, f"completions[{i}]", "expected an object")
         text = comp.get("response")
         if not isinstance(text, str):
-            raise InputError(path, line, f"completions[{i}].response", "missing")
+            raise InputError(path, line, f"completions[{i}].response",
+                             "missing" if text is None else f"expected a string, got {type(text).__name__}")
         parsed.append((text, {aspect: (ann.get("Rating") if isinstance(ann, dict) else None)
                                for aspect, ann in (comp.get("annotations") or {}).items()}))
     return parsed

@@ -222,6 +222,10 @@ def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
     (['{"query": "q", "response_1": "a", "response_2": "b", "scores_1": {"honesty": "high"}, "scores_2": {"honesty": 1}}'],
      r'pairs.jsonl:1: field "scores_1.honesty": expected a number'),
     ([], r"no records \(empty input\)"),
+    (['{"instruction": "q", "completions": [{"response": "a", "annotations": {}}, {"response": 7}]}'],
+     r'pairs.jsonl:1: field "completions\[1\].response": expected a string, got int'),
+    (['{"instruction": "q", "completions": [{"annotations": {}}]}'],
+     r'pairs.jsonl:1: field "completions\[0\].response": missing'),
 ])
 def test_bad_input_one_line_error_and_no_output(tmp_path, lines, message):
     src = tmp_path / "pairs.jsonl"
