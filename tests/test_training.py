@@ -365,9 +365,11 @@ def test_lora_stage_is_merged_into_a_plain_model(tmp_path, embedded_dir):
 
 
 @pytest.mark.slow
-def test_lora_init_keeps_training_the_given_adapter(tmp_path, embedded_dir):
+@pytest.mark.parametrize("stages", ["preference", "warmup,preference"], ids=["one-stage", "empty-first-stage"])
+def test_lora_init_keeps_training_the_given_adapter(tmp_path, embedded_dir, stages):
     """``lora_init``: the stage trains the given adapter (its rank and modules, its weights as the
-    start), so the result is the base plus one adapter of that rank, near the one it started from."""
+    start), so the result is the base plus one adapter of that rank, near the one it started from;
+    a first stage with no rows is skipped and the adapter goes to the first stage that has rows."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
@@ -382,8 +384,8 @@ def test_lora_init_keeps_training_the_given_adapter(tmp_path, embedded_dir):
     start.save_pretrained(tmp_path / "init")
     init = load_file(tmp_path / "init" / "adapter_model.safetensors")
 
-    data = make_data_dir(tmp_path / "data", n=2)
-    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), base="default", stages="preference",
+    data = make_data_dir(tmp_path / "data", n=2, empty=("warmup",))
+    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), base="default", stages=stages,
                               lora=True, lora_r=16, lora_init=str(tmp_path / "init"), lr=1e-4, warmup_ratio=0,
                               batch_size=2, max_steps=1, max_length=64, save_dtype="fp32", disable_tqdm=True))
     trained, base = load_file(final / "model.safetensors"), load_file(embedded_dir / "model.safetensors")
