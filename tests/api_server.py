@@ -88,10 +88,10 @@ class FakeProvider:
                                                          "message": f"injected {status}"}},
                                       extra={"retry-after": "0"} if status == 429 else None)
                 text = provider.reply(body)
-                self.finish = "stop"
+                self.finish_reason = "stop"
                 limit = body.get("max_tokens") or body.get("max_completion_tokens")
                 if provider.cut_at_max_tokens and limit and len(text.split(" ")) > limit:
-                    text, self.finish = " ".join(text.split(" ")[:limit]), "length"
+                    text, self.finish_reason = " ".join(text.split(" ")[:limit]), "length"
                 if self.path.rstrip("/").endswith("/chat/completions"):
                     return self._openai(body, text)
                 if self.path.rstrip("/").endswith("/completions"):
@@ -134,12 +134,12 @@ class FakeProvider:
                                                                "finish_reason": None}]})) for p in pieces]
                     events.append((None, json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 0,
                                                       "model": model, "choices": [{"index": 0, "delta": {},
-                                                                                   "finish_reason": self.finish}]})))
+                                                                                   "finish_reason": self.finish_reason}]})))
                     events.append((None, "[DONE]"))
                     return self._sse(events)
                 return self._json(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": model,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                     "finish_reason": self.finish}], "usage": usage})
+                                                     "finish_reason": self.finish_reason}], "usage": usage})
 
             def _completion(self, body, text):
                 model = body.get("model", "fake")
@@ -154,12 +154,12 @@ class FakeProvider:
                     if provider.cut_at_max_tokens:
                         events.append((None, json.dumps({"id": "t1", "object": "text_completion", "created": 0,
                                                           "model": model, "choices": [{"index": 0, "text": "",
-                                                          "logprobs": None, "finish_reason": self.finish}]})))
+                                                          "logprobs": None, "finish_reason": self.finish_reason}]})))
                     events.append((None, "[DONE]"))
                     return self._sse(events)
                 return self._json(200, {"id": "t1", "object": "text_completion", "created": 0, "model": model,
                                         "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                     "finish_reason": self.finish}], "usage": usage})
+                                                     "finish_reason": self.finish_reason}], "usage": usage})
 
             def _anthropic(self, body, text):
                 model = body.get("model", "fake")
