@@ -224,6 +224,26 @@ def test_incremental_text_equals_whole_decoding(tokenizer, make, step):
         assert sum(bool(d) for d in deltas[:-1]) >= len(ids) // (3 * step)  # it streams, not all at the end
 
 
+@pytest.mark.parametrize("make", [lambda t, eos: IncrementalText(t, eos), lambda t, eos: TokenText(t, eos)],
+                         ids=["IncrementalText", "TokenText"])
+def test_an_answer_cut_inside_a_character_ends_as_the_whole_decoding(tokenizer, make):
+    """A row stopped by its token limit in the middle of a multi-byte character: the streamed
+    deltas hold the half character back, and ``finish`` hands out the rest of the whole decoding."""
+    cuts = 0
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        for n in range(1, len(ids)):
+            expected = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            if not expected.endswith("\ufffd"):
+                continue
+            cuts += 1
+            inc = make(tokenizer, {tokenizer.eos_token_id})
+            streamed = "".join(inc.add(t) for t in ids[:n])
+            assert not streamed.endswith("\ufffd")
+            assert streamed + inc.finish() == expected
+    assert cuts >= 5  # the texts hold characters split over several tokens
+
+
 def test_incremental_text_is_linear(tokenizer):
     ids = []
     for _ in range(30):
