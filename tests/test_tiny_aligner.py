@@ -193,6 +193,10 @@ def test_weights_break_some_objectives_more_often():
                     for e in tinydata.direct_examples(drafts, seed=2, p_fix_with_met=1.0, p_leave_unasked=0.0,
                                                       weights=weights) if e["kind"] == "fix_with_met")
     assert ("formatting",) not in fixes and fixes[("length",)] / sum(fixes.values()) > 0.65
+    nothing = {k: 0.0 for k in tinydata.KEYS}  # no objective may be broken: no degraded pair, no fix row
+    assert tinydata.make_records(drafts[:20], seed=2, p_two=0.5, p_clean=0.0, weights=nothing) == []
+    assert {e["kind"] for e in tinydata.direct_examples(drafts[:20], seed=2, p_fix_with_met=1.0,
+                                                         weights=nothing)} <= {"keep", "leave_unasked"}
     uniform = Counter(k for r in tinydata.make_records(drafts, seed=2, p_two=0.0, p_clean=0.0) for k in r["labels"])
     assert all(0.15 < uniform[k] / sum(uniform.values()) < 0.35 for k in tinydata.KEYS)
 

@@ -315,11 +315,12 @@ def labels_for(better_broken: Iterable[str], worse_broken: Iterable[str],
 
 
 def _pick(rng: random.Random, keys: Sequence[str], n: int, weights: dict[str, float] | None) -> list[str]:
-    """``n`` distinct keys: uniformly (``rng.sample``), or in proportion to ``weights`` (missing: 1)."""
+    """``n`` distinct keys: uniformly (``rng.sample``), or in proportion to ``weights`` (missing: 1;
+    keys of weight 0 are never picked, so fewer than ``n`` may come back)."""
     if weights is None:
         return rng.sample(list(keys), n)
-    pool, out = list(keys), []
-    for _ in range(n):
+    pool, out = [k for k in keys if weights.get(k, 1.0) > 0], []
+    for _ in range(min(n, len(pool))):
         k = rng.choices(pool, [weights.get(x, 1.0) for x in pool])[0]
         pool.remove(k)
         out.append(k)
@@ -348,7 +349,7 @@ def make_records(items: Iterable[tuple[str, str]], seed: int = 0, p_two: float =
             continue
         n = 2 if (len(keys) >= 2 and rng.random() < p_two) else 1
         broken = _pick(rng, keys, n, weights)
-        worse = degrade(draft, broken, rng)
+        worse = degrade(draft, broken, rng) if broken else None
         if worse is not None:
             out.append(_record(query, draft, worse, failed(worse)))
         if rng.random() < p_clean:
@@ -383,8 +384,8 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
                         "target": draft, "kind": "keep"})
         keys = [k for k in KEYS if can_degrade(draft, k)]
         if keys and rng.random() < p_fix_with_met:
-            x = rng.choice(keys) if weights is None else _pick(rng, keys, 1, weights)[0]
-            bad = degrade(draft, [x], rng)
+            x = rng.choice(keys) if weights is None else next(iter(_pick(rng, keys, 1, weights)), None)
+            bad = degrade(draft, [x], rng) if x is not None else None
             if bad is not None:
                 asked = [x, rng.choice([k for k in KEYS if k != x])]
                 rng.shuffle(asked)
