@@ -25,7 +25,9 @@ all of them (a loop, or a runaway answer); the table counts those rows per align
 
 Both aligners run in the same process on the same rows with greedy decoding through
 ``Aligner.align_batch``: the embedded base model (``default`` weights without the adapter) and
-the tiny aligner (the same weights with ``training/tiny/adapter`` merged). Texts are never printed.
+the tiny aligner (the same weights with ``training/tiny/adapter`` merged). Texts are never printed;
+``--texts-out FILE`` writes each row's draft, clean draft and outputs to a JSONL file for failure
+analysis (the held-out drafts answer real mental-health posts: keep that file private).
 """
 from __future__ import annotations
 
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--aligner", help="tiny aligner directory (default: the embedded one, adapter merged)")
     ap.add_argument("--only", choices=["base", "tiny"], help="run one of the two aligners")
     ap.add_argument("--out", help="write the table and per-row verdicts (no texts) as JSON here")
+    ap.add_argument("--texts-out", metavar="JSONL",
+                    help="also write every row's texts (query, draft, clean draft, each aligner's output) here")
     ap.add_argument("--queries-out", metavar="JSONL",
                     help="write the sampled rows' queries (for build_data.py --exclude-queries) and stop")
     args = ap.parse_args(argv)
@@ -194,14 +198,22 @@ def main(argv=None) -> int:
         candidates["tiny"] = args.aligner or str(default_aligner_dir())
     if args.only in (None, "base"):
         candidates["base"] = str(embedded_model_dir())
-    results, seconds, limited = {}, {}, {}
+    results, seconds, limited, texts = {}, {}, {}, {}
     for name, path in candidates.items():
         outs, hit, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
+        texts[name] = outs
         results[name] = [{**judge(r, o), "hit_limit": h} for r, o, h in zip(rows, outs, hit)]
         limited[name] = sum(hit)
         if args.out:  # each aligner's verdicts as soon as it is done (no texts)
             Path(args.out).with_suffix(f".{name}.json").write_text(json.dumps(results[name]) + "\n")
     lines = table(rows, results)
+    if args.texts_out:
+        tmp = Path(args.texts_out).with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for i, r in enumerate(rows):
+                fh.write(json.dumps({**r, **{n: {"out": texts[n][i], **results[n][i]} for n in results}},
+                                    ensure_ascii=False) + "\n")
+        os.replace(tmp, args.texts_out)
 
     names = list(results)
     print(f"{len(rows)} held-out rows ({', '.join(sorted({r['model'] for r in rows}))}); greedy, "
