@@ -83,6 +83,13 @@ class TrainConfig:
         all of it), the prompt keeps its start and its last 32 tokens and loses its middle.
     max_steps (`int` or `None`, defaults to `None`): cap on optimizer steps per stage.
     seed (`int`, defaults to ``42``).
+    edit_weight (`float`, defaults to ``1.0``): loss weight of the completion tokens where the
+        completion does not continue a copy of the prompt (:func:`edit_loss_weights`): its first
+        token, a token after a skipped or changed stretch of the draft, inserted tokens, and EOS.
+        An aligner's target is mostly the draft copied, so these few tokens are its decisions
+        (what to drop, what to change, where to stop). ``1.0``: every completion token counts the
+        same (the paper's SFT, TRL's loss exactly); above 1 they count that many times as much.
+        The loss stays the weighted sum over the completion tokens divided by their number.
 
     > LoRA (PEFT); the adapter is merged after each stage, so every stage directory is a plain model
 
@@ -159,6 +166,7 @@ class TrainConfig:
     max_length: int = 2048
     max_steps: int | None = None
     seed: int = 42
+    edit_weight: float = 1.0
 
     lora: bool = False
     lora_r: int = 16
@@ -214,6 +222,8 @@ class TrainConfig:
             self.gradient_checkpointing = "auto"
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise MetaAlignerError(f'gradient_checkpointing: "{self.gradient_checkpointing}" (valid: auto, true, false)')
+        if not (isinstance(self.edit_weight, (int, float)) and 0 < self.edit_weight <= 1000):
+            raise MetaAlignerError(f"edit_weight must be a number above 0 (at most 1000; got {self.edit_weight!r})")
         if self.lora_init is not None and not self.lora:
             raise MetaAlignerError("lora_init needs lora: true")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
@@ -297,6 +307,25 @@ def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int | 
             tail = min(PROMPT_TAIL_TOKENS, room // 2)
             p = p[:room - tail] + (p[len(p) - tail:] if tail else [])
     return {"input_ids": p + c, "labels": [-100] * len(p) + c}
+
+
+def edit_loss_weights(ids: Sequence[int], labels: Sequence[int], weight: float) -> list[float]:
+    """Per position of one row: ``weight`` on the completion tokens (``labels`` not -100) that do
+    not continue a copy of the prompt, 1.0 elsewhere.
+
+    A completion token *continues a copy* when it and the token before it stand next to each
+    other somewhere in the prompt (the rows' prompt tokens: ``labels`` -100): inside a stretch of
+    the draft copied as it is. The others are the completion's decisions: its first token, the
+    first token after a skipped or changed stretch, inserted tokens, and EOS (the place to stop).
+    Pure bigram lookup, no alignment: a pair that also occurs elsewhere in the prompt counts as a
+    copy. In a padding-free row (several examples in one sequence) the prompts of all of them count.
+    """
+    prompt = {(ids[t], ids[t + 1]) for t in range(len(ids) - 1) if labels[t] == -100 and labels[t + 1] == -100}
+    out = [1.0] * len(ids)
+    for t in range(1, len(ids)):
+        if labels[t] != -100 and (ids[t - 1], ids[t]) not in prompt:
+            out[t] = float(weight)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,10 +685,42 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     args = args or _sft_config(config, rt, output_dir, len(dataset))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
+    trainer_class = SFTTrainer if config.edit_weight == 1 else _edit_weighted_trainer(SFTTrainer)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
+    trainer.edit_weight = config.edit_weight
     _fp32_gradient_reduction(trainer, rt)
     return trainer
+
+
+def _edit_weighted_trainer(base):
+    """``base`` (TRL's ``SFTTrainer``) with a training loss that weights each completion token by
+    :func:`edit_loss_weights` (``TrainConfig.edit_weight``). It asks the model for per-token
+    log-probabilities through TRL's fused LM head (``model(..., fused_lm_head=True)``, as
+    ``SFTTrainer`` does itself) and divides the weighted sum by the same token count TRL uses
+    (``num_items_in_batch``), so gradient accumulation and several processes work as they do
+    there. TRL's entropy and token-accuracy metrics are not logged on this path."""
+    import torch
+
+    class EditWeightedSFTTrainer(base):
+        edit_weight = 1.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.edit_weight == 1 or return_outputs or not model.training:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            weights = torch.tensor([edit_loss_weights(i, lab, self.edit_weight)
+                                    for i, lab in zip(ids.tolist(), labels.tolist())], device=ids.device)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)  # log_probs[:, t] scores labels[:, t + 1]
+            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -(outputs.log_probs.float() * weights[:, 1:]).sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
+
+    return EditWeightedSFTTrainer
 
 
 def _fp32_gradient_reduction(trainer, rt: Runtime) -> None:

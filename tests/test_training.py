@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -181,6 +182,68 @@ def test_truncation_keeps_instruction_tail_and_part_of_completion(tokenizer):
     assert tokenizer.decode(prompt[-4:]).endswith("Edit: ")
     short = tokenize_example(tokenizer, row("a b")["prompt"], "a b", max_length=128)
     assert len(short["input_ids"]) < 128 and short["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_edit_loss_weights_mark_the_completions_decisions():
+    from metaaligner_core.training import edit_loss_weights
+
+    # prompt: BOS, the draft 10..14, then "| Edit:" (99); completion: 10 11 13 14 50 EOS(2)
+    ids = [1, 10, 11, 12, 13, 14, 99, 10, 11, 13, 14, 50, 2]
+    labels = [-100] * 7 + ids[7:]
+    w = edit_loss_weights(ids, labels, 3.0)
+    #         first token  copy   skipped 12  copy  inserted  EOS
+    assert w == [1.0] * 7 + [3.0, 1.0, 3.0, 1.0, 3.0, 3.0]
+    copy = [1, 10, 11, 12, 99, 10, 11, 12, 2]  # the draft copied whole: its first token and EOS decide
+    assert edit_loss_weights(copy, [-100] * 5 + copy[5:], 2.0) == [1.0] * 5 + [2.0, 1.0, 1.0, 2.0]
+    with pytest.raises(MetaAlignerError, match="edit_weight"):
+        TrainConfig(data="d", edit_weight=0)
+
+
+@pytest.mark.slow
+def test_edit_weighted_loss_is_the_weighted_token_mean(tmp_path, tokenizer):
+    """The trainer's loss with ``edit_weight`` equals the weighted negative log-likelihood of the
+    completion tokens over their count, computed here from the model's logits; the decision
+    tokens are found here by searching the prompt's token pairs, not by the code under test."""
+    import torch
+
+    from metaaligner_core.training import build_stage_dataset, load_model, make_trainer, resolve_runtime, train
+
+    rows = [row("green horse by the river", target="green horse by the river"),
+            row("the lamp is bright and warm", target="the lamp is warm. Thank you!")]
+    losses = {}
+    for weight in (1.0, 4.0):
+        cfg = TrainConfig(data=str(tmp_path), device="cpu", batch_size=2, max_length=256, disable_tqdm=True,
+                          edit_weight=weight)
+        rt = resolve_runtime(cfg)
+        model = load_model("default", cfg, rt)
+        trainer = make_trainer(cfg, rt, model, tokenizer, build_stage_dataset(rows, tokenizer, 256), tmp_path / "c")
+        batch = {k: v.to("cpu") for k, v in next(iter(trainer.get_train_dataloader())).items()}
+        trainer.model.train()
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(trainer.model, dict(batch)).item()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        mask = labels != -100
+        expected_w = torch.ones_like(logp)
+        for b in range(len(rows)):
+            seq = batch["input_ids"][b].tolist()
+            n_prompt = int((batch["labels"][b] == -100).long().argmin())
+            text = " " + " ".join(map(str, seq[:n_prompt])) + " "
+            for t in range(n_prompt, int(batch["attention_mask"][b].sum())):
+                if f" {seq[t - 1]} {seq[t]} " not in text:
+                    expected_w[b, t - 1] = weight
+        expected = -(logp * expected_w * mask).sum() / mask.sum()
+        assert losses[weight] == pytest.approx(expected.item(), rel=1e-4)
+    assert losses[4.0] > losses[1.0] * 1.5  # the decisions carry most of the loss of a copy
+    # and a whole (short) stage trains with it, gradient accumulation included
+    data = make_data_dir(tmp_path / "data", n=4)
+    final = train(TrainConfig(data=str(data), out=str(tmp_path / "out"), stages="preference", edit_weight=5.0,
+                              batch_size=2, grad_accum=2, max_steps=1, max_length=128, lr=1e-4, logging_steps=1,
+                              disable_tqdm=True))
+    assert (final / "model.safetensors").is_file()
+    loss = [m["loss"] for m in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "loss" in m]
+    assert loss and all(math.isfinite(x) and x > 0 for x in loss)
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ def add_train_options(p) -> None:
     g.add_argument("--lr-scheduler", metavar="NAME", help="default cosine")
     g.add_argument("--weight-decay", type=float, metavar="X", help="default 0")
     g.add_argument("--optim", metavar="NAME", help="default adamw_torch_fused")
+    g.add_argument("--edit-weight", type=float, metavar="X",
+                   help="loss weight of the completion tokens that do not continue a copy of the draft "
+                        "(its edits and where it stops; default 1: every token the same)")
     g.add_argument("--lora-r", type=int, metavar="N")
     g.add_argument("--lora-alpha", type=int, metavar="N")
     g.add_argument("--lora-dropout", type=float, metavar="X")
