@@ -218,6 +218,25 @@ def test_apology_openers_are_capped_in_order():
     assert build_data.cap_apologies(train, 1.0) == train
 
 
+def test_failure_kinds_name_what_went_wrong():
+    import failure_kinds
+
+    filler = tinydata.FILLERS[0]
+    padded = CLEAN + " " + filler
+    one, two, three = SENTENCES
+    cases = {
+        "loop": ("clean", "repetition", CLEAN, CLEAN + " " + one * 5, True),
+        "fault left": ("repair", "length", padded, padded, False),
+        "stopped early": ("clean", "length", CLEAN, one + " " + two, False),
+        "dropped": ("clean", "length", CLEAN, one + " " + three, False),
+        "added": ("repair", "length", padded, "I'm sorry, but " + CLEAN, False),
+        "rewrote": ("clean", "formatting", CLEAN, "Paris is France's capital. " + two + " " + three, False),
+    }
+    for want, (kind, objective, draft, out, hit) in cases.items():
+        assert failure_kinds.failure_kind(kind, objective, draft, CLEAN, out, hit) == want, want
+    assert set(cases) == set(failure_kinds.KINDS)
+
+
 # ----------------------------------------------------------------------------- the builder's split
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
