@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Iterable
 
 from sqlalchemy import func, select
@@ -77,20 +76,10 @@ class RaterService(Database):
         for them, as if :data:`~annotation.workflow.ASSIGNMENT_TTL` had passed, so another rater
         can take it; it stays theirs, and comes back to them when their other items are done.
         Submitted items and other raters' holds are untouched. True when a hold ended."""
-        from sqlalchemy import update
-
         with self._session(write=True) as s:
             me = accounts.current(s, token)
             item_id = s.scalar(select(Item.id).where(Item.uid == uid))
-            if item_id is None:
-                return False
-            done = s.execute(update(Assignment)
-                             .where(Assignment.item_id == item_id, Assignment.annotator_id == me.id,
-                                    Assignment.status == workflow.OPEN,
-                                    Assignment.created_at >= utcnow() - workflow.ASSIGNMENT_TTL)
-                             .values(created_at=utcnow() - workflow.ASSIGNMENT_TTL - timedelta(seconds=1))
-                             .execution_options(synchronize_session=False))
-            return done.rowcount == 1
+            return item_id is not None and workflow.release(s, item_id, me.id)
 
     def item_view(self, token: str, uid: str) -> ItemView:
         with self._session() as s:

@@ -95,9 +95,25 @@ def _count_submission(s: Session, item_id: int) -> None:
               .values(submitted_count=func.coalesce(Item.submitted_count, 0) + 1))
 
 
+def _hold_cutoff():
+    """Open assignments created before this time no longer hold their item."""
+    return utcnow() - ASSIGNMENT_TTL
+
+
+def release(s: Session, item_id: int, annotator_id: int) -> bool:
+    """End the rater's hold on the item now (a skip), as if :data:`ASSIGNMENT_TTL` had passed;
+    the assignment stays theirs and open. True when a hold ended."""
+    done = s.execute(update(Assignment)
+                     .where(Assignment.item_id == item_id, Assignment.annotator_id == annotator_id,
+                            Assignment.status == OPEN, Assignment.created_at >= _hold_cutoff())
+                     .values(created_at=_hold_cutoff() - timedelta(seconds=1))
+                     .execution_options(synchronize_session=False))
+    return done.rowcount == 1
+
+
 def _active_counts(candidates):
     """Per candidate item: raters who submitted it or hold a fresh assignment."""
-    fresh = utcnow() - ASSIGNMENT_TTL
+    fresh = _hold_cutoff()
     return (select(Assignment.item_id.label("item_id"), func.count().label("n"))
             .where(Assignment.item_id.in_(candidates), or_(Assignment.status == SUBMITTED, Assignment.created_at >= fresh))
             .group_by(Assignment.item_id).subquery())
@@ -123,7 +139,7 @@ def pick_next(s: Session, me_id: int, target: int | None, exclude: list[str]) ->
         q_open = q_open.where(Item.uid.not_in(exclude))
     row = s.execute(q_open).first()
     if row is not None:  # a hold that ran out (or was ended by a skip) starts again: assign() renews it
-        return row.item_id, _naive(row.created_at) < _naive(utcnow() - ASSIGNMENT_TTL)
+        return row.item_id, _naive(row.created_at) < _naive(_hold_cutoff())
 
     def gold_item():
         q = select(Item.id).where(Item.is_gold.is_(True), Item.id.not_in(mine)).order_by(Item.id).limit(1)
@@ -383,5 +399,5 @@ def gold_accuracy(items: list[ItemScores]) -> dict[str, dict]:
 
 
 __all__ = ["ASSIGNMENT_TTL", "Audience", "GOLD_EVERY", "ItemScores", "ResponseScores", "assign", "audience",
-           "disagreement", "final_label", "gold_accuracy", "load_scores", "pair_score", "pick_next", "record",
+           "disagreement", "final_label", "gold_accuracy", "load_scores", "pair_score", "pick_next", "record", "release",
            "actor_name", "study_version", "target_of"]

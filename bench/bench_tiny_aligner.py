@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -183,14 +182,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from metaaligner_core.embedded import default_aligner_dir, embedded_model_dir
+    from metaaligner_core.io import atomic_write
 
     rows = sample_rows(load_heldout(args.heldout, args.data), args.per_objective, args.clean, args.seed,
                        args.unrelated)
     if args.queries_out:
-        tmp = Path(args.queries_out).with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"query": q}) + "\n" for q in sorted({r["query"] for r in rows})),
-                       encoding="utf-8")
-        os.replace(tmp, args.queries_out)
+        with atomic_write(args.queries_out) as fh:
+            fh.writelines(json.dumps({"query": q}) + "\n" for q in sorted({r["query"] for r in rows}))
         print(f"{len(rows)} rows, {len({r['query'] for r in rows})} queries → {args.queries_out}")
         return 0
     candidates = {}
@@ -207,13 +205,11 @@ def main(argv=None) -> int:
         if args.out:  # each aligner's verdicts as soon as it is done (no texts)
             Path(args.out).with_suffix(f".{name}.json").write_text(json.dumps(results[name]) + "\n")
     lines = table(rows, results)
-    if args.texts_out:
-        tmp = Path(args.texts_out).with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+    if args.texts_out:  # owner-only: the drafts answer real mental-health posts
+        with atomic_write(args.texts_out, private=True) as fh:
             for i, r in enumerate(rows):
                 fh.write(json.dumps({**r, **{n: {"out": texts[n][i], **results[n][i]} for n in results}},
                                     ensure_ascii=False) + "\n")
-        os.replace(tmp, args.texts_out)
 
     names = list(results)
     print(f"{len(rows)} held-out rows ({', '.join(sorted({r['model'] for r in rows}))}); greedy, "
