@@ -685,17 +685,16 @@ def make_trainer(config: TrainConfig, rt: Runtime, model, tokenizer, dataset, ou
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     args = args or _sft_config(config, rt, output_dir, len(dataset))
-    trainer_class = SFTTrainer if config.edit_weight == 1 else _edit_weighted_trainer(SFTTrainer)
+    trainer_class = SFTTrainer if config.edit_weight == 1 else _edit_weighted_trainer(SFTTrainer, config.edit_weight)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config, callbacks=[_no_final_checkpoint_callback(), *callbacks])
-    trainer.edit_weight = config.edit_weight
     _fp32_gradient_reduction(trainer, rt)
     return trainer
 
 
-def _edit_weighted_trainer(base):
+def _edit_weighted_trainer(base, weight: float):
     """``base`` (TRL's ``SFTTrainer``) with a training loss that weights each completion token by
-    :func:`edit_loss_weights` (``TrainConfig.edit_weight``). It asks the model for per-token
+    :func:`edit_loss_weights` with ``weight`` (``TrainConfig.edit_weight``). It asks the model for per-token
     log-probabilities through TRL's fused LM head (``model(..., fused_lm_head=True)``, as
     ``SFTTrainer`` does itself) and divides the weighted sum by the same token count TRL uses
     (``num_items_in_batch``), so gradient accumulation and several processes work as they do
@@ -703,14 +702,12 @@ def _edit_weighted_trainer(base):
     import torch
 
     class EditWeightedSFTTrainer(base):
-        edit_weight = 1.0
-
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.edit_weight == 1 or return_outputs or not model.training:
+            if return_outputs or not model.training:  # evaluation: TRL's own loss and outputs
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             ids, labels = inputs["input_ids"], inputs["labels"]
-            weights = torch.tensor([edit_loss_weights(i, lab, self.edit_weight)
+            weights = torch.tensor([edit_loss_weights(i, lab, weight)
                                     for i, lab in zip(ids.tolist(), labels.tolist())], device=ids.device)
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)  # log_probs[:, t] scores labels[:, t + 1]
