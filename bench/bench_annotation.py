@@ -100,7 +100,8 @@ def populate(url: str, n_items: int, n_raters: int, n_open: int) -> list[str]:
                                         "protocol_version": proto.version})
         for start in range(0, len(ratings), 20000):
             s.execute(insert(Rating), ratings[start:start + 20000])
-        s.execute(insert(Assignment), assignments)
+        if assignments:  # an empty executemany would insert one row of defaults
+            s.execute(insert(Assignment), assignments)
     return names
 
 
@@ -479,6 +480,8 @@ def main() -> int:
                    help="run the polling tabs' process at this nice value (19: they take only the CPU the server "
                         "leaves, as browsers on other machines would) (--polling)")
     args = p.parse_args()
+    if not 0 <= args.open < args.items:  # agreement needs rated items
+        p.error(f"--open must be at least 0 and below --items ({args.items}); got {args.open}")
     if args.polling:
         return polling(args)
     results = []
