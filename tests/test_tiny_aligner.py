@@ -182,6 +182,28 @@ def test_direct_examples_ask_for_objectives_the_draft_meets():
     assert len(by_kind["keep"]) > len(by_kind["fix_with_met"]) + len(by_kind["leave_unasked"])
 
 
+def test_cut_keep_rows_end_where_a_token_limit_cut_the_draft():
+    drafts = [(f"Question number {i}?", CLEAN if i % 2 else LISTED) for i in range(200)]
+    plain = tinydata.direct_examples(drafts, seed=3)
+    with_cut = tinydata.direct_examples(drafts, seed=3, p_cut_keep=0.5)
+    assert not any(e["kind"] == "keep_cut" for e in plain)
+    cut = [e for e in with_cut if e["kind"] == "keep_cut"]
+    assert 60 <= len(cut) <= 140  # about half of 200 drafts (a cut that breaks a check is skipped)
+    mid_word = 0
+    for e in cut:
+        source = CLEAN if e["draft"][:12] == CLEAN[:12] else LISTED
+        assert e["target"] == e["draft"] and source.startswith(e["draft"]), e["draft"]
+        assert len(source) * 2 // 3 <= len(e["draft"]) < len(source) and e["draft"][-1] not in ".!?:"
+        assert not tinydata.failed(e["draft"]) and 1 <= len(e["objectives"]) <= 2
+        mid_word += source[len(e["draft"])].isalnum()
+    assert 0 < mid_word < len(cut)  # some cut inside a word, some at a space
+    assert with_cut[0] == plain[0]  # the same seed draws the same first draft's rows
+    assert tinydata.cut_draft("ab", random.Random(0)) is None  # no room for a cut
+    for bad in ("--cut-keep=1.5", "--second-keep=-0.1"):
+        with pytest.raises(SystemExit):
+            build_data.main(["--out", "unused", bad])
+
+
 def test_weights_break_some_objectives_more_often():
     drafts = [(f"Question number {i}?", CLEAN) for i in range(400)]
     weights = {"length": 6.0, "formatting": 0.0}

@@ -187,7 +187,15 @@ def main(argv=None) -> int:
                     help="drop training drafts whose query is in this file (bench_tiny_aligner.py --queries-out)")
     ap.add_argument("--weights", type=parse_weights, metavar="KEY=W,...",
                     help="break some objectives more often than others, e.g. length=2,formatting=2 (default: equally)")
+    ap.add_argument("--second-keep", type=float, default=0.3, metavar="P",
+                    help="share of drafts that give a second keep row, asking other objectives (default 0.3)")
+    ap.add_argument("--cut-keep", type=float, default=0.0, metavar="P",
+                    help="share of drafts that also give a keep row cut off mid-sentence, as a policy's token "
+                         "limit leaves a draft (default 0)")
     args = ap.parse_args(argv)
+    for name in ("second_keep", "cut_keep"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')}: expected a share between 0 and 1, got {getattr(args, name)}")
     data, out = Path(args.data), Path(args.out)
     if not (data / "policy-outputs").is_dir():
         print(f"{data}: no policy-outputs folder (expected the shared data folder)", file=sys.stderr)
@@ -201,7 +209,8 @@ def main(argv=None) -> int:
     train = cap_apologies(train, args.max_apology_share)[:args.max_train]
     items = [(q, d) for q, d, _ in train]
     records = tinydata.make_records(items, seed=args.seed, weights=args.weights)
-    direct = tinydata.direct_examples(items, seed=args.seed + 1, weights=args.weights)
+    direct = tinydata.direct_examples(items, seed=args.seed + 1, weights=args.weights,
+                                      p_second_keep=args.second_keep, p_cut_keep=args.cut_keep)
     held = [] if args.skip_heldout else heldout_drafts(data)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +225,7 @@ def main(argv=None) -> int:
     words = sorted(len(d.split()) for _, d, _ in train)
     stats = {"train_drafts": len(train), "train_by_source": dict(Counter(s for _, _, s in train)),
              "excluded_by_query": n_excluded, "weights": args.weights,
+             "second_keep": args.second_keep, "cut_keep": args.cut_keep,
              "draft_words": {"min": words[0], "median": words[len(words) // 2], "max": words[-1]} if words else {},
              "apology_openers": sum(tinydata.apology_opener(d) for _, d, _ in train),
              "records": len(records), "labels": {f"{k} {v}": n for (k, v), n in sorted(labels.items())},

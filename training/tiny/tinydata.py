@@ -362,8 +362,24 @@ def _record(query: str, r1: str, r2: str, keys: Iterable[str]) -> dict:
             "labels": labels_for(failed(r1), failed(r2), sorted(keys))}
 
 
+def cut_draft(text: str, rng: random.Random, tries: int = 8) -> str | None:
+    """``text`` as a policy's token limit leaves it: cut inside its last third, mid-sentence (half
+    the time mid-word), trailing space removed; None when no such cut passes every check."""
+    lo = len(text) * 2 // 3
+    for _ in range(tries):
+        if lo >= len(text) - 1:
+            return None
+        pos = rng.randrange(lo, len(text) - 1)
+        if rng.random() < 0.5:  # at a word boundary rather than inside a word
+            pos = max(text.rfind(" ", lo, pos), lo)
+        cut = text[:pos].rstrip()
+        if cut and cut[-1] not in ".!?:" and is_clean(cut):
+            return cut
+    return None
+
+
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
-                    p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1,
+                    p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1, p_cut_keep: float = 0.0,
                     weights: dict[str, float] | None = None) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
@@ -373,7 +389,9 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     Per draft (seeded): ``keep`` — the clean draft, 1-2 objectives → the draft itself (a second
     keep with other objectives with ``p_second_keep``); ``fix_with_met`` — the draft broken on X,
     asked X plus one objective it meets → the clean draft; ``leave_unasked`` — the draft broken on
-    Y, asked another objective X → the broken draft unchanged (fix what is asked, nothing else).
+    Y, asked another objective X → the broken draft unchanged (fix what is asked, nothing else);
+    ``keep_cut`` (``p_cut_keep``) — the draft cut off mid-sentence as a policy's token limit leaves
+    it (:func:`cut_draft`) → itself: the edit ends where the draft ends, even inside a word.
     ``weights`` as in :func:`make_records`, for the objective a fix-with-met row breaks.
     """
     rng = random.Random(seed)
@@ -396,6 +414,11 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
             if bad is not None:
                 out.append({"query": query, "draft": bad, "objectives": [rng.choice([k for k in KEYS if k != y])],
                             "target": bad, "kind": "leave_unasked"})
+        if p_cut_keep and rng.random() < p_cut_keep:  # no draw at 0: earlier seeds build the same rows
+            cut = cut_draft(draft, rng)
+            if cut is not None:
+                out.append({"query": query, "draft": cut, "objectives": rng.sample(KEYS, rng.choice((1, 1, 2))),
+                            "target": cut, "kind": "keep_cut"})
     return out
 
 
