@@ -98,8 +98,9 @@ class TrainConfig:
     lora_dropout (`float`, defaults to ``0.05``), lora_target_modules (`str`, defaults to ``"all-linear"``).
     lora_init (`str` or `None`): a PEFT LoRA adapter (a directory with ``adapter_config.json``) whose
         weights the first stage's LoRA (the first stage with rows) starts from and keeps training;
-        its rank, alpha and target modules replace ``lora_r``/``lora_alpha``/``lora_target_modules``.
-        Later stages start new adapters on the merged result. ``base`` must be the model the
+        its rank, alpha, dropout and target modules replace ``lora_r``/``lora_alpha``/
+        ``lora_dropout``/``lora_target_modules`` for that stage (``OUT/config.json`` records them as
+        ``lora_init_adapter``). Later stages start new adapters on the merged result. ``base`` must be the model the
         adapter was trained on. The merged result is then ``base`` plus one adapter of the same
         rank: it can ship as that adapter with nothing truncated.
 
@@ -1029,8 +1030,13 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> Path:
         import transformers
         import trl
 
+        init_adapter = {}
+        if config.lora_init is not None:  # what the first stage trains, in place of lora_r & co.
+            adapter = json.loads((Path(config.lora_init) / "adapter_config.json").read_text(encoding="utf-8"))
+            init_adapter = {"lora_init_adapter": {k: adapter.get(k) for k in (
+                "r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")}}
         with atomic_write(out / "config.json") as fh:
-            json.dump({"config": config.to_dict(), "runtime": dataclasses.asdict(rt),
+            json.dump({"config": config.to_dict(), **init_adapter, "runtime": dataclasses.asdict(rt),
                        "rows": {s: len(r) for s, r in stage_rows.items()},
                        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                     "trl": trl.__version__}}, fh, indent=2)

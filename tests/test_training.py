@@ -461,6 +461,8 @@ def test_lora_init_keeps_training_the_given_adapter(tmp_path, embedded_dir, stag
         assert (delta - started).norm() < 0.05 * started.norm()  # one small step from the start
         sv = torch.linalg.svdvals(delta)
         assert sv[4] < 1e-4 * sv[0]  # rank 4, the start's, not lora_r
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["lora_init_adapter"]
+    assert recorded["r"] == 4 and recorded["lora_alpha"] == 8 and sorted(recorded["target_modules"]) == ["q_proj", "v_proj"]
 
 
 def test_lora_init_must_be_an_adapter(tmp_path):
