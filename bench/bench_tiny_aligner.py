@@ -20,8 +20,9 @@ script reads ``../shared/data`` itself). Every draft passes all four checks of
   (UltraFeedback's Honesty); judged as *clean kept*.
 
 Rows are decoded in batches of similar draft length; a batch may write at most 1.3 × its longest
-draft + 24 tokens (an edit is never much longer than its draft). *Hit the limit*: the output used
-all of them (a loop, or a runaway answer); the table counts those rows per aligner.
+draft + 24 tokens (an edit is never much longer than its draft), capped by ``--max-new-tokens``
+but never below its longest draft + 24 (a faithful copy always fits). *Hit the limit*: the output
+used all of them (a loop, or a runaway answer); the table counts those rows per aligner.
 
 Both aligners run in the same process on the same rows with greedy decoding through
 ``Aligner.align_batch``: the embedded base model (``default`` weights without the adapter) and
@@ -120,6 +121,12 @@ def judge(row: dict, out: str) -> dict:
     return {"ok": near, "exact": exact}
 
 
+def batch_budget(longest: int, max_new_tokens: int) -> int:
+    """New tokens a batch whose longest draft has ``longest`` tokens may write: 1.3 × it + 24, at
+    most ``max_new_tokens`` unless that would cut a faithful copy of the draft (then draft + 24)."""
+    return max(min(max_new_tokens, int(1.3 * longest) + 24), longest + 24)
+
+
 def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_tokens: int
                 ) -> tuple[list[str], list[bool], float]:
     """Outputs, whether each used its whole token budget, and the seconds spent."""
@@ -136,7 +143,7 @@ def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_token
     bar = tqdm(total=len(rows), desc="aligning", unit=" rows")
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
-        budget = min(max_new_tokens, int(1.3 * max(lengths[i] for i in idx)) + 24)
+        budget = batch_budget(max(lengths[i] for i in idx), max_new_tokens)
         texts = aligner.align_batch([rows[i]["query"] for i in idx], [rows[i]["draft"] for i in idx],
                                     [[objective_text(rows[i]["objective"])] for i in idx],
                                     batch_size=batch_size, max_new_tokens=budget)
@@ -171,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unrelated", type=int, default=50, help="clean drafts asked for Honesty (never trained on)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=320, help="the most any batch may write")
+    ap.add_argument("--max-new-tokens", type=int, default=320,
+                    help="the most any batch may write, unless its longest draft + 24 is more (default 320)")
     ap.add_argument("--aligner", help="tiny aligner directory (default: the embedded one, adapter merged)")
     ap.add_argument("--only", choices=["base", "tiny"], help="run one of the two aligners")
     ap.add_argument("--out", help="write the table and per-row verdicts (no texts) as JSON here")
@@ -213,7 +221,7 @@ def main(argv=None) -> int:
 
     names = list(results)
     print(f"{len(rows)} held-out rows ({', '.join(sorted({r['model'] for r in rows}))}); greedy, "
-          f"at most {args.max_new_tokens} new tokens; " + ", ".join(f"{n} {seconds[n]:.0f} s" for n in names))
+          f"at most {args.max_new_tokens} new tokens a batch (or its longest draft + 24); " + ", ".join(f"{n} {seconds[n]:.0f} s" for n in names))
     head = f"{'row':<24}{'n':>4}" + "".join(f"{n:>10}{n + ' exact':>14}" for n in names)
     print(head)
     print("-" * len(head))

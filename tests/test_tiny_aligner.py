@@ -423,3 +423,15 @@ def test_shipped_adapter_removes_a_repeated_sentence(merged_dir):
     out = aligner.align("How much water should I drink?", draft, [tinydata.OBJECTIVES["repetition"]],
                         max_new_tokens=64)
     assert tinydata.check_repetition(out) and tinydata.word_ratio(out, want, ignore_case=True) >= 0.9, out
+
+
+def test_benchmark_budget_never_cuts_a_faithful_copy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tiny_aligner", ROOT / "bench" / "bench_tiny_aligner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.batch_budget(100, 320) == 154        # 1.3 x 100 + 24
+    assert bench.batch_budget(250, 320) == 320        # the cap, above the draft + 24
+    assert bench.batch_budget(337, 320) == 361        # a longer draft: room for a copy and 24 more
+    assert bench.batch_budget(337, 2000) == 462
