@@ -169,6 +169,17 @@ def _fitting(rows: list[dict], max_tokens: int, stats) -> list[dict]:
     return kept
 
 
+def parse_share(text: str) -> float:
+    """A command-line share: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data", help="the shared data folder (default ../shared/data)")
@@ -187,15 +198,12 @@ def main(argv=None) -> int:
                     help="drop training drafts whose query is in this file (bench_tiny_aligner.py --queries-out)")
     ap.add_argument("--weights", type=parse_weights, metavar="KEY=W,...",
                     help="break some objectives more often than others, e.g. length=2,formatting=2 (default: equally)")
-    ap.add_argument("--second-keep", type=float, default=0.3, metavar="P",
+    ap.add_argument("--second-keep", type=parse_share, default=0.3, metavar="P",
                     help="share of drafts that give a second keep row, asking other objectives (default 0.3)")
-    ap.add_argument("--cut-keep", type=float, default=0.0, metavar="P",
+    ap.add_argument("--cut-keep", type=parse_share, default=0.0, metavar="P",
                     help="share of drafts that also give a keep row cut off mid-sentence, as a policy's token "
                          "limit leaves a draft (default 0)")
     args = ap.parse_args(argv)
-    for name in ("second_keep", "cut_keep"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            ap.error(f"--{name.replace('_', '-')}: expected a share between 0 and 1, got {getattr(args, name)}")
     data, out = Path(args.data), Path(args.out)
     if not (data / "policy-outputs").is_dir():
         print(f"{data}: no policy-outputs folder (expected the shared data folder)", file=sys.stderr)

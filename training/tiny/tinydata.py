@@ -397,9 +397,12 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     rng = random.Random(seed)
     out = []
     for query, draft in items:
+        def keep(text: str, kind: str) -> dict:  # asked 1-2 objectives the text meets -> the text itself
+            return {"query": query, "draft": text, "objectives": rng.sample(KEYS, rng.choice((1, 1, 2))),
+                    "target": text, "kind": kind}
+
         for i in range(2 if rng.random() < p_second_keep else 1):
-            out.append({"query": query, "draft": draft, "objectives": rng.sample(KEYS, rng.choice((1, 1, 2))),
-                        "target": draft, "kind": "keep"})
+            out.append(keep(draft, "keep"))
         keys = [k for k in KEYS if can_degrade(draft, k)]
         if keys and rng.random() < p_fix_with_met:
             x = rng.choice(keys) if weights is None else next(iter(_pick(rng, keys, 1, weights)), None)
@@ -417,8 +420,7 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
         if p_cut_keep and rng.random() < p_cut_keep:  # no draw at 0: earlier seeds build the same rows
             cut = cut_draft(draft, rng)
             if cut is not None:
-                out.append({"query": query, "draft": cut, "objectives": rng.sample(KEYS, rng.choice((1, 1, 2))),
-                            "target": cut, "kind": "keep_cut"})
+                out.append(keep(cut, "keep_cut"))
     return out
 
 
