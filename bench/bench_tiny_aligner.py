@@ -22,7 +22,9 @@ script reads ``../shared/data`` itself). Every draft passes all four checks of
 Rows are decoded in batches of similar draft length; a batch may write at most 1.3 × its longest
 draft + 24 tokens (an edit is never much longer than its draft), capped by ``--max-new-tokens``
 but never below its longest draft + 24 (a faithful copy always fits). *Hit the limit*: the output
-used all of them (a loop, or a runaway answer); the table counts those rows per aligner.
+used all of them (a loop, or a runaway answer); the table counts those rows per aligner. *Ended at
+a template marker*: rows whose output ended because the aligner wrote one of its prompt's markers
+(``| Edit``, ``| Answer:``, ``| Query:``) to start again; the text before it is the output judged.
 
 Both aligners run in the same process on the same rows with greedy decoding through
 ``Aligner.align_batch``: the embedded base model (``default`` weights without the adapter) and
@@ -128,8 +130,9 @@ def batch_budget(longest: int, max_new_tokens: int) -> int:
 
 
 def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_tokens: int
-                ) -> tuple[list[str], list[bool], float]:
-    """Outputs, whether each used its whole token budget, and the seconds spent."""
+                ) -> tuple[list[str], list[bool], float, int]:
+    """Outputs, whether each used its whole token budget, the seconds spent, and how many rows
+    ended where the aligner wrote a template marker (``| Edit``: ``Aligner.stops``)."""
     from tqdm import tqdm
 
     from metaaligner_core.inference import Aligner
@@ -152,7 +155,7 @@ def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_token
             limited[i] = len(tok(text, add_special_tokens=False)["input_ids"]) >= budget - 1
         bar.update(len(idx))
     bar.close()
-    return outs, limited, time.perf_counter() - t0
+    return outs, limited, time.perf_counter() - t0, aligner.stopped_at_marker
 
 
 def table(rows: list[dict], results: dict[str, list[dict]]) -> list[dict]:
@@ -204,9 +207,9 @@ def main(argv=None) -> int:
         candidates["tiny"] = args.aligner or str(default_aligner_dir())
     if args.only in (None, "base"):
         candidates["base"] = str(embedded_model_dir())
-    results, seconds, limited, texts = {}, {}, {}, {}
+    results, seconds, limited, texts, stopped = {}, {}, {}, {}, {}
     for name, path in candidates.items():
-        outs, hit, seconds[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
+        outs, hit, seconds[name], stopped[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
         texts[name] = outs
         results[name] = [{**judge(r, o), "hit_limit": h} for r, o, h in zip(rows, outs, hit)]
         limited[name] = sum(hit)
@@ -229,9 +232,11 @@ def main(argv=None) -> int:
         print(f"{line['row']:<24}{line['n']:>4}" + "".join(
             f"{line[n]:>10.0%}{line[n + ' exact']:>14.0%}" for n in names))
     print(f"{'hit the token limit':<28}" + "".join(f"{limited[n]:>10}{'':>14}" for n in names))
+    print(f"{'ended at a template marker':<28}" + "".join(f"{stopped[n]:>10}{'':>14}" for n in names))
     if args.out:
         Path(args.out).write_text(json.dumps({
             "table": lines, "seconds": seconds, "candidates": candidates, "hit_limit": limited,
+            "stopped_at_marker": stopped,
             "rows": [{"kind": r["kind"], "objective": r["objective"], "model": r["model"],
                       **{n: results[n][i] for n in names}} for i, r in enumerate(rows)]}, indent=2) + "\n")
     return 0

@@ -28,7 +28,8 @@ from .errors import MetaAlignerError
 from .models import is_api_model, is_default, parse_model
 from .settings import GenerationSettings
 from .objectives import Objective, parse_objectives
-from .templates import build_prompt, check_template, choose_template, prompt_parts
+from .engine.stops import cut_at_stop, cut_stream
+from .templates import build_prompt, check_template, choose_template, prompt_parts, stop_texts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Aligner:
         self.name = name or generator.name
         self.is_base_model = is_base_model
         self._head_ids: dict[tuple[str, ...], list[int]] = {}
+        self.stopped_at_marker = 0  # corrections that ended where the aligner wrote a template marker
 
     @classmethod
     def load(cls, model: str = "default", *, template: str | None = None, device=None, dtype=None,
@@ -103,6 +105,11 @@ class Aligner:
     def prompt(self, query: str, draft: str, objectives: Objectives) -> str:
         """The exact text the aligner reads."""
         return build_prompt(self.template, query, draft, self.objectives(objectives))
+
+    def stops(self, query: str, draft: str) -> tuple[str, ...]:
+        """Where a correction ends besides EOS: the template's markers (``| Edit``, ``| Answer:``,
+        ``| Query:``) that are not in the query or the draft (see :func:`~.templates.stop_texts`)."""
+        return stop_texts(self.template, query, draft)
 
     def encode(self, query: str, draft: str, objectives: Objectives, max_new_tokens: int) -> tuple[list[int], bool]:
         """Prompt ids fitting the context with room for ``max_new_tokens``; True when the draft was shortened."""
@@ -169,6 +176,7 @@ class Aligner:
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
         sampling = GenerationSettings.from_kwargs(**gen)
         per_row = _per_row_objectives(objectives, len(queries), self.objectives)  # parsed once, not per row
+        stops = [self.stops(q, d) for q, d in zip(queries, drafts)]
         encoded, prefix_lens, shortened = [], [], 0
         for q, d, o in zip(queries, drafts, per_row):
             ids, cut = self.encode(q, d, o, sampling.max_new_tokens)
@@ -180,8 +188,13 @@ class Aligner:
                         "(with %d new tokens)", shortened, len(queries), self.generator.max_length,
                         sampling.max_new_tokens)
         outs = self.generator.generate(encoded, sampling, batch_size=batch_size, progress=progress,
-                                       desc="aligning", prefix_lens=prefix_lens)
-        return [self.generator.decode(o).strip() for o in outs]
+                                       desc="aligning", prefix_lens=prefix_lens, stops=stops)
+        texts = []
+        for o, row_stops in zip(outs, stops):
+            text, hit = cut_at_stop(self.generator.decode(o), row_stops)
+            self.stopped_at_marker += hit
+            texts.append(text.strip())
+        return texts
 
     def complete_raw(self, prompts: list[str], *, batch_size: int = 16, progress=False, **gen) -> list[str]:
         """Continuations of raw text prompts (another corrector's template, e.g. the PKU Aligner's),
@@ -202,7 +215,8 @@ class Aligner:
         ids, cut = self.encode(query, draft, objectives, sampling.max_new_tokens)
         if cut:
             log.warning("the draft was shortened to fit the aligner's context of %d tokens", self.generator.max_length)
-        yield from strip_stream(self.generator.stream(ids, sampling, self.shared_prefix_len(ids, objectives)))
+        deltas = self.generator.stream(ids, sampling, self.shared_prefix_len(ids, objectives))
+        yield from strip_stream(cut_stream(deltas, self.stops(query, draft)))
 
 
 def load_aligner(model: str = "default", **kwargs):
@@ -257,10 +271,13 @@ class RemoteAligner:
 
     objectives = Aligner.objectives
     prompt = Aligner.prompt
+    stops = Aligner.stops
 
-    def _request(self, prompt: str, s: GenerationSettings, stream: bool = False) -> dict:
+    def _request(self, prompt: str, s: GenerationSettings, stream: bool = False, stop: Sequence[str] = ()) -> dict:
         req = {"model": self.model, "prompt": prompt, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
                "stream": stream}
+        if stop:
+            req["stop"] = list(stop)
         if s.temperature > 0 and s.top_p < 1:
             req["top_p"] = s.top_p
         if s.seed is not None:
@@ -274,18 +291,20 @@ class RemoteAligner:
 
         return BackendError(describe_api_error(self.name, e, self._key))
 
-    def _complete(self, prompt: str, s: GenerationSettings) -> str:
+    def _complete(self, prompt: str, s: GenerationSettings, stop: Sequence[str] = ()) -> str:
+        """One completion; cut at a stop here too, for a server that ignores ``stop``."""
         try:
-            resp = self.client.completions.create(**self._request(prompt, s))
+            resp = self.client.completions.create(**self._request(prompt, s, stop=stop))
         except self._openai.OpenAIError as e:
             raise self._error(e) from None
         if resp.usage is not None:
             self.stats["prompt_tokens"] += resp.usage.prompt_tokens or 0
             self.stats["generated_tokens"] += resp.usage.completion_tokens or 0
-        return (resp.choices[0].text or "").strip() if resp.choices else ""
+        return cut_at_stop(resp.choices[0].text or "", stop)[0].strip() if resp.choices else ""
 
     def align(self, query: str, draft: str, objectives: Objectives, **gen) -> str:
-        return self._complete(self.prompt(query, draft, objectives), GenerationSettings.from_kwargs(**gen))
+        return self._complete(self.prompt(query, draft, objectives), GenerationSettings.from_kwargs(**gen),
+                              self.stops(query, draft))
 
     def align_batch(self, queries: list[str], drafts: list[str], objectives, *, batch_size: int = 16,
                     progress=False, **gen) -> list[str]:
@@ -295,10 +314,13 @@ class RemoteAligner:
             raise MetaAlignerError(f"{len(queries)} queries but {len(drafts)} drafts")
         per_row = _per_row_objectives(objectives, len(queries), self.objectives)
         prompts = [self.prompt(q, d, o) for q, d, o in zip(queries, drafts, per_row)]
-        return self.complete_raw(prompts, progress=progress, **gen)
+        return self.complete_raw(prompts, progress=progress, stops=[self.stops(q, d) for q, d in zip(queries, drafts)],
+                                 **gen)
 
-    def complete_raw(self, prompts: list[str], *, batch_size: int = 16, progress=False, **gen) -> list[str]:
-        """Continuations of raw text prompts, up to ``concurrency`` requests in flight, in order."""
+    def complete_raw(self, prompts: list[str], *, batch_size: int = 16, progress=False,
+                     stops: Sequence[Sequence[str]] | None = None, **gen) -> list[str]:
+        """Continuations of raw text prompts, up to ``concurrency`` requests in flight, in order;
+        ``stops[i]``: the ``stop`` texts sent with prompt i."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
@@ -311,14 +333,14 @@ class RemoteAligner:
         else:
             bar, own = tqdm(total=len(prompts), desc="aligning", unit="row", disable=not progress, leave=False), True
 
-        def one(prompt):
-            out = self._complete(prompt, s)
+        def one(prompt, stop):
+            out = self._complete(prompt, s, stop)
             bar.update(1)
             return out
 
         try:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-                return list(pool.map(one, prompts))
+                return list(pool.map(one, prompts, stops or [()] * len(prompts)))
         finally:
             if own:
                 bar.close()
@@ -342,8 +364,11 @@ class RemoteAligner:
                     yield c.choices[0].text
 
         try:
-            chunks = self.client.completions.create(**self._request(self.prompt(query, draft, objectives), s, True))
-            yield from strip_stream(texts(chunks))
+            stop = self.stops(query, draft)
+            chunks = self.client.completions.create(**self._request(self.prompt(query, draft, objectives), s, True,
+                                                                    stop=stop))
+            with chunks:  # closed on a stop too: the server stops generating
+                yield from strip_stream(cut_stream(texts(chunks), stop))
         except self._openai.OpenAIError as e:
             raise self._error(e) from None
 

@@ -98,6 +98,19 @@ def _select(template: str, variant: str) -> str:
     raise MetaAlignerError(f'unknown template variant "{variant}" (valid: better, equal)')
 
 
+def stop_texts(template: str, question: str, answer: str) -> tuple[str, ...]:
+    """Where a correction ends: the template's own markers, when the aligner writes them.
+
+    An aligner that has copied or edited the draft sometimes goes on with the prompt's next
+    marker (``| Edit:``, ``| Edited:``, ``| Answer:``) and starts the answer again; generation
+    stops there and the text before the marker is the correction. A marker that occurs in the
+    query or the draft is not a stop for that row (the text is the user's).
+    """
+    _, mid, mid2, tail = _pieces(template, "better")
+    markers = [tail.strip().rstrip(":"), mid2.strip(), mid[mid.find("|"):].strip()]  # "| Edit", "| Answer:", "| Query:"
+    return tuple(m for m in markers if m.startswith("|") and m not in question and m not in answer)
+
+
 def template_for_model(model_name: str | None, default: str = "ultrafeedback") -> str:
     """Pick the template a released checkpoint was trained with, from its name."""
     name = (model_name or "").lower().replace("_", "-")

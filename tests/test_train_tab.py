@@ -197,3 +197,34 @@ def test_jobs_one_at_a_time_configured_bases_only_and_cancel(tmp_path):
     assert job.status == "cancelled" and job.proc.poll() is not None
     assert json.loads((job.out / "job.json").read_text())["status"] == "cancelled"
     assert jobs.finished_aligners() == []
+
+
+def test_a_job_the_tab_shows_as_done_is_already_among_the_finished_aligners(tmp_path, monkeypatch):
+    """The tab stops polling once the job reads "done": by then its aligner must be listed (job.json
+    written), or the page is left with nothing to offer. The job.json write is slowed to open the gap."""
+    from annotation.store import OPERATOR
+    from webapp.train_jobs import TrainJobs
+
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    build_study(tmp_path, db)
+    fake = tmp_path / "fake-python"  # the child: exits 0 after a moment, whatever it is asked
+    fake.write_text("#!/bin/sh\nsleep 1\n")
+    fake.chmod(0o755)
+    jobs = TrainJobs(db, tmp_path / "runs", bases=[str(tmp_path)], threads=1, python=str(fake))
+    job = jobs.start_train(OPERATOR, "imhi", str(tmp_path), max_steps=1, min_pairs=1, holdout=0)
+    (job.out / "final").mkdir()
+    real_write = jobs._write
+
+    def slow_write(j):
+        if j.status != "running":
+            time.sleep(1.5)
+        real_write(j)
+
+    monkeypatch.setattr(jobs, "_write", slow_write)
+    seen_done, deadline = False, time.monotonic() + 30
+    while not seen_done and time.monotonic() < deadline:
+        seen_done = jobs.state(OPERATOR)["status"] == "done"
+        if seen_done:
+            assert jobs.finished_aligners() == [str(job.out / "final")]
+        time.sleep(0.05)
+    assert seen_done

@@ -289,10 +289,12 @@ class TrainJobs:
     def state(self, token) -> dict:
         """The current (or last) job: status, progress 0..1, stage line, losses, log tail."""
         self.admin(token)
-        job = self.job
+        with self._lock:  # a status read here is already in job.json (``_watch`` writes under the lock)
+            job = self.job
+            status = job.status if job is not None else "none"
         if job is None:
             return {"status": "none"}
-        out = {"kind": job.kind, "status": job.status, "started_by": job.started_by, "started": _iso(job.started),
+        out = {"kind": job.kind, "status": status, "started_by": job.started_by, "started": _iso(job.started),
                "out": str(job.out), "result": job.result, "protocol": job.protocol, "base": job.base}
         out.update(self._progress(job))
         out["log"] = _tail(job.out / LOG_FILE)

@@ -22,7 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from ..errors import MetaAlignerError
 from ..settings import GenerationSettings
@@ -30,6 +30,7 @@ from . import attention
 from .cache import all_buffered, new_cache
 from .detokenize import IncrementalText
 from .sampling import LogitsPipeline
+from .stops import tail_check
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class LocalGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: GenerationSettings, *, batch_size: int = 16,
-                 progress=False, desc: str = "generating", prefix_lens: list[int] | None = None) -> list[list[int]]:
+                 progress=False, desc: str = "generating", prefix_lens: list[int] | None = None,
+                 stops: Sequence[Sequence[str]] | None = None) -> list[list[int]]:
         """Continuations of ``prompts`` (lists of token ids), in input order.
 
         Prompts are grouped by their shared prefix (``prefix_lens[i]`` leading tokens of prompt
@@ -138,7 +140,9 @@ class LocalGenerator:
         sorted by length within a group (longest first, so an out-of-memory error shows at
         once), generated with at most ``batch_size`` rows in flight (a finished row's place is
         given to the next prompt) and put back in order. ``progress``: True for a progress bar,
-        or an existing tqdm bar to advance by one per finished row.
+        or an existing tqdm bar to advance by one per finished row. ``stops[i]``: texts that end
+        prompt i's row once its output contains one (the ids returned still hold it; see
+        :mod:`.stops`).
         """
         from tqdm.auto import tqdm
 
@@ -157,7 +161,8 @@ class LocalGenerator:
         try:
             for prefix, order in groups.items():
                 rows: dict[int, list[int]] = {i: [] for i in order}
-                steps = self.decode_steps([prompts[i] for i in order], sampling, len(prefix), batch_size)
+                steps = self.decode_steps([prompts[i] for i in order], sampling, len(prefix), batch_size,
+                                          stops=[stops[i] for i in order] if stops else None)
                 for alive, tokens, finished in steps:
                     for r, t in zip(alive, tokens):
                         rows[order[r]].append(t)
@@ -292,11 +297,13 @@ class LocalGenerator:
 
     @_steps_in_inference_mode
     def decode_steps(self, prompts: list[list[int]], sampling: GenerationSettings, prefix_len: int = 0,
-                      batch_size: int | None = None) -> Iterator[tuple[list[int], list[int], list[int]]]:
+                     batch_size: int | None = None, stops: Sequence[Sequence[str]] | None = None,
+                     ) -> Iterator[tuple[list[int], list[int], list[int]]]:
         """The decoding loop over ``prompts`` (longest first), at most ``batch_size`` in flight.
 
         Yields ``(prompt indices, their new tokens, prompt indices that just finished)`` per
-        step. A row finishes with an EOS token (yielded) or after ``max_new_tokens`` tokens.
+        step. A row finishes with an EOS token (yielded), after ``max_new_tokens`` tokens, or once
+        its output contains one of ``stops[i]`` (its texts for prompt i, if given).
         When a quarter of the rows in flight have finished, they leave the cache and the next
         prompts take their places (continuous batching), so the batch stays full.
 
@@ -314,7 +321,8 @@ class LocalGenerator:
         cache = new_cache(self.model.config, reserve=sampling.max_new_tokens)
         if not all_buffered(cache):  # e.g. sliding-window layers: transformers' own cache, batch by batch
             for start in range(0, len(prompts), batch_size):
-                for ids, tokens, done in self._decode_plain(prompts[start:start + batch_size], sampling):
+                part = stops[start:start + batch_size] if stops else None
+                for ids, tokens, done in self._decode_plain(prompts[start:start + batch_size], sampling, part):
                     yield [start + i for i in ids], tokens, [start + i for i in done]
             return
         dev, P = self.device, prefix_len
@@ -326,6 +334,8 @@ class LocalGenerator:
         count: dict[int, int] = {}  # tokens generated per prompt
         finished: set[int] = set()
         seen: dict[int, list[int]] = {}  # prompt + output, for the repetition penalty
+        stopped = tail_check(self.tokenizer, stops)
+        outs: dict[int, list[int]] = {}  # each row's output, when stops are checked
         mask = torch.zeros((0, 0), dtype=torch.long, device=dev)
         logits = None
         T = 0  # columns in use
@@ -378,6 +388,7 @@ class LocalGenerator:
                         rows = [rows[r] for r in perm]
                 for i in new:
                     count[i] = 0
+                    outs[i] = []
                     if pick.needs_history:
                         seen[i] = list(prompts[i])
             if not rows:
@@ -390,7 +401,10 @@ class LocalGenerator:
                 count[i] += 1
                 if pick.needs_history:
                     seen[i].append(t)
-                if t in self.eos_ids or count[i] >= sampling.max_new_tokens:
+                if stopped is not None:
+                    outs[i].append(t)
+                if (t in self.eos_ids or count[i] >= sampling.max_new_tokens
+                        or (stopped is not None and stopped(i, outs[i]))):
                     finished.add(i)
                     done_now.append(i)
             yield [i for i, _ in emit], [t for _, t in emit], done_now
@@ -426,7 +440,8 @@ class LocalGenerator:
     _decode_steps = decode_steps  # the name metaaligner_core.serve used first
 
     @_steps_in_inference_mode
-    def _decode_plain(self, prompts: list[list[int]], sampling: GenerationSettings):
+    def _decode_plain(self, prompts: list[list[int]], sampling: GenerationSettings,
+                      stops: Sequence[Sequence[str]] | None = None):
         """One padded batch through transformers' own cache (models whose layers are not all full attention)."""
         import torch
 
@@ -443,6 +458,8 @@ class LocalGenerator:
         cache = DynamicCache(config=self.model.config)
         pick = LogitsPipeline(sampling, dev)
         seen = [list(p) for p in prompts]
+        outs: list[list[int]] = [[] for _ in prompts]
+        stopped = tail_check(self.tokenizer, stops)
         finished = [False] * n
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1, **self._cache_kw(cache))
@@ -452,7 +469,9 @@ class LocalGenerator:
             done_now = []
             for r, t in emit:
                 seen[r].append(t)
-                if t in self.eos_ids or step == sampling.max_new_tokens - 1:
+                outs[r].append(t)
+                if (t in self.eos_ids or step == sampling.max_new_tokens - 1
+                        or (stopped is not None and stopped(r, outs[r]))):
                     finished[r] = True
                     done_now.append(r)
             yield [r for r, _ in emit], [t for _, t in emit], done_now

@@ -33,6 +33,7 @@ from ..pipeline import ModelRegistry, choose_template, parse_api_objectives, wit
 from ..settings import GenerationSettings
 from ..engine.detokenize import IncrementalText
 from ..engine.scheduler import ShuttingDown, StepScheduler
+from ..engine.stops import StopCut
 from .batcher import Batcher, Job
 
 log = logging.getLogger(__name__)
@@ -434,17 +435,27 @@ class CorrectionService:
             ids, prefix = self.aligner_prompt(query, draft, objectives, settings)
             result.prompt_tokens = len(ids)
             text, strip = TokenText(gen.tokenizer, gen.eos_ids), Stripper()
-            async for items in self._tokens(gen, ids, prefix, settings, "correction"):
-                new = [v for k, v in items if k == "token"]
-                result.completion_tokens += sum(v not in gen.eos_ids for v in new)
-                d = text.add(*new)
-                if items[-1][0] == "done":
-                    result.finish_reason = items[-1][1]
-                    d += text.finish()
-                d = strip.feed(d)
-                if d:
-                    pieces.append(d)
-                    yield d
+            cut = StopCut(self.aligner.stops(query, draft))
+            tokens = self._tokens(gen, ids, prefix, settings, "correction")
+            try:
+                async for items in tokens:
+                    new = [v for k, v in items if k == "token"]
+                    result.completion_tokens += sum(v not in gen.eos_ids for v in new)
+                    d = text.add(*new)
+                    if items[-1][0] == "done":
+                        result.finish_reason = items[-1][1]
+                        d += text.finish()
+                    d = cut.feed(d) + (cut.finish() if items[-1][0] == "done" else "")
+                    if cut.hit:  # the aligner wrote a template marker: the correction ends before it
+                        result.finish_reason = "stop"
+                    d = strip.feed(d)
+                    if d:
+                        pieces.append(d)
+                        yield d
+                    if cut.hit:
+                        break
+            finally:
+                await tokens.aclose()  # on a stop, its row leaves the batch at the next step
         result.text = "".join(pieces)
         result.seconds = time.monotonic() - result.started
 
