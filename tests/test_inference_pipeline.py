@@ -61,3 +61,18 @@ def test_remote_aligner_failure_is_one_line_without_the_key(monkeypatch):
         with pytest.raises(MetaAlignerError) as e:
             remote.align("q?", "d", "honesty")
     assert "HTTP 500" in str(e.value) and "compat-SECRET" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_remote_aligner_sends_the_templates_markers_as_stop_and_cuts_at_them(monkeypatch):
+    """A completions server gets ``stop``; one that ignores it (this fake) is cut here, plain and streamed."""
+    monkeypatch.setenv("METAALIGNER_COMPAT_API_KEY", "k")
+    with FakeProvider(reply=lambda body: " The fixed answer. | Edit: The fixed answer. | Edit:") as server:
+        from metaaligner_core.inference import RemoteAligner
+
+        remote = RemoteAligner.load(f"openai-compatible:m@{server.base_url}/v1", max_retries=1)
+        assert remote.align("q?", "An answer.", "honesty") == "The fixed answer."
+        assert "".join(remote.stream("q?", "An answer.", "honesty")) == "The fixed answer."
+        assert remote.align_batch(["q?", "q?"], ["An answer.", "x | Answer: y"], "honesty") == ["The fixed answer."] * 2
+    stops = [c.body.get("stop") for c in server.calls]
+    assert stops[:3] == [["| Edit", "| Answer:", "| Query:"]] * 3
+    assert sorted(map(tuple, stops[2:])) == [("| Edit", "| Answer:", "| Query:"), ("| Edit", "| Query:")]

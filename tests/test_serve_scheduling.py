@@ -469,3 +469,22 @@ def test_shutdown_stops_its_own_loops_and_leaves_anothers_running(tiny_dir):
     finally:
         theirs.stop()
         svc.shutdown()
+
+
+def test_a_correction_ends_where_the_aligner_writes_a_stop(serve, client, monkeypatch):
+    """A stop (the aligner's template marker; here a piece of what it writes anyway) ends the
+    correction there, plain and streamed, with finish_reason "stop"; its row leaves the batch."""
+    msgs = [{"role": "user", "content": "Name a prime."}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16)
+    text = full.choices[0].message.content
+    assert full.choices[0].finish_reason == "length" and len(text) > 12
+    stop = text[len(text) // 4:].lstrip()[:3]
+    want = text[:text.find(stop)].strip()
+    monkeypatch.setattr(serve.service.aligner, "stops", lambda query, draft: (stop,))
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    assert r.metaaligner["usage"]["correction"]["completion_tokens"] < 16
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    wait_for(lambda: serve.scheduler.in_flight == 0, timeout=10, what="the stopped rows to leave the batch")

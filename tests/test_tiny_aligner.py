@@ -204,6 +204,41 @@ def test_cut_keep_rows_end_where_a_token_limit_cut_the_draft():
             build_data.main(["--out", "unused", bad])
 
 
+def _subsequence(small: list[str], big: list[str]) -> bool:
+    it = iter(big)
+    return all(w in it for w in small)
+
+
+def test_layout_rows_keep_every_word_in_order_and_repeat_an_option():
+    drafts = [(f"Question number {i}?", CLEAN if i % 2 else LISTED) for i in range(200)]
+    plain = tinydata.direct_examples(drafts, seed=3)
+    with_layout = tinydata.direct_examples(drafts, seed=3, p_layout=0.5)
+    assert not any(e["kind"].endswith("_layout") for e in plain) and with_layout[0] == plain[0]
+    keep = [e for e in with_layout if e["kind"] == "keep_layout"]
+    fix = [e for e in with_layout if e["kind"] == "fix_layout"]
+    assert 60 <= len(keep) <= 140 and 0 < len(fix) < len(keep)
+    shapes = Counter()
+    for e in keep:
+        source = CLEAN if "Paris" in e["draft"] else LISTED
+        assert e["target"] == e["draft"] != source and not tinydata.failed(e["draft"])
+        assert _subsequence(source.split(), e["draft"].split()), e["draft"]  # nothing dropped or reordered
+        lines = e["draft"].splitlines()
+        options = [ln for ln in lines if re.match(r"(?:[A-E][.)]|\([a-e]\)) ", ln)]
+        if options:  # the answer line repeats one option
+            shapes["options"] += 1
+            answer = next(ln for ln in lines if ln.startswith(("Answer: ", "The answer is: ", "Correct answer: ")))
+            assert answer.split(": ", 1)[1] in options
+        else:
+            shapes["label"] += 1
+    assert shapes["options"] > 10 and shapes["label"] > 10
+    for e in fix:
+        assert len(_gained(e["target"], e["draft"])) == 1 and e["objectives"] == sorted(_gained(e["target"], e["draft"]))
+        assert not tinydata.failed(e["target"])
+    short = [tinydata.relayout("One short line.", random.Random(i)) for i in range(20)]  # no options, no tail
+    assert all(t.endswith("One short line.") and t.split(":")[0] + ": " in tinydata._LEAD_LABELS
+               for t in short if t is not None) and sum(t is not None for t in short) > 10
+
+
 def test_weights_break_some_objectives_more_often():
     drafts = [(f"Question number {i}?", CLEAN) for i in range(400)]
     weights = {"length": 6.0, "formatting": 0.0}

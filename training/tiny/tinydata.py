@@ -378,9 +378,57 @@ def cut_draft(text: str, rng: random.Random, tries: int = 8) -> str | None:
     return None
 
 
+_OPTION_STYLES = ("{L}) ", "{L}. ", "({l}) ")
+_ANSWER_LABELS = ("Answer: ", "The answer is: ", "Correct answer: ")
+_LEAD_LABELS = ("The answer to this question is: ", "Answer: ", "Reasoning: ", "Response: ")
+_TAIL_LABELS = ("Note: ", "Explanation: ", "In summary: ")
+
+
+def relayout(text: str, rng: random.Random, tries: int = 8) -> str | None:
+    """``text`` in a layout policy models often write, its words all kept and in order: a line
+    that repeats an earlier one or a label line is where a small copying model skips ahead.
+
+    Layouts (seeded): *options* — its first 2-3 sentences as lettered options (``A)``, ``A.``,
+    ``(a)``), ``D) All of the above`` or not, then an answer line that repeats one option, then the
+    rest; *label* — a label line in front (``The answer to this question is:``, ``Reasoning:``);
+    *tail* — its last sentence on a line of its own after a label (``Note:``, ``Explanation:``).
+    None when no layout passes every check.
+    """
+    spans = _sentence_matches(text)
+    for _ in range(tries):
+        kind = rng.choice(("options", "options", "label", "tail"))
+        if kind == "options" and len(spans) >= 3:
+            n = min(len(spans) - 1, rng.choice((2, 3)))
+            opts = [sp.group().strip() for sp in spans[:n]]
+            if text[:spans[n - 1].end()].split() != " ".join(opts).split():
+                continue  # text between them (a heading, list markers) would be lost
+            style = rng.choice(_OPTION_STYLES)
+            letters = "ABCDE"[:n + 1]
+            if rng.random() < 0.5:
+                opts.append("All of the above")
+            else:
+                letters = letters[:n]
+            lines = [style.format(L=L, l=L.lower()) + o for L, o in zip(letters, opts)]
+            pick = rng.randrange(len(lines))
+            answer = rng.choice(_ANSWER_LABELS) + lines[pick].strip()
+            rest = text[spans[n - 1].end():].strip()
+            out = "\n".join(lines) + "\n\n" + answer + ("\n\n" + rest if rest else "")
+        elif kind == "label":
+            out = rng.choice(_LEAD_LABELS) + rng.choice(("", "\n\n")) + text.strip()
+        elif kind == "tail" and len(spans) >= 2:
+            last = spans[-1]
+            head, tail = text[:last.start()].rstrip(), text[last.start():].strip()
+            out = head + "\n\n" + rng.choice(_TAIL_LABELS) + tail
+        else:
+            continue
+        if out != text and is_clean(out):
+            return out
+    return None
+
+
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
                     p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1, p_cut_keep: float = 0.0,
-                    weights: dict[str, float] | None = None) -> list[dict]:
+                    weights: dict[str, float] | None = None, p_layout: float = 0.0) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
     every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
@@ -392,7 +440,9 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     Y, asked another objective X → the broken draft unchanged (fix what is asked, nothing else);
     ``keep_cut`` (``p_cut_keep``) — the draft cut off mid-sentence as a policy's token limit leaves
     it (:func:`cut_draft`) → itself: the edit ends where the draft ends, even inside a word.
-    ``weights`` as in :func:`make_records`, for the objective a fix-with-met row breaks.
+    ``keep_layout`` and ``fix_layout`` (``p_layout`` each) — the draft in another layout
+    (:func:`relayout`: lettered options, label lines) → itself; broken on X and asked X → that
+    layout, whole. ``weights`` as in :func:`make_records`, for the objective a fix-with-met row breaks.
     """
     rng = random.Random(seed)
     out = []
@@ -421,6 +471,15 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
             cut = cut_draft(draft, rng)
             if cut is not None:
                 out.append(keep(cut, "keep_cut"))
+        if p_layout and rng.random() < p_layout:  # no draw at 0, as above
+            lay = relayout(draft, rng)
+            if lay is not None:
+                out.append(keep(lay, "keep_layout"))
+                lay_keys = [k for k in KEYS if can_degrade(lay, k)]
+                x = rng.choice(lay_keys) if lay_keys and rng.random() < p_layout else None
+                bad = degrade(lay, [x], rng) if x is not None else None
+                if bad is not None:
+                    out.append({"query": query, "draft": bad, "objectives": [x], "target": lay, "kind": "fix_layout"})
     return out
 
 
