@@ -82,6 +82,25 @@ def serve_process(cmd, *, port: int, cwd, env, log_path: Path, start_timeout: fl
                 proc.wait(timeout=30)
 
 
+def tiny_llama_generator(max_positions: int = 256, initializer_range: float = 0.02):
+    """A 2-layer random Llama with the embedded tokenizer, as a LocalGenerator (SDPA; fast)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metaaligner_core.backends.hf import LocalGenerator
+    from metaaligner_core.models import load_tokenizer
+
+    tok = load_tokenizer("default")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         initializer_range=initializer_range)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    return LocalGenerator(model, tok, "tiny")
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain HF directory (dequantised once, cached)."""

@@ -7,23 +7,12 @@ import warnings
 
 import pytest
 
+from conftest import tiny_llama_generator
+
 
 @pytest.fixture(scope="module")
 def tiny(embedded_dir):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from metaaligner_core.backends.hf import LocalGenerator
-    from metaaligner_core.models import load_tokenizer
-
-    tok = load_tokenizer("default")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
-    return LocalGenerator(model, tok, "tiny")
+    return tiny_llama_generator()
 
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 5, 6, 7, 20, 21], [1, 5, 6, 7, 30, 31, 32, 33, 34, 35, 36], [1, 5, 6, 7, 40]]
