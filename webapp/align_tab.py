@@ -25,7 +25,8 @@ BASE_MODEL_NOTE = ("⚠️ The aligner is the embedded **SmolLM2-135M-Instruct b
                    "not the paper's quality. Pick or type a trained checkpoint (e.g. `{example}` or a `train` "
                    "output directory) to see real corrections. Started with `--aligner tiny`, the app runs a tiny "
                    "MetaAligner trained for four objectives a program can check (Repetition, Length, Politeness, "
-                   "Formatting); on unseen drafts it repairs about half of those faults, returns most clean drafts unchanged and knows no other objective.")
+                   "Formatting); on held-out models' drafts it repairs three in four of those faults or more (74–94%) and "
+                   "returns 97% of clean drafts unchanged, but knows no other objective.")
 
 POLICY_CHOICES = [
     ("SmolLM2-135M-Instruct (embedded)", "default"),
