@@ -403,14 +403,11 @@ def relayout(text: str, rng: random.Random, tries: int = 8) -> str | None:
             if text[:spans[n - 1].end()].split() != " ".join(opts).split():
                 continue  # text between them (a heading, list markers) would be lost
             style = rng.choice(_OPTION_STYLES)
-            letters = "ABCDE"[:n + 1]
             if rng.random() < 0.5:
                 opts.append("All of the above")
-            else:
-                letters = letters[:n]
-            lines = [style.format(L=L, l=L.lower()) + o for L, o in zip(letters, opts)]
-            pick = rng.randrange(len(lines))
-            answer = rng.choice(_ANSWER_LABELS) + lines[pick].strip()
+            lines = [style.format(L=L, l=L.lower()) + o for L, o in zip("ABCD", opts)]
+            picked = lines[rng.randrange(len(lines))]
+            answer = rng.choice(_ANSWER_LABELS) + picked
             rest = text[spans[n - 1].end():].strip()
             out = "\n".join(lines) + "\n\n" + answer + ("\n\n" + rest if rest else "")
         elif kind == "label":
