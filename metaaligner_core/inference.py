@@ -65,7 +65,7 @@ class Aligner:
         self.name = name or generator.name
         self.is_base_model = is_base_model
         self._head_ids: dict[tuple[str, ...], list[int]] = {}
-        self.stopped_at_marker = 0  # corrections that ended where the aligner wrote a template marker
+        self.stopped_at_marker = 0  # align/align_batch corrections that ended at a template marker (not streams)
 
     @classmethod
     def load(cls, model: str = "default", *, template: str | None = None, device=None, dtype=None,
