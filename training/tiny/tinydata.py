@@ -423,9 +423,25 @@ def relayout(text: str, rng: random.Random, tries: int = 8) -> str | None:
     return None
 
 
+def short_draft(text: str, rng: random.Random) -> str | None:
+    """The first two or three sentences of ``text``, as a policy writes a short answer: every
+    one of 4+ words, nothing between them lost (a heading or list marker makes it None), clean,
+    :data:`MIN_WORDS` or more, and at least one sentence shorter than ``text``; None otherwise."""
+    spans = _sentence_matches(text)
+    n = rng.choice((2, 2, 3))
+    if len(spans) <= n:
+        return None
+    parts = [sp.group().strip() for sp in spans[:n]]
+    out = " ".join(parts)
+    if text[:spans[n - 1].end()].split() != out.split() or any(len(p.split()) < 4 for p in parts):
+        return None
+    return out if len(words(out)) >= MIN_WORDS and is_clean(out) else None
+
+
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
                     p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1, p_cut_keep: float = 0.0,
-                    weights: dict[str, float] | None = None, p_layout: float = 0.0) -> list[dict]:
+                    weights: dict[str, float] | None = None, p_layout: float = 0.0,
+                    p_short: float = 0.0) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
     every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
@@ -439,7 +455,10 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     it (:func:`cut_draft`) → itself: the edit ends where the draft ends, even inside a word.
     ``keep_layout`` and ``fix_layout`` (``p_layout`` each) — the draft in another layout
     (:func:`relayout`: lettered options, label lines) → itself; broken on X and asked X → that
-    layout, whole. ``weights`` as in :func:`make_records`, for the objective a fix-with-met row breaks.
+    layout, whole. ``keep_short`` and ``fix_short`` (``p_short``) — the draft's first two or three
+    sentences (:func:`short_draft`) → themselves; broken on one objective and asked it (half the
+    time with one they meet) → the short draft. ``weights`` as in :func:`make_records`, for the
+    objective a fix-with-met, fix-layout or fix-short row breaks.
     """
     rng = random.Random(seed)
     out = []
@@ -477,6 +496,17 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
                 bad = degrade(lay, [x], rng) if x is not None else None
                 if bad is not None:
                     out.append({"query": query, "draft": bad, "objectives": [x], "target": lay, "kind": "fix_layout"})
+        if p_short and rng.random() < p_short:  # no draw at 0, as above
+            short = short_draft(draft, rng)
+            if short is not None:
+                out.append(keep(short, "keep_short"))
+                short_keys = [k for k in KEYS if can_degrade(short, k)]
+                x = next(iter(_pick(rng, short_keys, 1, weights)), None) if short_keys else None
+                bad = degrade(short, [x], rng) if x is not None else None
+                if bad is not None:
+                    asked = [x] if rng.random() < 0.5 else [x, rng.choice([k for k in KEYS if k != x])]
+                    out.append({"query": query, "draft": bad, "objectives": asked, "target": short,
+                                "kind": "fix_short"})
     return out
 
 
