@@ -377,6 +377,28 @@ def test_builder_without_data_folder_fails_clearly(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_short_rows_are_a_drafts_first_sentences_kept_or_fixed_back():
+    longer = CLEAN + " The river Seine runs through its centre."
+    drafts = [(f"Question number {i}?", longer if i % 2 else LISTED) for i in range(200)]
+    plain = tinydata.direct_examples(drafts, seed=3)
+    with_short = tinydata.direct_examples(drafts, seed=3, p_short=0.5)
+    assert not any(e["kind"].endswith("_short") for e in plain) and with_short[0] == plain[0]
+    keep = [e for e in with_short if e["kind"] == "keep_short"]
+    fix = [e for e in with_short if e["kind"] == "fix_short"]
+    firsts = {" ".join(SENTENCES[:2]), " ".join(SENTENCES)}  # its first two or three sentences, nothing else
+    assert 30 <= len(keep) <= 70 and {e["target"] for e in keep} == firsts
+    assert all(e["draft"] == e["target"] and e["query"] != drafts[0][0] for e in keep)
+    assert 0.8 * len(keep) <= len(fix) <= len(keep)
+    for e in fix:  # one fault added, asked first, fixed back to the short draft
+        assert e["target"] in firsts and _gained(e["target"], e["draft"]) == {e["objectives"][0]}, e
+        assert not tinydata.failed(e["target"]) and len(e["objectives"]) in (1, 2)
+    headed = "## Paris\n\n" + longer
+    assert all(tinydata.short_draft(headed, random.Random(i)) is None for i in range(5))  # its heading would be lost
+    numbered = "\n".join(f"{i}. {s}" for i, s in enumerate(SENTENCES + ["The river runs through it."], 1))
+    assert all(tinydata.short_draft(numbered, random.Random(i)) is None for i in range(5))  # and its list markers
+    assert tinydata.short_draft(" ".join(SENTENCES[:2]), random.Random(0)) is None  # nothing left to drop
+
+
 # ----------------------------------------------------------------------------- the shipped adapter
 
 @pytest.fixture(scope="module")
