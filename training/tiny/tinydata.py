@@ -438,10 +438,46 @@ def short_draft(text: str, rng: random.Random) -> str | None:
     return out if len(words(out)) >= MIN_WORDS and is_clean(out) else None
 
 
+_PARALLEL_OPENERS = ("You can assume that ", "Keep in mind that ", "Remember that ", "Note that ",
+                     "It is important to know that ", "Make sure you know that ")
+# sentence-initial words that are lowercase inside a sentence (a name or "I" keeps its capital)
+_LOWERABLE = frozenset("""a an the it its this that these those there they their them you your we our
+he she his her some many most much more each every all any one two if when while because since although
+in on at for to from with by as after before during people often usually also however so then other
+""".split())
+# words that open a reply, not a statement: "You can assume that yes, ..." does not read
+_NOT_AFTER_OPENER = frozenset("""yes no sure hello hi sorry thank thanks please well ok okay oh absolutely
+certainly unfortunately great""".split())
+
+
+def parallel_draft(text: str, rng: random.Random) -> str | None:
+    """``text`` with its first three to five sentences each opening with the same words ("You can
+    assume that ...", "Keep in mind that ..."), one to a line or paragraph, then the rest: lines
+    that open alike are where a small copying model loses its place and writes one of them over
+    and over. Each sentence keeps its words after the opener (its first word lowercased when it is
+    a common word, a name or "I" kept as is); None when a sentence opens like a reply ("Yes,",
+    "Sorry,") or not with a word, text between them would be lost, or the result fails a check."""
+    spans = _sentence_matches(text)
+    k = min(len(spans), rng.choice((3, 4, 5)))
+    if k < 3:
+        return None
+    parts = [sp.group().strip() for sp in spans[:k]]
+    if text[:spans[k - 1].end()].split() != " ".join(parts).split():
+        return None
+    firsts = [p.split()[0].rstrip(",").lower() for p in parts]
+    if any(len(p.split()) < 4 or w in _NOT_AFTER_OPENER or not w.isalpha() for p, w in zip(parts, firsts)):
+        return None
+    opener = rng.choice(_PARALLEL_OPENERS)
+    lines = [opener + (p[0].lower() + p[1:] if w in _LOWERABLE else p) for p, w in zip(parts, firsts)]
+    rest = text[spans[k - 1].end():].strip()
+    out = rng.choice(("\n\n", "\n")).join(lines) + ("\n\n" + rest if rest else "")
+    return out if is_clean(out) else None
+
+
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
                     p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1, p_cut_keep: float = 0.0,
                     weights: dict[str, float] | None = None, p_layout: float = 0.0,
-                    p_short: float = 0.0) -> list[dict]:
+                    p_short: float = 0.0, p_parallel: float = 0.0) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
     every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
@@ -457,7 +493,8 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     (:func:`relayout`: lettered options, label lines) → itself; broken on X and asked X → that
     layout, whole. ``keep_short`` and ``fix_short`` (``p_short``) — the draft's first two or three
     sentences (:func:`short_draft`) → themselves; broken on one objective and asked it (half the
-    time with one they meet) → the short draft. ``weights`` as in :func:`make_records`, for the
+    time with one they meet) → the short draft. ``keep_parallel`` and ``fix_parallel``
+    (``p_parallel``) — the same with :func:`parallel_draft`, sentences that open alike. ``weights`` as in :func:`make_records`, for the
     objective a fix-with-met, fix-layout or fix-short row breaks.
     """
     rng = random.Random(seed)
@@ -496,17 +533,20 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
                 bad = degrade(lay, [x], rng) if x is not None else None
                 if bad is not None:
                     out.append({"query": query, "draft": bad, "objectives": [x], "target": lay, "kind": "fix_layout"})
-        if p_short and rng.random() < p_short:  # no draw at 0, as above
-            short = short_draft(draft, rng)
-            if short is not None:
-                out.append(keep(short, "keep_short"))
-                short_keys = [k for k in KEYS if can_degrade(short, k)]
-                x = next(iter(_pick(rng, short_keys, 1, weights)), None) if short_keys else None
-                bad = degrade(short, [x], rng) if x is not None else None
-                if bad is not None:
-                    asked = [x] if rng.random() < 0.5 else [x, rng.choice([k for k in KEYS if k != x])]
-                    out.append({"query": query, "draft": bad, "objectives": asked, "target": short,
-                                "kind": "fix_short"})
+        for name, p, make in (("short", p_short, short_draft), ("parallel", p_parallel, parallel_draft)):
+            if not (p and rng.random() < p):  # no draw at 0, as above
+                continue
+            variant = make(draft, rng)
+            if variant is None:
+                continue
+            out.append(keep(variant, "keep_" + name))
+            v_keys = [k for k in KEYS if can_degrade(variant, k)]
+            x = next(iter(_pick(rng, v_keys, 1, weights)), None) if v_keys else None
+            bad = degrade(variant, [x], rng) if x is not None else None
+            if bad is not None:
+                asked = [x] if rng.random() < 0.5 else [x, rng.choice([k for k in KEYS if k != x])]
+                out.append({"query": query, "draft": bad, "objectives": asked, "target": variant,
+                            "kind": "fix_" + name})
     return out
 
 
