@@ -399,6 +399,33 @@ def test_short_rows_are_a_drafts_first_sentences_kept_or_fixed_back():
     assert tinydata.short_draft(" ".join(SENTENCES[:2]), random.Random(0)) is None  # nothing left to drop
 
 
+def test_parallel_rows_open_each_first_sentence_alike_and_keep_the_rest():
+    longer = CLEAN + " It is also known for its food."
+    drafts = [(f"Question number {i}?", longer) for i in range(100)]
+    rows = tinydata.direct_examples(drafts, seed=5, p_parallel=1.0)
+    keep = [e for e in rows if e["kind"] == "keep_parallel"]
+    fix = [e for e in rows if e["kind"] == "fix_parallel"]
+    assert len(keep) == 100 and 80 <= len(fix) <= 100  # every sentence opens with a word it can follow
+    openers = Counter()
+    for e in keep:
+        opener = next(o for o in tinydata._PARALLEL_OPENERS if e["draft"].startswith(o))
+        openers[opener] += 1
+        parts = [ln for ln in e["draft"].split("\n") if ln]
+        lined = [p for p in parts if p.startswith(opener)]
+        assert 3 <= len(lined) <= 4 and sum(p.count(opener) for p in parts) == len(lined)
+        # after the opener each sentence is the draft's own, "Paris" keeps its capital, "It"/"Many" do not
+        assert lined[0] == opener + SENTENCES[0] and lined[1] == opener + "it" + SENTENCES[1][2:]
+        assert lined[2] == opener + "many" + SENTENCES[2][4:]
+        assert " ".join(p.removeprefix(opener) for p in parts).lower().split() == longer.lower().split()
+        assert e["target"] == e["draft"] and not tinydata.failed(e["draft"])
+    assert len(openers) >= 4
+    for e in fix:
+        assert e["target"] in {k["draft"] for k in keep} and len(tinydata.failed(e["draft"])) == 1
+        assert tinydata.failed(e["draft"])[0] == e["objectives"][0]
+    assert tinydata.parallel_draft("Yes, it is. Paris is the capital of France. It is old.", random.Random(0)) is None
+    assert all(tinydata.parallel_draft(" ".join(SENTENCES[:2]), random.Random(i)) is None for i in range(5))
+
+
 # ----------------------------------------------------------------------------- the shipped adapter
 
 @pytest.fixture(scope="module")
