@@ -212,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=parse_share, default=0.0, metavar="P",
                     help="share of drafts that also give a keep row whose first 3-5 sentences open alike "
                          "(\"You can assume that ...\"), and a row that fixes one fault in it (default 0)")
+    ap.add_argument("--first", type=parse_share, default=0.0, metavar="P",
+                    help="share of drafts that also give a row whose first sentence is stated again (after "
+                         "itself or at the end), fixed back when Repetition is asked (default 0)")
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     if not (data / "policy-outputs").is_dir():
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
     direct = tinydata.direct_examples(items, seed=args.seed + 1, weights=args.weights,
                                       p_second_keep=args.second_keep, p_cut_keep=args.cut_keep,
                                       p_layout=args.layout, p_short=args.short,
-                                      p_parallel=args.parallel)
+                                      p_parallel=args.parallel, p_first=args.first)
     held = [] if args.skip_heldout else heldout_drafts(data)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
     stats = {"train_drafts": len(train), "train_by_source": dict(Counter(s for _, _, s in train)),
              "excluded_by_query": n_excluded, "weights": args.weights,
              "second_keep": args.second_keep, "cut_keep": args.cut_keep, "layout": args.layout,
-             "short": args.short, "parallel": args.parallel,
+             "short": args.short, "parallel": args.parallel, "first": args.first,
              "draft_words": {"min": words[0], "median": words[len(words) // 2], "max": words[-1]} if words else {},
              "apology_openers": sum(tinydata.apology_opener(d) for _, d, _ in train),
              "records": len(records), "labels": {f"{k} {v}": n for (k, v), n in sorted(labels.items())},

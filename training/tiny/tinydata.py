@@ -474,10 +474,25 @@ def parallel_draft(text: str, rng: random.Random) -> str | None:
     return out if is_clean(out) else None
 
 
+def repeat_first(text: str, rng: random.Random) -> str | None:
+    """``text`` with its first sentence (4+ words) stated a second time: right after itself, or at
+    the end as a closing restatement; None when it has no such first sentence or the result breaks
+    anything but Repetition."""
+    spans = _sentence_matches(text)
+    if len(spans) < 2 or len(spans[0].group().split()) < 4:
+        return None
+    first = spans[0].group().strip()
+    if rng.random() < 0.5:
+        out = text[:spans[0].end()] + rng.choice((" ", "\n\n")) + first + text[spans[0].end():]
+    else:
+        out = text.rstrip() + rng.choice((" ", "\n\n")) + first
+    return out if failed(out) == ["repetition"] else None
+
+
 def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_keep: float = 0.3,
                     p_fix_with_met: float = 0.25, p_leave_unasked: float = 0.1, p_cut_keep: float = 0.0,
                     weights: dict[str, float] | None = None, p_layout: float = 0.0,
-                    p_short: float = 0.0, p_parallel: float = 0.0) -> list[dict]:
+                    p_short: float = 0.0, p_parallel: float = 0.0, p_first: float = 0.0) -> list[dict]:
     """Better-template examples ``{"query", "draft", "objectives", "target", "kind"}`` that ask for
     an objective the draft already meets: the case an aligner meets most at inference (it gets
     every draft, most of them fine) and that Algorithm 1 cannot produce, since its preference
@@ -494,7 +509,10 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
     layout, whole. ``keep_short`` and ``fix_short`` (``p_short``) — the draft's first two or three
     sentences (:func:`short_draft`) → themselves; broken on one objective and asked it (half the
     time with one they meet) → the short draft. ``keep_parallel`` and ``fix_parallel``
-    (``p_parallel``) — the same with :func:`parallel_draft`, sentences that open alike. ``weights`` as in :func:`make_records`, for the
+    (``p_parallel``) — the same with :func:`parallel_draft`, sentences that open alike.
+    ``fix_first`` (``p_first``) — the draft, or half the time its first two or three sentences,
+    with its first sentence stated again (:func:`repeat_first`), asked Repetition (half the time
+    with one it meets) → the draft without the restatement. ``weights`` as in :func:`make_records`, for the
     objective a fix-with-met, fix-layout or fix-short row breaks.
     """
     rng = random.Random(seed)
@@ -547,6 +565,12 @@ def direct_examples(items: Iterable[tuple[str, str]], seed: int = 0, p_second_ke
                 asked = [x] if rng.random() < 0.5 else [x, rng.choice([k for k in KEYS if k != x])]
                 out.append({"query": query, "draft": bad, "objectives": asked, "target": variant,
                             "kind": "fix_" + name})
+        if p_first and rng.random() < p_first:  # no draw at 0, as above
+            base = (short_draft(draft, rng) if rng.random() < 0.5 else None) or draft
+            bad = repeat_first(base, rng)
+            if bad is not None:
+                asked = ["repetition"] if rng.random() < 0.5 else ["repetition", rng.choice([k for k in KEYS if k != "repetition"])]
+                out.append({"query": query, "draft": bad, "objectives": asked, "target": base, "kind": "fix_first"})
     return out
 
 
