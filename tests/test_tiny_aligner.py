@@ -427,6 +427,24 @@ def test_parallel_rows_open_each_first_sentence_alike_and_keep_the_rest():
     assert all(tinydata.parallel_draft(" ".join(SENTENCES[:2]), random.Random(i)) is None for i in range(5))
 
 
+def test_first_rows_restate_the_first_sentence_and_fix_it_when_repetition_is_asked():
+    longer = CLEAN + " It is also known for its food."
+    rows = tinydata.direct_examples([(f"Question number {i}?", longer) for i in range(200)], seed=2, p_first=0.5)
+    first = [e for e in rows if e["kind"] == "fix_first"]
+    assert 70 <= len(first) <= 130
+    where = Counter()
+    for e in first:
+        assert e["target"] in (longer, " ".join(SENTENCES[:2]), " ".join(SENTENCES)) and e["objectives"][0] == "repetition"
+        # the draft is the target with its first sentence once more: right after itself, or at the end
+        d, s0 = e["draft"], SENTENCES[0]
+        second = d.rindex(s0)
+        assert d.count(s0) == 2 and (d[:second] + d[second + len(s0):]).split() == e["target"].split()
+        where["end" if d.rstrip().endswith(s0) else "after"] += 1
+        assert tinydata.failed(e["draft"]) == ["repetition"] and not tinydata.failed(e["target"])
+    assert where["after"] > 20 and where["end"] > 20 and len({e["target"] for e in first}) == 3
+    assert tinydata.repeat_first("Hi there. " + CLEAN, random.Random(0)) is None  # a first sentence under four words
+
+
 # ----------------------------------------------------------------------------- the shipped adapter
 
 @pytest.fixture(scope="module")
