@@ -130,18 +130,20 @@ def batch_budget(longest: int, max_new_tokens: int) -> int:
 
 
 def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_tokens: int
-                ) -> tuple[list[str], list[bool], float, int]:
-    """Outputs, whether each used its whole token budget, the seconds spent, and how many rows
-    ended where the aligner wrote a template marker (``| Edit``: ``Aligner.stops``)."""
+                ) -> tuple[list[str], list[bool], float, int, list[bool]]:
+    """Outputs, whether each used its whole token budget, the seconds spent, how many rows ended
+    where the aligner wrote a template marker (``| Edit``: ``Aligner.stops``), and whether each
+    ended at a loop (a sentence written a third time: ``metaaligner_core.engine.stops.loop_end``)."""
     from tqdm import tqdm
 
+    from metaaligner_core.engine.stops import loop_end
     from metaaligner_core.inference import Aligner
 
     aligner = Aligner.load(model_dir, template="ultrafeedback")
     tok = aligner.generator.tokenizer
     lengths = [len(tok(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    outs, limited = [""] * len(rows), [False] * len(rows)
+    outs, limited, looped = [""] * len(rows), [False] * len(rows), [False] * len(rows)
     t0 = time.perf_counter()
     bar = tqdm(total=len(rows), desc="aligning", unit=" rows")
     for k in range(0, len(order), batch_size):
@@ -153,9 +155,10 @@ def run_aligner(model_dir: str, rows: list[dict], batch_size: int, max_new_token
         for i, text in zip(idx, texts):
             outs[i] = text
             limited[i] = len(tok(text, add_special_tokens=False)["input_ids"]) >= budget - 1
+            looped[i] = loop_end(text, rows[i]["draft"]) is not None
         bar.update(len(idx))
     bar.close()
-    return outs, limited, time.perf_counter() - t0, aligner.stopped_at_marker
+    return outs, limited, time.perf_counter() - t0, aligner.stopped_at_marker, looped
 
 
 def table(rows: list[dict], results: dict[str, list[dict]]) -> list[dict]:
@@ -207,12 +210,12 @@ def main(argv=None) -> int:
         candidates["tiny"] = args.aligner or str(default_aligner_dir())
     if args.only in (None, "base"):
         candidates["base"] = str(embedded_model_dir())
-    results, seconds, limited, texts, stopped = {}, {}, {}, {}, {}
+    results, seconds, limited, texts, stopped, loops = {}, {}, {}, {}, {}, {}
     for name, path in candidates.items():
-        outs, hit, seconds[name], stopped[name] = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
+        outs, hit, seconds[name], stopped[name], looped = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
         texts[name] = outs
-        results[name] = [{**judge(r, o), "hit_limit": h} for r, o, h in zip(rows, outs, hit)]
-        limited[name] = sum(hit)
+        results[name] = [{**judge(r, o), "hit_limit": h, "looped": lo} for r, o, h, lo in zip(rows, outs, hit, looped)]
+        limited[name], loops[name] = sum(hit), sum(looped)
         if args.out:  # each aligner's verdicts as soon as it is done (no texts)
             Path(args.out).with_suffix(f".{name}.json").write_text(json.dumps(results[name]) + "\n")
     lines = table(rows, results)
@@ -233,10 +236,11 @@ def main(argv=None) -> int:
             f"{line[n]:>10.0%}{line[n + ' exact']:>14.0%}" for n in names))
     print(f"{'hit the token limit':<28}" + "".join(f"{limited[n]:>10}{'':>14}" for n in names))
     print(f"{'ended at a template marker':<28}" + "".join(f"{stopped[n]:>10}{'':>14}" for n in names))
+    print(f"{'ended at a loop':<28}" + "".join(f"{loops[n]:>10}{'':>14}" for n in names))
     if args.out:
         Path(args.out).write_text(json.dumps({
             "table": lines, "seconds": seconds, "candidates": candidates, "hit_limit": limited,
-            "stopped_at_marker": stopped,
+            "stopped_at_marker": stopped, "stopped_at_loop": loops,
             "rows": [{"kind": r["kind"], "objective": r["objective"], "model": r["model"],
                       **{n: results[n][i] for n in names}} for i, r in enumerate(rows)]}, indent=2) + "\n")
     return 0

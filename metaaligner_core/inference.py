@@ -28,7 +28,7 @@ from .errors import MetaAlignerError
 from .models import is_api_model, is_default, parse_model
 from .settings import GenerationSettings
 from .objectives import Objective, parse_objectives
-from .engine.stops import cut_at_stop, cut_stream
+from .engine.stops import Stops, cut_at_loop, cut_at_stop, cut_stream
 from .templates import build_prompt, check_template, choose_template, prompt_parts, stop_texts
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Aligner:
         self.is_base_model = is_base_model
         self._head_ids: dict[tuple[str, ...], list[int]] = {}
         self.stopped_at_marker = 0  # align/align_batch corrections that ended at a template marker (not streams)
+        self.stopped_at_loop = 0  # ... and that ended at a loop (engine.stops.loop_end)
 
     @classmethod
     def load(cls, model: str = "default", *, template: str | None = None, device=None, dtype=None,
@@ -106,10 +107,12 @@ class Aligner:
         """The exact text the aligner reads."""
         return build_prompt(self.template, query, draft, self.objectives(objectives))
 
-    def stops(self, query: str, draft: str) -> tuple[str, ...]:
+    def stops(self, query: str, draft: str) -> Stops:
         """Where a correction ends besides EOS: the template's markers (``| Edit``, ``| Answer:``,
-        ``| Query:``) that are not in the query or the draft (see :func:`~.templates.stop_texts`)."""
-        return stop_texts(self.template, query, draft)
+        ``| Query:``) that are not in the query or the draft (see :func:`~.templates.stop_texts`),
+        and the end of a loop: a sentence written three times and twice more than the draft has
+        it (:mod:`.engine.stops`)."""
+        return Stops(stop_texts(self.template, query, draft), draft=draft)
 
     def encode(self, query: str, draft: str, objectives: Objectives, max_new_tokens: int) -> tuple[list[int], bool]:
         """Prompt ids fitting the context with room for ``max_new_tokens``; True when the draft was shortened."""
@@ -192,7 +195,9 @@ class Aligner:
         texts = []
         for o, row_stops in zip(outs, stops):
             text, hit = cut_at_stop(self.generator.decode(o), row_stops)
+            text, looped = cut_at_loop(text, row_stops)
             self.stopped_at_marker += hit
+            self.stopped_at_loop += looped
             texts.append(text.strip())
         return texts
 
@@ -300,7 +305,7 @@ class RemoteAligner:
         if resp.usage is not None:
             self.stats["prompt_tokens"] += resp.usage.prompt_tokens or 0
             self.stats["generated_tokens"] += resp.usage.completion_tokens or 0
-        return cut_at_stop(resp.choices[0].text or "", stop)[0].strip() if resp.choices else ""
+        return cut_at_loop(cut_at_stop(resp.choices[0].text or "", stop)[0], stop)[0].strip() if resp.choices else ""
 
     def align(self, query: str, draft: str, objectives: Objectives, **gen) -> str:
         return self._complete(self.prompt(query, draft, objectives), GenerationSettings.from_kwargs(**gen),

@@ -76,3 +76,17 @@ def test_remote_aligner_sends_the_templates_markers_as_stop_and_cuts_at_them(mon
     stops = [c.body.get("stop") for c in server.calls]
     assert stops[:3] == [["| Edit", "| Answer:", "| Query:"]] * 3
     assert sorted(map(tuple, stops[2:])) == [("| Edit", "| Answer:", "| Query:"), ("| Edit", "| Query:")]
+
+
+def test_remote_aligner_ends_a_loop_plain_and_streamed(monkeypatch):
+    """A server that writes one sentence over and over (here, five times): the correction ends after
+    its third copy, as a local aligner's does (engine.stops.loop_end); the stream is closed there."""
+    monkeypatch.setenv("METAALIGNER_COMPAT_API_KEY", "k")
+    s = "You can assume that the service types are always valid."
+    with FakeProvider(reply=lambda body: " " + " ".join([s] * 5)) as server:
+        from metaaligner_core.inference import RemoteAligner
+
+        remote = RemoteAligner.load(f"openai-compatible:m@{server.base_url}/v1", max_retries=1)
+        assert remote.align("q?", f"Intro. {s}", "honesty") == f"{s} {s} {s}"
+        assert "".join(remote.stream("q?", f"Intro. {s}", "honesty")) == f"{s} {s} {s}"
+        assert remote.align("q?", " ".join([s] * 4), "honesty") == " ".join([s] * 5)  # four in the draft: no loop
