@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     for name, path in candidates.items():
         outs, hit, seconds[name], stopped[name], looped = run_aligner(path, rows, args.batch_size, args.max_new_tokens)
         texts[name] = outs
-        results[name] = [{**judge(r, o), "hit_limit": h, "looped": lo} for r, o, h, lo in zip(rows, outs, hit, looped)]
+        # a correction that ended at a loop fails, however close its words (it holds one sentence three times)
+        results[name] = [{**judge(r, o), "hit_limit": h, "looped": lo, **({"ok": False, "exact": False} if lo else {})}
+                         for r, o, h, lo in zip(rows, outs, hit, looped)]
         limited[name], loops[name] = sum(hit), sum(looped)
         if args.out:  # each aligner's verdicts as soon as it is done (no texts)
             Path(args.out).with_suffix(f".{name}.json").write_text(json.dumps(results[name]) + "\n")

@@ -5,7 +5,8 @@
 Reads the file ``bench/bench_tiny_aligner.py --texts-out`` writes and prints, per row of the
 benchmark's table, how many rows failed and of which kind (counts only, never texts):
 
-* **loop**: the output used its whole token budget;
+* **loop**: the output used its whole token budget, or ended at a loop (``looped``: a sentence
+  written a third time, ``metaaligner_core.engine.stops.loop_end``);
 * **fault left**: a repair row whose output still breaks the objective asked for, with the rest of
   the draft kept (word similarity to the draft ≥ 0.9);
 * **stopped early**: the output is the expected text (the clean draft) cut short: a prefix of its
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
             try:
                 r = json.loads(line)
                 res = r[args.aligner]
-                verdict = (r["kind"], r["objective"], r["draft"], r["clean"], res["out"], res["hit_limit"], res["ok"])
+                verdict = (r["kind"], r["objective"], r["draft"], r["clean"], res["out"],
+                           res["hit_limit"] or res.get("looped", False), res["ok"])
             except (ValueError, KeyError, TypeError) as e:
                 why = "not valid JSON" if isinstance(e, ValueError) else f"field {e} missing"
                 print(f"{args.texts}:{n}: {args.aligner}: {why} (expected a bench_tiny_aligner.py --texts-out row)",
