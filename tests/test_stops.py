@@ -30,6 +30,13 @@ def test_the_markers_are_the_templates_own_and_a_users_text_is_never_a_stop(temp
     assert stop_texts(template, "q?", "a | Answer: b | Edited: c") == (question_marker,)
 
 
+def random_splits(text: str, rng: random.Random, times: int, most: int):
+    """``times`` random ways to split ``text`` into at most ``most`` + 1 deltas."""
+    for _ in range(times):
+        cuts = sorted(rng.sample(range(1, len(text)), k=rng.randint(0, min(most, len(text) - 1))))
+        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
 def test_a_stop_cut_stream_equals_cutting_the_whole_text_however_it_is_split():
     rng = random.Random(7)
     stops = ["| Edit", "| Answer:"]
@@ -37,9 +44,7 @@ def test_a_stop_cut_stream_equals_cutting_the_whole_text_however_it_is_split():
              "ends with a partial |", "two | Answer | Answer: y"]
     for text in texts:
         want, hit = cut_at_stop(text, stops)
-        for _ in range(50):
-            cuts = sorted(rng.sample(range(1, len(text)), k=rng.randint(0, min(6, len(text) - 1))))
-            parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        for parts in random_splits(text, rng, 50, 6):
             cut = StopCut(stops)
             got = "".join(cut.feed(p) for p in parts) + cut.finish()
             assert (got, cut.hit) == (want, hit), (text, parts)
@@ -152,9 +157,7 @@ def test_a_loop_cut_stream_equals_cutting_the_whole_text_however_it_is_split():
     for text in texts:
         marker_cut, marker = cut_at_stop(text, stops)
         want, looped = cut_at_loop(marker_cut, stops)
-        for _ in range(60):
-            cuts = sorted(rng.sample(range(1, len(text)), k=rng.randint(0, min(8, len(text) - 1))))
-            parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        for parts in random_splits(text, rng, 60, 8):
             cut = StopCut(stops)
             got = "".join(cut.feed(p) for p in parts) + cut.finish()
             assert (got, cut.hit, cut.looped) == (want, marker or looped, looped), (text, parts)
