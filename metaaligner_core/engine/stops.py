@@ -112,8 +112,8 @@ class StopCut:
         self.text += delta
         if not self.stops and self.counts is None:
             return self._give(len(self.text))
-        end, self.hit = cut_at_stop(self.text, self.stops)
-        end = len(end)
+        before, self.hit = cut_at_stop(self.text, self.stops)
+        end = len(before)
         if self.counts is not None and (self.hit or any(c in self.text[-len(delta) - 2:] for c in ".!?\n")):
             at = loop_end(self.text[:end], self.counts, final=self.hit)  # before a marker the text has ended
             if at is not None:

@@ -384,6 +384,13 @@ _LEAD_LABELS = ("The answer to this question is: ", "Answer: ", "Reasoning: ", "
 _TAIL_LABELS = ("Note: ", "Explanation: ", "In summary: ")
 
 
+def _leading_sentences(text: str, spans: Sequence[_Span], n: int) -> list[str] | None:
+    """The first ``n`` sentences of ``text`` (``spans``: its :func:`_sentence_matches`), stripped;
+    None when text between them (a heading, list markers) would be lost by joining them."""
+    parts = [sp.group().strip() for sp in spans[:n]]
+    return parts if text[:spans[n - 1].end()].split() == " ".join(parts).split() else None
+
+
 def relayout(text: str, rng: random.Random, tries: int = 8) -> str | None:
     """``text`` in a layout policy models often write, its words all kept and in order: a line
     that repeats an earlier one or a label line is where a small copying model skips ahead.
@@ -399,9 +406,9 @@ def relayout(text: str, rng: random.Random, tries: int = 8) -> str | None:
         kind = rng.choice(("options", "options", "label", "tail"))
         if kind == "options" and len(spans) >= 3:
             n = min(len(spans) - 1, rng.choice((2, 3)))
-            opts = [sp.group().strip() for sp in spans[:n]]
-            if text[:spans[n - 1].end()].split() != " ".join(opts).split():
-                continue  # text between them (a heading, list markers) would be lost
+            opts = _leading_sentences(text, spans, n)
+            if opts is None:
+                continue
             style = rng.choice(_OPTION_STYLES)
             if rng.random() < 0.5:
                 opts.append("All of the above")
@@ -431,10 +438,10 @@ def short_draft(text: str, rng: random.Random) -> str | None:
     n = rng.choice((2, 2, 3))
     if len(spans) <= n:
         return None
-    parts = [sp.group().strip() for sp in spans[:n]]
-    out = " ".join(parts)
-    if text[:spans[n - 1].end()].split() != out.split() or any(len(p.split()) < 4 for p in parts):
+    parts = _leading_sentences(text, spans, n)
+    if parts is None or any(len(p.split()) < 4 for p in parts):
         return None
+    out = " ".join(parts)
     return out if len(words(out)) >= MIN_WORDS and is_clean(out) else None
 
 
@@ -461,8 +468,8 @@ def parallel_draft(text: str, rng: random.Random) -> str | None:
     k = min(len(spans), rng.choice((3, 4, 5)))
     if k < 3:
         return None
-    parts = [sp.group().strip() for sp in spans[:k]]
-    if text[:spans[k - 1].end()].split() != " ".join(parts).split():
+    parts = _leading_sentences(text, spans, k)
+    if parts is None:
         return None
     firsts = [p.split()[0].rstrip(",").lower() for p in parts]
     if any(len(p.split()) < 4 or w in _NOT_AFTER_OPENER or not w.isalpha() for p, w in zip(parts, firsts)):
